@@ -1,0 +1,148 @@
+"""Transformer pieces shared by the denoisers: GEGLU, FeedForward,
+BasicTransformerBlock and the spatial transformer Transformer2D.
+
+Parameter names follow diffusers (``attention.py`` / ``transformer_2d.py``) so
+Stable Diffusion UNet weights load with an identity key map:
+
+    Transformer2D:          norm, proj_in, transformer_blocks.K, proj_out
+    BasicTransformerBlock:  norm1, attn1, norm2, attn2, norm3, ff
+    FeedForward:            ff.net.0.proj (GEGLU / GELU projection), ff.net.2
+
+The spatial transformer is the LDM paper's cross-attention mechanism: queries
+come from the image features, keys and values from the conditioning sequence
+``context`` (tau_theta(y)).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldmkit.nn.attention import Attention
+
+FF_ACTIVATIONS = ("geglu", "gelu", "gelu-approximate")
+
+
+class GEGLU(nn.Module):
+    """Gated GELU (Shazeer 2020): ``proj(x) -> (h, gate)``, ``h * gelu(gate)``."""
+
+    def __init__(self, dim_in: int, dim_out: int, bias: bool = True):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden, gate = self.proj(x).chunk(2, dim=-1)
+        return hidden * F.gelu(gate)
+
+
+class GELU(nn.Module):
+    """Linear projection followed by GELU (``approximate="tanh"`` for DiT)."""
+
+    def __init__(self, dim_in: int, dim_out: int, approximate: str = "none", bias: bool = True):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out, bias=bias)
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate=self.approximate)
+
+
+class FeedForward(nn.Module):
+    """``net = [activation projection, dropout, linear]`` as in diffusers."""
+
+    def __init__(self, dim: int, dim_out: int | None = None, mult: int = 4,
+                 activation: str = "geglu", dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        if activation not in FF_ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} is not one of {FF_ACTIVATIONS}")
+        inner = int(dim * mult)
+        if activation == "geglu":
+            act: nn.Module = GEGLU(dim, inner, bias=bias)
+        else:
+            act = GELU(dim, inner, approximate="tanh" if activation == "gelu-approximate" else "none", bias=bias)
+        self.net = nn.ModuleList([act, nn.Dropout(dropout), nn.Linear(inner, dim_out or dim, bias=bias)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm transformer block: self-attention, cross-attention, GEGLU MLP.
+
+    ``cross_attention_dim=None`` drops the cross-attention (``norm2``/``attn2``
+    are then absent), which gives a plain self-attention block.
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int, cross_attention_dim: int | None = None,
+                 dropout: float = 0.0, attention_bias: bool = False, upcast_attention: bool = False,
+                 norm_eps: float = 1e-5, ff_activation: str = "geglu"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn1 = Attention(dim, heads=heads, dim_head=dim_head, bias=attention_bias, upcast=upcast_attention)
+        if cross_attention_dim is not None:
+            self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+            self.attn2 = Attention(dim, cross_attention_dim=cross_attention_dim, heads=heads, dim_head=dim_head,
+                                   bias=attention_bias, upcast=upcast_attention)
+        else:
+            self.norm2 = None
+            self.attn2 = None
+        self.norm3 = nn.LayerNorm(dim, eps=norm_eps)
+        self.ff = FeedForward(dim, activation=ff_activation, dropout=dropout)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        if self.attn2 is not None:
+            x = x + self.attn2(self.norm2(x), context=context, mask=context_mask)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2D(nn.Module):
+    """Spatial transformer: GroupNorm, proj_in, ``depth`` transformer blocks, proj_out, residual.
+
+    ``use_linear_projection`` picks Linear (SD2) or 1x1 Conv (SD1) projections;
+    the two are applied on opposite sides of the NCHW <-> [B, HW, C] reshape,
+    exactly as diffusers does, so either weight layout loads unchanged.
+    """
+
+    def __init__(self, in_channels: int, heads: int, dim_head: int, depth: int = 1,
+                 cross_attention_dim: int | None = None, groups: int = 32, dropout: float = 0.0,
+                 use_linear_projection: bool = False, upcast_attention: bool = False,
+                 attention_bias: bool = False):
+        super().__init__()
+        inner = heads * dim_head
+        self.use_linear_projection = use_linear_projection
+        self.norm = nn.GroupNorm(groups, in_channels, eps=1e-6)
+        if use_linear_projection:
+            self.proj_in: nn.Module = nn.Linear(in_channels, inner)
+            self.proj_out: nn.Module = nn.Linear(inner, in_channels)
+        else:
+            self.proj_in = nn.Conv2d(in_channels, inner, 1)
+            self.proj_out = nn.Conv2d(inner, in_channels, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, dim_head, cross_attention_dim=cross_attention_dim,
+                                  dropout=dropout, attention_bias=attention_bias,
+                                  upcast_attention=upcast_attention)
+            for _ in range(depth)
+        )
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, _, h, w = x.shape
+        residual = x
+        x = self.norm(x)
+        if self.use_linear_projection:
+            x = self.proj_in(x.permute(0, 2, 3, 1).reshape(b, h * w, -1))
+        else:
+            x = self.proj_in(x)
+            x = x.permute(0, 2, 3, 1).reshape(b, h * w, -1)
+        for block in self.transformer_blocks:
+            x = block(x, context, context_mask)
+        if self.use_linear_projection:
+            x = self.proj_out(x).reshape(b, h, w, -1).permute(0, 3, 1, 2)
+        else:
+            x = self.proj_out(x.reshape(b, h, w, -1).permute(0, 3, 1, 2))
+        return x + residual
