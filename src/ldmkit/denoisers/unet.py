@@ -1,0 +1,320 @@
+"""The Stable-Diffusion-compatible UNet: eps_theta(z_t, t, tau(y)).
+
+Architecture and numerics match diffusers' ``UNet2DConditionModel`` for the
+options below, and every parameter has the same name, so the key map to
+diffusers is the identity (see docs/denoisers.md):
+
+    conv_in, time_embedding.linear_{1,2}, class_embedding,
+    down_blocks.I.{resnets.J, attentions.J, downsamplers.0.conv},
+    mid_block.{resnets.J, attentions.J},
+    up_blocks.I.{resnets.J, attentions.J, upsamplers.0.conv},
+    conv_norm_out, conv_out
+
+Data path: sinusoidal timestep features -> MLP -> temb (+ class embedding);
+conv_in; down levels (ResNet blocks with temb injection, optional spatial
+transformers with cross-attention to ``context``, stride-2 downsampling) whose
+outputs are kept as skips; mid block; up levels that concatenate the skips,
+upsampling to the skip's size (so any latent size works, not only multiples
+of 2**levels); GroupNorm, SiLU, conv_out.
+
+The head-count quirk: diffusers' ``attention_head_dim`` in SD1/SD2 configs is
+really the *number of heads* per level (``num_attention_heads`` falls back to
+it) and the per-head width is ``channels // heads``. ``UNetConfig`` keeps the
+same field names and the same meaning so diffusers configs copy over as is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldmkit.nn.blocks import Downsample2D, ResnetBlock2D, Upsample2D
+from ldmkit.nn.embeddings import TimestepEmbedding, timestep_embedding
+from ldmkit.nn.transformer import Transformer2D
+
+DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+MID_TYPES = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
+
+
+def _per_level(value, n: int, name: str) -> tuple:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name}={tuple(value)} must have one entry per level ({n})")
+        return tuple(value)
+    return (value,) * n
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """UNet hyper-parameters; field names and meanings follow diffusers' config.json."""
+
+    in_channels: int = 4  # counts concatenated spatial inputs (9 for inpainting, 4+3 for x4 upscale)
+    out_channels: int = 4
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    down_block_types: tuple = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    up_block_types: tuple = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
+    layers_per_block: int = 2
+    attention_head_dim: int | tuple = 8  # diffusers quirk: number of heads when num_attention_heads is None
+    num_attention_heads: int | tuple | None = None
+    transformer_layers_per_block: int | tuple = 1
+    cross_attention_dim: int = 768
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    resnet_time_scale_shift: str = "default"  # or "scale_shift"
+    num_class_embeds: int | None = None  # nn.Embedding added to temb (class labels, x4-upscaler noise level)
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    downsample_padding: int = 1
+    dropout: float = 0.0
+    sample_size: int = 64  # latent size used in training (informational; any size runs)
+
+    def __post_init__(self):
+        # JSON round trips give lists; keep the dataclass hashable and comparable.
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, list):
+                object.__setattr__(self, f.name, tuple(v))
+        n = len(self.block_out_channels)
+        if n < 1:
+            raise ValueError("block_out_channels must name at least one level")
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ValueError(f"down_block_types {self.down_block_types} and up_block_types "
+                             f"{self.up_block_types} must both have {n} entries (one per level)")
+        for t in self.down_block_types:
+            if t not in DOWN_TYPES:
+                raise ValueError(f"down block type {t!r} is not one of {DOWN_TYPES}")
+        for t in self.up_block_types:
+            if t not in UP_TYPES:
+                raise ValueError(f"up block type {t!r} is not one of {UP_TYPES}")
+        if self.mid_block_type not in MID_TYPES:
+            raise ValueError(f"mid_block_type={self.mid_block_type!r} is not one of {MID_TYPES}")
+        if self.resnet_time_scale_shift not in ("default", "scale_shift"):
+            raise ValueError(f"resnet_time_scale_shift={self.resnet_time_scale_shift!r} must be "
+                             "'default' or 'scale_shift'")
+        if self.layers_per_block < 1:
+            raise ValueError(f"layers_per_block={self.layers_per_block} must be >= 1")
+        for c in self.block_out_channels:
+            if c % self.norm_num_groups:
+                raise ValueError(f"block_out_channels entry {c} is not divisible by norm_num_groups="
+                                 f"{self.norm_num_groups}")
+        for c, h in zip(self.block_out_channels, self.heads):
+            if h < 1 or c % h:
+                raise ValueError(f"{c} channels cannot be split into {h} attention heads")
+        _per_level(self.transformer_layers_per_block, n, "transformer_layers_per_block")
+
+    @property
+    def heads(self) -> tuple:
+        """Attention heads per level (diffusers: ``num_attention_heads or attention_head_dim``)."""
+        value = self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
+        return _per_level(value, len(self.block_out_channels), "attention heads")
+
+    @property
+    def has_cross_attention(self) -> bool:
+        return ("CrossAttnDownBlock2D" in self.down_block_types or "CrossAttnUpBlock2D" in self.up_block_types
+                or self.mid_block_type == "UNetMidBlock2DCrossAttn")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNetConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown UNetConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+
+_SD_LEVELS = dict(
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)
+
+PRESETS: dict[str, UNetConfig] = {
+    # Stable Diffusion 1.x (CompVis/runwayml v1-5): 8 heads everywhere, conv projections, CLIP-L context.
+    "sd15": UNetConfig(**_SD_LEVELS, attention_head_dim=8, cross_attention_dim=768, sample_size=64),
+    # 1.5 inpainting: latents + mask + masked-image latents.
+    "sd15-inpaint": UNetConfig(**_SD_LEVELS, in_channels=9, attention_head_dim=8, cross_attention_dim=768,
+                               sample_size=64),
+    # Stable Diffusion 2.x (768-v): 64-wide heads, linear projections, OpenCLIP-H context, upcast attention.
+    "sd21": UNetConfig(**_SD_LEVELS, attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
+                       use_linear_projection=True, upcast_attention=True, sample_size=96),
+    # SD x4 upscaler: 4 noisy latents + 3 low-res RGB channels, noise level as class label.
+    "sd-x4-upscaler": UNetConfig(
+        in_channels=7, block_out_channels=(256, 512, 512, 1024),
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
+        up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",),
+        attention_head_dim=8, cross_attention_dim=1024, use_linear_projection=True,
+        num_class_embeds=1000, sample_size=128),
+    # Small CPU models: same code path, few channels.
+    "tiny": UNetConfig(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                       attention_head_dim=2, cross_attention_dim=32, norm_num_groups=8, sample_size=8),
+    # The demo: text-conditioned model on 8x8x4 latents, trains in minutes on 2 CPU cores.
+    "small": UNetConfig(block_out_channels=(64, 128, 128),
+                        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                        layers_per_block=1, attention_head_dim=4, cross_attention_dim=128,
+                        norm_num_groups=32, use_linear_projection=True, sample_size=8),
+}
+
+
+class _Level(nn.Module):
+    """Parameter container for one level: ``resnets`` (+ ``attentions``) (+ ``downsamplers`` /
+    ``upsamplers``); UNet.forward runs it, so the skip bookkeeping reads in one place."""
+
+
+class UNet(nn.Module):
+    """SD-compatible conditional UNet. ``forward(x, t, context, class_labels, context_mask)``."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = c = config
+        ch = c.block_out_channels
+        n = len(ch)
+        heads = c.heads
+        depth = _per_level(c.transformer_layers_per_block, n, "transformer_layers_per_block")
+        temb_dim = ch[0] * 4
+
+        def resnet(cin, cout):
+            return ResnetBlock2D(cin, cout, temb_channels=temb_dim, groups=c.norm_num_groups, eps=c.norm_eps,
+                                 dropout=c.dropout, time_embedding_norm=c.resnet_time_scale_shift)
+
+        def transformer(channels, level_heads, level_depth):
+            return Transformer2D(channels, level_heads, channels // level_heads, depth=level_depth,
+                                 cross_attention_dim=c.cross_attention_dim, groups=c.norm_num_groups,
+                                 use_linear_projection=c.use_linear_projection,
+                                 upcast_attention=c.upcast_attention)
+
+        self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], temb_dim)
+        self.class_embedding = nn.Embedding(c.num_class_embeds, temb_dim) if c.num_class_embeds else None
+
+        self.down_blocks = nn.ModuleList()
+        cout = ch[0]
+        for i, kind in enumerate(c.down_block_types):
+            cin, cout = cout, ch[i]
+            level = _Level()
+            level.resnets = nn.ModuleList(resnet(cin if j == 0 else cout, cout) for j in range(c.layers_per_block))
+            level.attentions = (nn.ModuleList(transformer(cout, heads[i], depth[i])
+                                              for _ in range(c.layers_per_block))
+                                if kind == "CrossAttnDownBlock2D" else None)
+            level.downsamplers = (nn.ModuleList([Downsample2D(cout, cout, padding=c.downsample_padding)])
+                                  if i < n - 1 else None)
+            self.down_blocks.append(level)
+
+        self.mid_block = None
+        if c.mid_block_type is not None:
+            mid = _Level()
+            if c.mid_block_type == "UNetMidBlock2DCrossAttn":
+                mid.resnets = nn.ModuleList([resnet(ch[-1], ch[-1]), resnet(ch[-1], ch[-1])])
+                mid.attentions = nn.ModuleList([transformer(ch[-1], heads[-1], depth[-1])])
+            else:  # diffusers builds UNetMidBlock2D without attention inside UNet2DConditionModel
+                mid.resnets = nn.ModuleList([resnet(ch[-1], ch[-1])])
+                mid.attentions = None
+            self.mid_block = mid
+
+        self.up_blocks = nn.ModuleList()
+        rch, rheads, rdepth = ch[::-1], heads[::-1], depth[::-1]
+        cout = rch[0]
+        for i, kind in enumerate(c.up_block_types):
+            prev, cout = cout, rch[i]
+            skip_in = rch[min(i + 1, n - 1)]
+            layers = c.layers_per_block + 1
+            level = _Level()
+            level.resnets = nn.ModuleList(
+                resnet((prev if j == 0 else cout) + (skip_in if j == layers - 1 else cout), cout)
+                for j in range(layers))
+            level.attentions = (nn.ModuleList(transformer(cout, rheads[i], rdepth[i]) for _ in range(layers))
+                                if kind == "CrossAttnUpBlock2D" else None)
+            level.upsamplers = nn.ModuleList([Upsample2D(cout, cout)]) if i < n - 1 else None
+            self.up_blocks.append(level)
+
+        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[0], eps=c.norm_eps)
+        self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
+
+    # -- input checks -------------------------------------------------------------------
+    def _timesteps(self, t, x: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0 or t.numel() == 1:
+            return t.reshape(1).expand(x.shape[0])
+        if t.ndim != 1 or t.shape[0] != x.shape[0]:
+            raise ValueError(f"t has shape {tuple(t.shape)}; expected a scalar or [B] with B={x.shape[0]}")
+        return t
+
+    def _check(self, x, context, class_labels, context_mask):
+        c = self.config
+        if x.ndim != 4 or x.shape[1] != c.in_channels:
+            raise ValueError(f"x has shape {tuple(x.shape)}; expected [B, {c.in_channels}, H, W] "
+                             "(in_channels includes concatenated spatial conditions)")
+        if c.has_cross_attention:
+            if context is None:
+                raise ValueError(f"this UNet has cross-attention (cross_attention_dim={c.cross_attention_dim}); "
+                                 f"pass context of shape [B, L, {c.cross_attention_dim}]")
+            if context.ndim != 3 or context.shape[-1] != c.cross_attention_dim or context.shape[0] != x.shape[0]:
+                raise ValueError(f"context has shape {tuple(context.shape)}; expected "
+                                 f"[{x.shape[0]}, L, {c.cross_attention_dim}]")
+            if context_mask is not None and tuple(context_mask.shape) != tuple(context.shape[:2]):
+                raise ValueError(f"context_mask has shape {tuple(context_mask.shape)}; expected "
+                                 f"{tuple(context.shape[:2])} (True = attend)")
+        if c.num_class_embeds:
+            if class_labels is None:
+                raise ValueError(f"this UNet has a class embedding (num_class_embeds={c.num_class_embeds}); "
+                                 "pass class_labels [B]")
+            if class_labels.shape != (x.shape[0],):
+                raise ValueError(f"class_labels has shape {tuple(class_labels.shape)}; expected [{x.shape[0]}]")
+            lo, hi = int(class_labels.min()), int(class_labels.max())
+            if lo < 0 or hi >= c.num_class_embeds:
+                raise ValueError(f"class_labels range [{lo}, {hi}] is outside [0, {c.num_class_embeds - 1}]")
+
+    # -- forward ----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, t, context: torch.Tensor | None = None,
+                class_labels: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        self._check(x, context, class_labels, context_mask)
+        c = self.config
+        if context_mask is not None:
+            context_mask = context_mask.to(device=x.device, dtype=torch.bool)
+        t = self._timesteps(t, x)
+        temb = timestep_embedding(t, c.block_out_channels[0], flip_sin_to_cos=c.flip_sin_to_cos,
+                                  downscale_freq_shift=c.freq_shift).to(x.dtype)
+        temb = self.time_embedding(temb)
+        if self.class_embedding is not None:
+            temb = temb + self.class_embedding(class_labels.to(x.device)).to(temb.dtype)
+
+        h = self.conv_in(x)
+        skips = [h]
+        for level in self.down_blocks:
+            for j, res in enumerate(level.resnets):
+                h = res(h, temb)
+                if level.attentions is not None:
+                    h = level.attentions[j](h, context, context_mask)
+                skips.append(h)
+            if level.downsamplers is not None:
+                h = level.downsamplers[0](h)
+                skips.append(h)
+
+        if self.mid_block is not None:
+            h = self.mid_block.resnets[0](h, temb)
+            if self.mid_block.attentions is not None:
+                for attn, res in zip(self.mid_block.attentions, self.mid_block.resnets[1:]):
+                    h = res(attn(h, context, context_mask), temb)
+
+        for level in self.up_blocks:
+            for j, res in enumerate(level.resnets):
+                h = res(torch.cat([h, skips.pop()], dim=1), temb)
+                if level.attentions is not None:
+                    h = level.attentions[j](h, context, context_mask)
+            if level.upsamplers is not None:
+                # upsample to the next skip's size: odd sizes (e.g. 65 -> 33 -> 65) then line up
+                h = level.upsamplers[0](h, output_size=skips[-1].shape[-2:])
+
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
