@@ -27,7 +27,7 @@ training by `ldmkit.training.autoencoder.latent_statistics`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn

@@ -1,0 +1,177 @@
+"""An image-folder dataset: any PNG/JPEG tree, optional captions and class labels.
+
+Items are dicts `{"image": FloatTensor [C, S, S] in [-1, 1], "caption": str | None,
+"label": int | None}` (use `collate` with a DataLoader).
+
+Captions, first match wins:
+  1. a same-named `.txt` next to the image (`cat.png` + `cat.txt`);
+  2. a `metadata.jsonl` (lines `{"file_name": ..., "text": ...}`) or
+     `metadata.csv` (columns file_name,text) in the root, the Hugging Face
+     `imagefolder` layout; file names are relative to the root.
+Class labels (`class_folders=True`): the first directory level names the
+class (`root/cat/1.png` -> "cat"); `classes` lists them sorted, labels index it.
+
+Transforms: resize the short side to `size` (bicubic, antialiased), center or
+random crop to size x size, optional random horizontal flip. A file that cannot
+be decoded is skipped with a warning and counted in `skipped`; when all files
+are unreadable the dataset raises ValueError.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def _read_metadata(root: Path) -> dict[str, str]:
+    captions: dict[str, str] = {}
+    jsonl, csv_path = root / "metadata.jsonl", root / "metadata.csv"
+    if jsonl.is_file():
+        for n, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                captions[str(row["file_name"])] = str(row.get("text", row.get("caption", "")))
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise ValueError(f"{jsonl}:{n}: expected a JSON object with 'file_name' and 'text' ({exc})") from None
+    elif csv_path.is_file():
+        with csv_path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or "file_name" not in reader.fieldnames:
+                raise ValueError(f"{csv_path}: needs a 'file_name' column (and 'text'), got {reader.fieldnames}")
+            for row in reader:
+                captions[row["file_name"]] = row.get("text") or row.get("caption") or ""
+    return {k.replace("\\", "/"): v for k, v in captions.items()}
+
+
+def pil_to_unit_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL -> float tensor [C, H, W] in [-1, 1]."""
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def resize_crop(img: Image.Image, size: int, random_crop: bool = False, rng: random.Random | None = None) -> Image.Image:
+    """Resize the short side to `size`, then crop size x size (center, or random)."""
+    w, h = img.size
+    s = size / min(w, h)
+    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
+    if random_crop:
+        rng = rng or random
+        left, top = rng.randint(0, nw - size), rng.randint(0, nh - size)
+    else:
+        left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    def __init__(self, root: str | Path, size: int = 256, random_crop: bool = False, flip: bool = False,
+                 channels: int = 3, class_folders: bool = False, captions: bool = True,
+                 files: list[Path] | None = None, seed: int | None = None):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist")
+        if size < 1:
+            raise ValueError(f"size={size}: must be >= 1")
+        if channels not in (1, 3):
+            raise ValueError(f"channels={channels}: must be 1 or 3")
+        self.size, self.random_crop, self.flip, self.channels = size, random_crop, flip, channels
+        self.rng = random.Random(seed)
+        if files is None:
+            files = sorted(p for p in self.root.rglob("*")
+                           if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not files:
+            raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {self.root}")
+        self.files = list(files)
+        self.skipped = 0
+        self._bad: set[int] = set()
+        self._metadata = _read_metadata(self.root) if captions else {}
+        self.use_captions = captions
+        self.classes: list[str] = []
+        if class_folders:
+            self.classes = sorted({p.relative_to(self.root).parts[0] for p in self.files
+                                   if len(p.relative_to(self.root).parts) > 1})
+            if not self.classes:
+                raise ValueError(f"class_folders=True but {self.root} has no class sub-folders")
+        self._class_index = {c: i for i, c in enumerate(self.classes)}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def caption(self, path: Path) -> str | None:
+        if not self.use_captions:
+            return None
+        txt = path.with_suffix(".txt")
+        if txt.is_file():
+            return txt.read_text(encoding="utf-8").strip()
+        return self._metadata.get(path.relative_to(self.root).as_posix())
+
+    def label(self, path: Path) -> int | None:
+        if not self.classes:
+            return None
+        parts = path.relative_to(self.root).parts
+        return self._class_index.get(parts[0]) if len(parts) > 1 else None
+
+    def _load(self, path: Path) -> Image.Image:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB" if self.channels == 3 else "L")
+
+    def __getitem__(self, index: int) -> dict:
+        n = len(self.files)
+        for attempt in range(n):
+            i = (index + attempt) % n
+            if i in self._bad:
+                continue
+            path = self.files[i]
+            try:
+                img = self._load(path)
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                self._bad.add(i)
+                self.skipped += 1
+                warnings.warn(f"skipping unreadable image {path}: {exc}", stacklevel=2)
+                continue
+            img = resize_crop(img, self.size, self.random_crop, self.rng)
+            if self.flip and self.rng.random() < 0.5:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            return {"image": pil_to_unit_tensor(img), "caption": self.caption(path), "label": self.label(path)}
+        raise ValueError(f"all {n} images under {self.root} are unreadable")
+
+    def split(self, holdout: float | int, seed: int = 0, **train_overrides) -> tuple["ImageFolder", "ImageFolder"]:
+        """Deterministic (train, held-out) split of the files; the held-out part uses center crops, no flips."""
+        n = len(self.files)
+        k = int(round(holdout * n)) if isinstance(holdout, float) and holdout < 1 else int(holdout)
+        if not 1 <= k < n:
+            raise ValueError(f"holdout={holdout} gives {k} of {n} images: need 1 <= held-out < total")
+        order = list(range(n))
+        random.Random(seed).shuffle(order)
+        held = sorted(order[:k])
+        train = sorted(order[k:])
+        common = dict(size=self.size, channels=self.channels, captions=self.use_captions)
+
+        def make(idx, **kw):
+            ds = ImageFolder(self.root, files=[self.files[i] for i in idx], **{**common, **kw})
+            ds.classes, ds._class_index = self.classes, self._class_index
+            return ds
+
+        return (make(train, random_crop=self.random_crop, flip=self.flip, **train_overrides),
+                make(held, random_crop=False, flip=False))
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack images; keep captions and labels as lists."""
+    return {"image": torch.stack([it["image"] for it in items]),
+            "caption": [it["caption"] for it in items],
+            "label": [it["label"] for it in items]}
