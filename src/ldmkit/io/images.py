@@ -1,0 +1,122 @@
+"""Images at the library's edges: loading with clear errors, tensor <-> PIL, grids,
+and PNGs that carry their generation settings in text chunks."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+
+def load_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
+    """Open an image file fully (so truncated files fail here, not later) and convert it to `mode`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert(mode)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from None
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL image -> float tensor [C, H, W] in [-1, 1]."""
+    arr = np.asarray(img, dtype=np.float32)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous() / 127.5 - 1.0
+
+
+def tensor_to_pil(x: torch.Tensor) -> Image.Image | list[Image.Image]:
+    """[C, H, W] (or [B, C, H, W]) tensor in [-1, 1] -> PIL image(s); values are clamped."""
+    if x.ndim == 4:
+        return [tensor_to_pil(xi) for xi in x]  # type: ignore[misc]
+    if x.ndim != 3:
+        raise ValueError(f"expected an image tensor [C, H, W] or [B, C, H, W], got shape {tuple(x.shape)}")
+    arr = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    if arr.shape[2] == 1:
+        return Image.fromarray(arr[:, :, 0], mode="L")
+    return Image.fromarray(arr)
+
+
+def make_grid(images: torch.Tensor | Sequence[Image.Image], nrow: int | None = None, padding: int = 2,
+              background: int = 255) -> Image.Image:
+    """Tile images row-major into one picture; `nrow` images per row (default: about square)."""
+    pils = tensor_to_pil(images) if isinstance(images, torch.Tensor) else list(images)
+    if isinstance(pils, Image.Image):
+        pils = [pils]
+    if not pils:
+        raise ValueError("make_grid needs at least one image")
+    pils = [p.convert("RGB") for p in pils]
+    w = max(p.width for p in pils)
+    h = max(p.height for p in pils)
+    ncol = nrow or math.ceil(math.sqrt(len(pils)))
+    nrows = math.ceil(len(pils) / ncol)
+    grid = Image.new("RGB", (ncol * w + (ncol + 1) * padding, nrows * h + (nrows + 1) * padding), (background,) * 3)
+    for i, p in enumerate(pils):
+        r, c = divmod(i, ncol)
+        grid.paste(p, (padding + c * (w + padding), padding + r * (h + padding)))
+    return grid
+
+
+def a1111_parameters(meta: dict) -> str:
+    """The one-string summary other image tools read from the `parameters` chunk."""
+    lines = [str(meta.get("prompt", ""))]
+    if meta.get("negative_prompt"):
+        lines.append(f"Negative prompt: {meta['negative_prompt']}")
+    names = [("steps", "Steps"), ("sampler", "Sampler"), ("guidance", "CFG scale"), ("seed", "Seed"),
+             ("size", "Size"), ("model_hash", "Model hash"), ("model", "Model"), ("strength", "Denoising strength"),
+             ("version", "Version")]
+    fields = [f"{label}: {meta[key]}" for key, label in names if meta.get(key) not in (None, "")]
+    lines.append(", ".join(fields))
+    return "\n".join(lines)
+
+
+def save_png(img: Image.Image, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write a PNG whose text chunks hold `metadata`: one chunk per key, a JSON chunk
+    `ldmkit` with everything, and an A1111-style `parameters` chunk. Written atomically."""
+    from ldmkit.io.format import atomic_write
+
+    info = PngImagePlugin.PngInfo()
+    if metadata:
+        for key, value in metadata.items():
+            info.add_text(str(key), value if isinstance(value, str) else json.dumps(value))
+        info.add_text("ldmkit", json.dumps(metadata, sort_keys=True))
+        info.add_text("parameters", a1111_parameters(metadata))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", pnginfo=info)
+    data = buf.getvalue()
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    return atomic_write(path, write)
+
+
+def read_png_metadata(path: str | os.PathLike) -> dict:
+    """The settings a PNG written by `save_png` carries (the `ldmkit` JSON chunk; else all text chunks)."""
+    with Image.open(path) as img:
+        text = dict(getattr(img, "text", {}) or {})
+    if "ldmkit" in text:
+        return json.loads(text["ldmkit"])
+    return text
+
+
+def save_images(images: Iterable[Image.Image], folder: str | os.PathLike, prefix: str = "image") -> list[Path]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, img in enumerate(images):
+        p = folder / f"{prefix}-{i:04d}.png"
+        img.save(p)
+        paths.append(p)
+    return paths

@@ -1,0 +1,244 @@
+"""Pieces both training loops share: EMA weights, atomic training-state files with
+exact RNG restore, a loss log with its curve, seeding and progress bars."""
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ldmkit.io.format import atomic_write
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP / FSDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point weights.
+
+    With warmup the decay ramps up as min(decay, (1 + n) / (10 + n)) over the first
+    updates, so early averages are not dominated by the random initialisation.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay={decay}; must be in [0, 1)")
+        self.decay = decay
+        self.warmup = warmup
+        self.num_updates = 0
+        self.module = copy.deepcopy(unwrap(model)).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = self.current_decay()
+        src = unwrap(model).state_dict()
+        for name, shadow in self.module.state_dict().items():
+            value = src[name].detach()
+            if shadow.dtype.is_floating_point:
+                shadow.lerp_(value.to(shadow.dtype), 1.0 - d)
+            else:
+                shadow.copy_(value)
+        self.num_updates += 1
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates,
+                "weights": self.module.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        self.warmup = state["warmup"]
+        self.num_updates = int(state["num_updates"])
+        self.module.load_state_dict(state["weights"])
+
+    def copy_to(self, model: nn.Module) -> None:
+        unwrap(model).load_state_dict(self.module.state_dict())
+
+
+# ----------------------------------------------------------------------------- seeds and RNG
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every global RNG's state in a form torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state()
+    state = {
+        "python": list(random.getstate()[1]) + [random.getstate()[2] if random.getstate()[2] is not None else -1],
+        "python_version": random.getstate()[0],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    gauss = py[-1]
+    random.setstate((state["python_version"], tuple(int(v) for v in py[:-1]), None if gauss == -1 else gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- training state files
+def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """torch.save a dict of tensors / plain values atomically (temp file, fsync, rename)."""
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_training_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a training-state file with weights_only=True (no arbitrary unpickling)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training state {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # corrupt or foreign file: say which and why
+        raise ValueError(f"cannot read training state {path}: {exc}") from None
+
+
+def latest_checkpoint(folder: str | os.PathLike, pattern: str = "step-*.pt") -> Path | None:
+    """The checkpoint with the highest step number in `folder` (files named step-<N>.pt)."""
+    best, best_step = None, -1
+    for p in Path(folder).glob(pattern):
+        try:
+            step = int(p.stem.split("-")[-1])
+        except ValueError:
+            continue
+        if step > best_step:
+            best, best_step = p, step
+    return best
+
+
+def prune_checkpoints(folder: str | os.PathLike, keep: int, pattern: str = "step-*.pt") -> None:
+    """Keep the `keep` newest step-<N>.pt files."""
+    if keep <= 0:
+        return
+    files = sorted(Path(folder).glob(pattern), key=lambda p: int(p.stem.split("-")[-1]) if p.stem.split("-")[-1].isdigit() else -1)
+    for p in files[:-keep]:
+        p.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- loss log
+class LossLog:
+    """Append-only CSV of (step, named values) plus a PNG of the curves.
+
+    On resume, rows after the resumed step are dropped so the log matches the
+    weights being continued.
+    """
+
+    def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
+        self.path = Path(path)
+        self.rows: list[dict[str, float]] = []
+        if resume_step is not None and self.path.is_file():
+            with open(self.path, newline="") as f:
+                for row in csv.DictReader(f):
+                    if int(float(row["step"])) <= resume_step:
+                        self.rows.append({k: float(v) for k, v in row.items() if v not in ("", None)})
+        self._rewrite()
+
+    def _columns(self) -> list[str]:
+        cols: list[str] = ["step"]
+        for row in self.rows:
+            cols += [k for k in row if k not in cols]
+        return cols
+
+    def _rewrite(self) -> None:
+        cols = self._columns()
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=cols)
+                w.writeheader()
+                w.writerows(self.rows)
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, write)
+
+    def append(self, step: int, **values: float) -> None:
+        row = {"step": float(step), **{k: float(v) for k, v in values.items()}}
+        new_columns = any(k not in self._columns() for k in row)
+        self.rows.append(row)
+        if new_columns or not self.path.is_file():
+            self._rewrite()
+        else:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self._columns()).writerow(row)
+
+    def plot(self, path: str | os.PathLike, title: str = "training loss", smoothing: float = 0.9) -> Path | None:
+        """Raw values faint, exponentially smoothed values bold; log y axis where all values are positive."""
+        if not self.rows:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        keys = [k for k in self._columns() if k != "step" and not k.startswith("lr")]
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+        positive = True
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in self.rows if key in r and math.isfinite(r[key])]
+            if not pts:
+                continue
+            steps, vals = zip(*pts)
+            positive &= min(vals) > 0
+            smooth, acc = [], vals[0]
+            for v in vals:
+                acc = smoothing * acc + (1 - smoothing) * v
+                smooth.append(acc)
+            line, = ax.plot(steps, vals, alpha=0.25, linewidth=0.8)
+            ax.plot(steps, smooth, color=line.get_color(), linewidth=1.6, label=key)
+        if positive:
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper right", fontsize=8)
+        fig.tight_layout()
+        buf_path = Path(path)
+
+        def write(tmp: str) -> None:
+            fig.savefig(tmp, format="png")
+
+        atomic_write(buf_path, write)
+        plt.close(fig)
+        return buf_path
+
+
+def progress(iterable: Iterable | None = None, total: int | None = None, desc: str = "", initial: int = 0,
+             disable: bool = False, unit: str = "it"):
+    """A tqdm bar (it/s and ETA shown), silent when `disable` (e.g. on non-zero ranks)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, initial=initial, disable=disable, unit=unit,
+                dynamic_ncols=True, smoothing=0.1)
