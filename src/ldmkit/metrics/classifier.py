@@ -23,10 +23,7 @@ traced to the exact weights that produced it.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -145,20 +142,16 @@ def class_names(name: str) -> list[str]:
 
 class _FashionMNISTPairs(torch.utils.data.Dataset):
     def __init__(self, module, split, image_size, limit, root):
-        kwargs = {"split": split, "size": image_size}
-        if root is not None:
-            kwargs["root"] = root
-        self.data = module.FashionMNIST(**kwargs)
-        self.n = len(self.data) if limit is None else min(limit, len(self.data))
+        if image_size not in (28, 32):
+            raise ValueError(f"image_size {image_size} for Fashion-MNIST must be 28 or 32 (zero-padded)")
+        self.data = module.FashionMNIST(split=split, root=root, pad_to_32=image_size == 32, limit=limit)
 
     def __len__(self):
-        return self.n
+        return len(self.data)
 
     def __getitem__(self, i):
         item = self.data[i]
-        if isinstance(item, dict):
-            return item["image"], int(item["label"])
-        return item[0], int(item[1])
+        return item["image"], int(item["label"])
 
 
 class _ShapesPairs(torch.utils.data.Dataset):
@@ -269,36 +262,19 @@ def _progress(total: int, desc: str, enabled: bool):
 # ----------------------------------------------------------------------------- save / load
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_classifier(model: FeatureClassifier, folder, dataset: str, accuracy: float, **extra) -> Path:
-    """Write the component folder (atomic per file; weights last but one, metadata last)."""
-    from safetensors.torch import save
+    """Write the component folder (each file atomically; config.json last, so a folder with one is whole)."""
+    from ldmkit.io.format import config_to_dict, save_tensors, write_json
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = asdict(model.config)
-    cfg["widths"] = list(cfg["widths"])
-    _atomic_write_bytes(folder / "config.json",
-                        json.dumps({"type": COMPONENT_TYPE, "config": cfg}, indent=2).encode())
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write_bytes(folder / "model.safetensors", save(state))
+    save_tensors(folder / "model.safetensors", model.state_dict(),
+                 metadata={"format": "ldmkit", "type": COMPONENT_TYPE})
     meta = {"dataset": dataset, "accuracy": float(accuracy),
             "class_names": class_names(dataset) if dataset in DATASETS else None,
             "image_size": model.config.image_size, **extra}
-    _atomic_write_bytes(folder / "classifier.json", json.dumps(meta, indent=2).encode())
+    write_json(folder / "classifier.json", meta)
+    write_json(folder / "config.json", {"type": COMPONENT_TYPE, "config": config_to_dict(model.config)})
     return folder
 
 
@@ -319,15 +295,18 @@ def load_classifier(folder, device="cpu") -> tuple[FeatureClassifier, dict]:
     if not cfg_path.is_file() or not weights.is_file():
         raise FileNotFoundError(f"{folder} is not a feature classifier folder (needs config.json and "
                                 f"model.safetensors; create one with `ldm train-classifier`)")
-    cfg_json = json.loads(cfg_path.read_text())
+    from ldmkit.io.format import check_state_dict, config_from_dict, read_json
+
+    cfg_json = read_json(cfg_path)
     if cfg_json.get("type") != COMPONENT_TYPE:
         raise ValueError(f"{folder} holds a {cfg_json.get('type')!r} component, expected {COMPONENT_TYPE!r}")
-    config = FeatureClassifierConfig(**cfg_json["config"])
-    model = FeatureClassifier(config)
-    model.load_state_dict(load_file(str(weights)))
+    model = FeatureClassifier(config_from_dict(FeatureClassifierConfig, cfg_json["config"]))
+    state = load_file(str(weights))
+    check_state_dict(model, state, str(weights))
+    model.load_state_dict(state)
     model.to(device).eval()
     meta_path = folder / "classifier.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = read_json(meta_path) if meta_path.is_file() else {}
     meta["weights_sha256"] = file_sha256(weights)
     meta["path"] = str(folder)
     return model, meta
