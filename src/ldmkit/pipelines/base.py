@@ -1,0 +1,536 @@
+"""The shared wiring of every generation task: load a model, check settings, sample, decode.
+
+A `Pipeline` holds the four pieces of a latent diffusion model
+
+    autoencoder (stage 1)   conditioner (text / class / none)   denoiser (UNet / DiT)   schedule
+
+and owns no math: noise comes from seeded generators, the sampler and the
+classifier-free-guidance wrapper come from `ldmkit.diffusion`, the forward
+process (`noise_to`) puts known latents at a noise level. The task modules
+(text2img, img2img, inpaint, upscale) only say what the latents start from and
+what is concatenated to the denoiser's input; `Pipeline.generate` does the rest:
+
+    for each batch of images:
+        cond, uncond  = conditioner.encode(prompts), conditioner.encode(negatives) | null
+        x_T           = per-image noise (image i: seed + i)  |  noise_to(z0, noise, sigma_start)
+        z0            = sampler(cfg_denoiser(model_fn, cond, uncond, guidance), x_T, ...)
+        images        = decode(z0)  (sliced / tiled)
+
+Determinism: image i of a call uses seed + i for its starting noise, drawn on
+the CPU in float32, so the batch size and the device do not change which noise
+an image starts from. Stochastic samplers (ddpm, euler_a) also draw noise at
+every step from one generator per batch (seeded with the batch's first seed),
+so for them only the same batch size reproduces an image.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ldmkit.pipelines import vae_decode
+
+CONDITIONINGS = ("text", "class", "none")
+CONCAT_KINDS = (None, "inpaint", "upscale")
+
+
+@dataclass
+class Result:
+    """One generated image with the settings that made it (the PNG text chunks)."""
+
+    image: Any  # PIL.Image.Image
+    metadata: dict
+
+
+@dataclass
+class Settings:
+    """Sampling settings shared by every task; `Pipeline.settings(...)` fills the defaults."""
+
+    sampler: str
+    steps: int
+    guidance: float
+    guidance_rescale: float = 0.0
+    height: int = 0
+    width: int = 0
+    batch_size: int = 4            # images per sampler run
+    max_model_batch: int | None = None  # cap on the denoiser batch (CFG doubles it); None = no cap
+    decode_batch: int | None = 1   # latents decoded at a time (sliced decode)
+    vae_tile: int | None = None    # latent tile side for tiled decode; None = auto, 0 = never
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def module_sha256(module: torch.nn.Module) -> str:
+    """Hash of a module's tensors (for pipelines built in memory, without a weights file)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def denoiser_weights_file(path: Path) -> Path | None:
+    """The file holding the denoiser's weights in any of the model formats we load."""
+    if path.is_file():
+        return path
+    for cand in [path / "denoiser" / "model.safetensors", *sorted((path / "unet").glob("*.safetensors")),
+                 *sorted((path / "unet").glob("*.bin")), *sorted((path / "transformer").glob("*.safetensors"))]:
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _slice_cond(cond: Any, lo: int, hi: int, batch: int) -> Any:
+    """Rows lo:hi of every batch-sized tensor inside a conditioning (dataclass/dict/list/tensor)."""
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):
+        return cond[lo:hi] if cond.dim() > 0 and cond.shape[0] == batch else cond
+    if isinstance(cond, dict):
+        return {k: _slice_cond(v, lo, hi, batch) for k, v in cond.items()}
+    if isinstance(cond, (list, tuple)):
+        return type(cond)(_slice_cond(v, lo, hi, batch) for v in cond)
+    if dataclasses.is_dataclass(cond):
+        return type(cond)(**{f.name: _slice_cond(getattr(cond, f.name), lo, hi, batch)
+                             for f in dataclasses.fields(cond) if f.init})
+    return cond
+
+
+def _repeat_to(t: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """A per-image tensor [B0, ...] repeated along dim 0 to the model batch (CFG gives 2 * B0)."""
+    if t is None or t.shape[0] == batch:
+        return t
+    if batch % t.shape[0]:
+        raise ValueError(f"cannot spread {t.shape[0]} conditioning rows over a batch of {batch}")
+    return t.repeat(batch // t.shape[0], *([1] * (t.dim() - 1)))
+
+
+def latent_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """Pixel mask [B,1,H,W] in [0,1] (1 = repaint) -> latent mask: a latent cell is repainted
+    when any of its f x f pixels is (max-pool), so every masked pixel gets regenerated."""
+    return F.max_pool2d(mask, kernel_size=factor, stride=factor)
+
+
+class Pipeline:
+    """A loaded latent diffusion model with one method per task it supports.
+
+    Build it with `ldmkit.pipelines.load(path)` or directly from modules (tests do).
+    """
+
+    def __init__(self, autoencoder: torch.nn.Module, denoiser: torch.nn.Module, schedule,
+                 conditioner: torch.nn.Module | None = None, *, conditioning: str | None = None,
+                 concat: str | None = None, defaults: dict | None = None, latent_size: Sequence[int] | None = None,
+                 model_hash: str | None = None, model_name: str | None = None):
+        self.autoencoder = autoencoder.eval()
+        self.denoiser = denoiser.eval()
+        self.conditioner = conditioner.eval() if conditioner is not None else None
+        self.schedule = schedule
+        if conditioning is None:
+            conditioning = "none" if conditioner is None else "text"
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning={conditioning!r} must be one of {CONDITIONINGS}")
+        if conditioning != "none" and conditioner is None:
+            raise ValueError(f"model conditioning is {conditioning!r} but the model has no conditioner component")
+        if concat not in CONCAT_KINDS:
+            raise ValueError(f"concat={concat!r} must be one of {CONCAT_KINDS}")
+        self.conditioning = conditioning
+        self.concat = concat
+        self.defaults = dict(defaults or {})
+        cfg = denoiser.config
+        self.latent_channels = autoencoder.latent_channels
+        self.factor = autoencoder.downsample_factor
+        train = latent_size or [getattr(cfg, "sample_size", 8)] * 2
+        self.latent_size = (int(train[0]), int(train[-1]))
+        self.model_name = model_name
+        self._model_hash = model_hash
+        extra = cfg.in_channels - self.latent_channels
+        want = {None: 0, "inpaint": self.latent_channels + 1, "upscale": None}[concat]
+        if concat is None and extra != 0:
+            raise ValueError(f"denoiser takes {cfg.in_channels} input channels but the autoencoder makes "
+                             f"{self.latent_channels}-channel latents and model_index.json says concat=null")
+        if want is not None and concat is not None and extra != want:
+            raise ValueError(f"concat={concat!r} needs a denoiser with {self.latent_channels + want} input "
+                             f"channels (latents + mask + masked-image latents), got {cfg.in_channels}")
+        if concat == "upscale" and extra < 1:
+            raise ValueError(f"concat='upscale' needs extra input channels for the low-resolution image; "
+                             f"the denoiser takes {cfg.in_channels} = latent channels")
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
+
+    @property
+    def is_dit(self) -> bool:
+        return hasattr(self.denoiser.config, "patch_size")
+
+    @property
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this: the autoencoder factor (x patch size for DiT)."""
+        return self.factor * (self.denoiser.config.patch_size if self.is_dit else 1)
+
+    @property
+    def model_hash(self) -> str:
+        """First 10 hex digits of the sha256 of the denoiser weights file (A1111's convention)."""
+        if self._model_hash is None:
+            self._model_hash = module_sha256(self.denoiser)[:10]
+        return self._model_hash
+
+    @property
+    def tasks(self) -> list[str]:
+        if self.concat == "upscale":
+            return ["upscale"]
+        if self.concat == "inpaint":
+            return ["inpaint"]
+        return ["text2img", "img2img", "inpaint"]
+
+    def to(self, device=None, dtype=None) -> "Pipeline":
+        for m in (self.autoencoder, self.denoiser, self.conditioner):
+            if m is not None:
+                m.to(device=device, dtype=dtype)
+        return self
+
+    # ------------------------------------------------------------------ tasks (see the task modules)
+    def text2img(self, prompt=None, **kw) -> list[Result]:
+        from ldmkit.pipelines.text2img import text2img
+
+        return text2img(self, prompt, **kw)
+
+    def img2img(self, image, prompt=None, **kw) -> list[Result]:
+        from ldmkit.pipelines.img2img import img2img
+
+        return img2img(self, image, prompt, **kw)
+
+    def inpaint(self, image, mask, prompt=None, **kw) -> list[Result]:
+        from ldmkit.pipelines.inpaint import inpaint
+
+        return inpaint(self, image, mask, prompt, **kw)
+
+    def upscale(self, image, prompt=None, **kw) -> list[Result]:
+        from ldmkit.pipelines.upscale import upscale
+
+        return upscale(self, image, prompt, **kw)
+
+    def require_task(self, task: str) -> None:
+        if task not in self.tasks:
+            kind = {"upscale": "a super-resolution", "inpaint": "an inpainting"}.get(self.concat, "a generation")
+            raise ValueError(f"this is {kind} model (concat={self.concat!r}); it supports {', '.join(self.tasks)}, "
+                             f"not {task}")
+
+    # ------------------------------------------------------------------ settings
+    def settings(self, *, sampler=None, steps=None, guidance=None, guidance_rescale=None, height=None,
+                 width=None, batch_size=None, max_model_batch=None, decode_batch=1, vae_tile=None,
+                 progress=True) -> Settings:
+        """Fill unset values from model_index.json "defaults" (then built-in ones) and check them all."""
+        from ldmkit.diffusion.samplers import sampler_names
+
+        d = self.defaults
+        flow = getattr(self.schedule, "kind", "discrete") == "flow"
+        sampler = sampler or d.get("sampler") or ("flow_euler" if flow else "dpmpp_2m")
+        valid = sampler_names(self.schedule)
+        if sampler not in valid:
+            raise ValueError(f"unknown sampler {sampler!r} for this model's {'flow' if flow else 'discrete'} "
+                             f"schedule; valid samplers: {', '.join(valid)}")
+        steps = int(steps if steps is not None else d.get("steps", 25))
+        T = self.schedule.num_train_timesteps
+        if not 1 <= steps <= T:
+            raise ValueError(f"steps={steps} must be in [1, {T}]")
+        cond = self.conditioning != "none"
+        guidance = float(guidance if guidance is not None else d.get("guidance", 7.5 if cond else 1.0))
+        if not cond:
+            guidance = 1.0
+        if not (guidance >= 0 and math.isfinite(guidance)):
+            raise ValueError(f"guidance={guidance} must be a finite number >= 0")
+        rescale = float(guidance_rescale if guidance_rescale is not None else d.get("guidance_rescale", 0.0))
+        if not 0.0 <= rescale <= 1.0:
+            raise ValueError(f"guidance rescale={rescale} is outside the allowed range [0, 1]")
+        m = self.size_multiple
+        height = int(height if height is not None else d.get("height", self.latent_size[0] * self.factor))
+        width = int(width if width is not None else d.get("width", self.latent_size[1] * self.factor))
+        for name, v in (("height", height), ("width", width)):
+            if v < m or v % m:
+                raise ValueError(f"{name}={v} must be a positive multiple of {m} "
+                                 f"(the autoencoder's downsample factor {self.factor}"
+                                 + (f" x DiT patch size {self.denoiser.config.patch_size})" if self.is_dit else ")"))
+        batch_size = int(batch_size if batch_size is not None else d.get("batch_size", 4))
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        if max_model_batch is not None and int(max_model_batch) < 1:
+            raise ValueError(f"max_model_batch={max_model_batch} must be >= 1")
+        if decode_batch is not None and int(decode_batch) < 1:
+            raise ValueError(f"decode_batch={decode_batch} must be >= 1")
+        if vae_tile is not None and int(vae_tile) != 0 and int(vae_tile) < 4:
+            raise ValueError(f"vae_tile={vae_tile} must be 0 (off) or >= 4 latent pixels")
+        return Settings(sampler, steps, guidance, rescale, height, width, batch_size, max_model_batch,
+                        decode_batch, vae_tile, progress)
+
+    # ------------------------------------------------------------------ conditioning
+    def conditions(self, prompt, class_label, count: int) -> list:
+        """One condition per image (prompt strings, class ids/names, or None), checked against the model."""
+        if self.conditioning == "none":
+            if prompt not in (None, "", []) or class_label is not None:
+                raise ValueError("this model is unconditional; it takes no prompt or class")
+            return [None] * count
+        if self.conditioning == "class":
+            if prompt not in (None, "", []):
+                raise ValueError("this model is class-conditional; pass a class (--class NAME|ID), not a prompt")
+            if class_label is None:
+                raise ValueError("this model is class-conditional; pass a class (--class NAME|ID)")
+            labels = class_label if isinstance(class_label, (list, tuple)) else [class_label]
+            labels = [int(c) if isinstance(c, str) and c.strip().lstrip("-").isdigit() else c for c in labels]
+            return [labels[i % len(labels)] for i in range(count)]
+        if class_label is not None:
+            raise ValueError("this model is text-conditional; pass a prompt, not a class")
+        prompts = prompt if isinstance(prompt, (list, tuple)) else [prompt or ""]
+        prompts = [str(p) for p in prompts]
+        self._warn_long_prompts(prompts)
+        return [prompts[i % len(prompts)] for i in range(count)]
+
+    def _warn_long_prompts(self, prompts: list[str]) -> None:
+        """Prompts beyond the text encoder's length are truncated by it; say so once per prompt."""
+        limit = getattr(self.conditioner, "max_length", None)
+        count = getattr(self.conditioner, "num_tokens", None) or getattr(self.conditioner, "count_tokens", None)
+        if not limit or not callable(count):
+            return
+        for p in dict.fromkeys(prompts):
+            n = int(count(p))
+            if n > limit:
+                short = p if len(p) <= 40 else p[:37] + "..."
+                warnings.warn(f"prompt {short!r} has {n} tokens; the text encoder reads {limit}, the rest is "
+                              "truncated", UserWarning, stacklevel=3)
+
+    def _encode(self, conditions: list, negatives: list | None):
+        """(cond, uncond) for a batch; uncond is the negative prompt's encoding or the null condition."""
+        if self.conditioning == "none":
+            return None, None
+        cond = self.conditioner.encode(list(conditions))
+        if negatives is not None and self.conditioning == "text":
+            uncond = self.conditioner.encode(list(negatives))
+        else:
+            uncond = self.conditioner.null(len(conditions))
+        return cond, uncond
+
+    # ------------------------------------------------------------------ the sampling loop
+    def noise(self, seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+        """Starting noise: image i from its own CPU generator seeded with seeds[i] (float32)."""
+        out = []
+        for s in seeds:
+            g = torch.Generator("cpu").manual_seed(int(s))
+            out.append(torch.randn(tuple(shape), generator=g, dtype=torch.float32))
+        return torch.stack(out).to(self.device)
+
+    def model_fn(self, concat: torch.Tensor | None, labels: torch.Tensor | None,
+                 max_batch: int | None) -> Callable:
+        """`model_fn(x, t, cond)` for `cfg_denoiser`: concatenates the spatial inputs, runs the denoiser
+        in chunks of at most `max_batch` rows (CFG batch chunking) and returns float32."""
+        den, dtype = self.denoiser, self.dtype
+
+        def fn(x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+            B = x.shape[0]
+            spatial = _repeat_to(concat, B)
+            extra_labels = _repeat_to(labels, B)
+            step = max_batch or B
+            outs = []
+            for lo in range(0, B, step):
+                hi = min(lo + step, B)
+                xi = x[lo:hi]
+                if spatial is not None:
+                    xi = torch.cat([xi, spatial[lo:hi].to(xi.dtype)], dim=1)
+                c = _slice_cond(cond, lo, hi, B)
+                kw = {}
+                if c is not None:
+                    ctx = getattr(c, "context", None)
+                    kw["context"] = ctx.to(dtype) if ctx is not None else None
+                    kw["context_mask"] = getattr(c, "mask", None)
+                    kw["class_labels"] = getattr(c, "class_labels", None)
+                if extra_labels is not None:
+                    kw["class_labels"] = extra_labels[lo:hi]
+                tt = t[lo:hi] if isinstance(t, torch.Tensor) and t.dim() > 0 else t
+                outs.append(den(xi.to(dtype), tt, **kw).float())
+            return torch.cat(outs)
+
+        return fn
+
+    @torch.no_grad()
+    def sample_latents(self, s: Settings, conditions: list, negatives: list | None, seeds: Sequence[int], *,
+                       z0: torch.Tensor | None = None, strength: float = 1.0, mask: torch.Tensor | None = None,
+                       concat: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                       desc: str = "sampling") -> torch.Tensor:
+        """Denoise one batch. `z0` (scaled latents) with `strength` < 1 starts part way (img2img);
+        `mask` (latent, 1 = generate) re-imposes z0 outside it after every step (inpainting by blending)."""
+        from ldmkit.diffusion.forward import noise_to
+        from ldmkit.diffusion.guidance import cfg_denoiser
+        from ldmkit.diffusion.samplers import DETERMINISTIC, get_sampler, img2img_start, plan
+
+        h, w = s.height // self.factor, s.width // self.factor
+        noise = self.noise(seeds, (self.latent_channels, h, w))
+        p = plan(s.sampler, self.schedule, s.steps)
+        start = img2img_start(s.steps, strength) if z0 is not None else 0
+        if z0 is not None:
+            z0 = z0.to(self.device, torch.float32)
+        if start >= len(p.timesteps):  # strength 0: nothing to denoise
+            return z0.clone()
+        if z0 is None or start == 0:
+            x = noise  # full strength starts from pure noise, exactly as text-to-image
+        else:
+            x = noise_to(self.schedule, z0, noise, p.sigmas[start]).float()
+        if mask is not None:
+            mask = mask.to(self.device, torch.float32)
+            x = mask * x + (1 - mask) * noise_to(self.schedule, z0, noise, p.sigmas[start]).float()
+
+        cond, uncond = self._encode(conditions, negatives)
+        fn = self.model_fn(concat, labels, s.max_model_batch)
+        if cond is None:
+            def denoise(x, t):
+                return fn(x, t, None)
+        else:
+            denoise = cfg_denoiser(fn, cond, uncond, s.guidance, s.guidance_rescale)
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(p.timesteps) - start, desc=desc, leave=False, disable=not s.progress)
+
+        def callback(i, sigma, x, x0_pred):
+            bar.update(1)
+            if mask is None:
+                return None
+            known = noise_to(self.schedule, z0, noise, sigma).to(x.dtype)
+            return mask * x + (1 - mask) * known
+
+        generator = None
+        if s.sampler not in DETERMINISTIC:
+            generator = torch.Generator("cpu").manual_seed(int(seeds[0]))
+        try:
+            out = get_sampler(s.sampler)(denoise, x, self.schedule, s.steps, generator=generator,
+                                         callback=callback, start=start)
+        finally:
+            bar.close()
+        if mask is not None:  # the final level may not be exactly clean (e.g. DDIM without alpha_to_one)
+            out = mask * out + (1 - mask) * z0
+        return out
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, s: Settings) -> torch.Tensor:
+        """Latents -> images in [-1, 1], sliced by `s.decode_batch` and tiled per `s.vae_tile`."""
+        ae_dtype = next(self.autoencoder.parameters()).dtype
+        x = vae_decode.decode(self.autoencoder, z.to(ae_dtype), batch_size=s.decode_batch, tile_size=s.vae_tile)
+        return x.float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B,3,H,W] in [-1,1] -> scaled latents (posterior mode: deterministic)."""
+        ae_dtype = next(self.autoencoder.parameters()).dtype
+        return self.autoencoder.encode_latents(images.to(self.device, ae_dtype), sample=False).float()
+
+    def metadata(self, task: str, s: Settings, condition, negative, seed: int, **extra) -> dict:
+        from ldmkit import __version__
+
+        meta = {"task": task}
+        if self.conditioning == "text":
+            meta["prompt"] = condition
+            meta["negative_prompt"] = negative or ""
+        elif self.conditioning == "class":
+            meta["class"] = condition
+        meta.update({"seed": int(seed), "sampler": s.sampler, "steps": s.steps})
+        if self.conditioning != "none":
+            meta["guidance"] = s.guidance
+            if s.guidance_rescale:
+                meta["guidance_rescale"] = s.guidance_rescale
+        meta["size"] = f"{s.width}x{s.height}"
+        meta.update({k: v for k, v in extra.items() if v is not None})
+        meta["model_hash"] = self.model_hash
+        if self.model_name:
+            meta["model"] = self.model_name
+        meta["version"] = f"ldmkit {__version__}"
+        return meta
+
+    def generate(self, task: str, s: Settings, conditions: list, negative, seed: int,
+                 batch_inputs: Callable[[list[int]], dict], meta_extra: dict | None = None) -> list[Result]:
+        """Run all images in batches of `s.batch_size`: image i gets seed + i and conditions[i];
+        `batch_inputs(indices)` gives the task's per-batch tensors (z0, strength, mask, concat, labels)."""
+        from ldmkit.io.images import tensor_to_pil
+
+        n = len(conditions)
+        negatives = None
+        if negative is not None and self.conditioning == "text":
+            negs = negative if isinstance(negative, (list, tuple)) else [negative]
+            negatives = [str(negs[i % len(negs)]) for i in range(n)]
+        results = []
+        for lo in range(0, n, s.batch_size):
+            idx = list(range(lo, min(lo + s.batch_size, n)))
+            seeds = [seed + i for i in idx]
+            inputs = batch_inputs(idx)
+            z = self.sample_latents(s, [conditions[i] for i in idx],
+                                    [negatives[i] for i in idx] if negatives else None, seeds,
+                                    desc=f"{task} {lo + 1}-{idx[-1] + 1}/{n}", **inputs)
+            images = self.decode(z, s)
+            for j, i in enumerate(idx):
+                meta = self.metadata(task, s, conditions[i], negatives[i] if negatives else None, seed + i,
+                                     **(meta_extra or {}))
+                results.append(Result(tensor_to_pil(images[j]), meta))
+        return results
+
+
+def load(path, device=None, dtype=None) -> Pipeline:
+    """Load a model folder (ours, diffusers' or an original single file) as a ready `Pipeline`.
+
+    device: None = CUDA when available, else CPU. dtype: None = float16 on CUDA, float32 on CPU.
+    """
+    from ldmkit.diffusion.schedules import schedule_from_dict
+    from ldmkit.io import load_model, resolve_model_path
+
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    p = resolve_model_path(path)
+    index, comps = load_model(p, device=device, dtype=dtype)
+    for name in ("autoencoder", "denoiser"):
+        if comps.get(name) is None:
+            raise FileNotFoundError(f"model {p} has no {name} component (expected {p / name}/)")
+    sched = index.get("schedule")
+    if not sched:
+        raise ValueError(f"{p}: model_index.json has no 'schedule'")
+    schedule = schedule_from_dict(sched)
+    objective = index.get("objective")
+    if objective and objective != "flow" and getattr(schedule, "prediction_type", objective) != objective:
+        schedule = dataclasses.replace(schedule, prediction_type=objective)
+    weights = denoiser_weights_file(p)
+    model_hash = file_sha256(weights)[:10] if weights is not None else None
+    conditioning = index.get("conditioning") or ("none" if comps.get("conditioner") is None else "text")
+    return Pipeline(comps["autoencoder"], comps["denoiser"], schedule, comps.get("conditioner"),
+                    conditioning=conditioning, concat=index.get("concat"), defaults=index.get("defaults"),
+                    latent_size=index.get("latent_size"), model_hash=model_hash, model_name=p.name)
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]

@@ -1,0 +1,26 @@
+"""Text-to-image (and class-to-image, and unconditional) generation: sample from noise, decode.
+
+    results = pipe.text2img("a red square", negative_prompt="blurry", num=4, seed=1,
+                            sampler="dpmpp_2m", steps=20, guidance=7.5, height=512, width=512)
+
+Image i of the call uses seed + i. `prompt` may be a list: images cycle through it
+(num images in all, at least one per prompt). Canvases larger than the training size are
+fine for the UNet (it is convolutional; the LDM paper samples 1024 px from a 256 px model
+this way) and for DiT (positions are interpolated onto the training grid, see
+ldmkit.denoisers.dit.pos_embed_2d); quality away from the training size is the model's.
+"""
+from __future__ import annotations
+
+from ldmkit.pipelines.base import Pipeline, Result
+
+
+def text2img(pipe: Pipeline, prompt=None, *, negative_prompt=None, class_label=None, num: int | None = None,
+             seed: int = 0, **settings) -> list[Result]:
+    pipe.require_task("text2img")
+    prompts = prompt if isinstance(prompt, (list, tuple)) else None
+    n = num if num is not None else (len(prompts) if prompts else 1)
+    if n < 1:
+        raise ValueError(f"num={n} must be >= 1")
+    s = pipe.settings(**settings)
+    conditions = pipe.conditions(prompt, class_label, n)
+    return pipe.generate("text2img", s, conditions, negative_prompt, int(seed), lambda idx: {})
