@@ -1,0 +1,235 @@
+"""Tiny random Stable Diffusion models for the interop tests, built locally (no downloads).
+
+`build_pipeline(style)` makes a diffusers StableDiffusionPipeline with random
+weights: "sd1" (conv projections, 8 heads, CLIP quick-gelu text encoder, eps)
+or "sd2" (linear projections, 64-wide heads, upcast attention, GELU text
+encoder standing for OpenCLIP's penultimate layer, v-prediction).
+
+`to_original_checkpoint(pipe, style)` writes the same weights in the original
+CompVis/LDM single-file layout. The layout is produced from the hand-written
+table below, which walks the modules in the order CompVis' `UNetModel`,
+`Encoder`/`Decoder` and OpenCLIP's `TextTransformer` create them; it is not
+derived from ldmkit's converter, and the tests check it against diffusers' own
+LDM->diffusers conversion functions.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# ----------------------------------------------------------------------------- tokenizer
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+MERGES = ["t h", "th e</w>", "a n", "o n</w>", "r e", "c a", "ca t</w>", "re d</w>", "s t", "o r"]
+
+
+def write_tokenizer_files(folder: Path) -> Path:
+    """A tiny CLIP BPE vocabulary: single letters (plain and word-final) plus a few merges."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tokens = ["!"] + list(LETTERS) + [c + "</w>" for c in LETTERS]
+    tokens += [m.replace(" ", "") for m in MERGES]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(MERGES) + "\n")
+    return folder
+
+
+def make_tokenizer(folder: Path, style: str):
+    from transformers import CLIPTokenizer
+
+    write_tokenizer_files(folder)
+    pad = "<|endoftext|>" if style == "sd1" else "!"  # SD 2.x (OpenCLIP) pads with "!"
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad,
+                         model_max_length=77)
+
+
+# ----------------------------------------------------------------------------- models
+def build_pipeline(style: str, scheduler: str = "ddim", seed: int = 0, workdir: Path | None = None):
+    from diffusers import (AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    sd2 = style == "sd2"
+    width = 128  # text width = cross-attention width; 2 heads of 64 (the rule for SD's CLIP and OpenCLIP)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(64, 64, 128) if sd2 else (32, 32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(1, 1, 2) if sd2 else 8, cross_attention_dim=width, norm_num_groups=32,
+        use_linear_projection=sd2, upcast_attention=sd2)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        latent_channels=4, norm_num_groups=32, sample_size=16, scaling_factor=0.18215)
+    tokenizer = make_tokenizer(Path(workdir or ".") / f"tok-{style}", style)
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu" if sd2 else "quick_gelu",
+        bos_token_id=0, eos_token_id=2, pad_token_id=1))
+    # randomise norms and biases too, so that a mis-mapped tensor cannot hide behind a default init
+    with torch.no_grad():
+        for module in (unet, vae, text):
+            for p in module.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    for m in (unet, vae, text):
+        m.eval()
+    sched_cfg = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                     prediction_type="v_prediction" if sd2 else "epsilon", steps_offset=1,
+                     timestep_spacing="leading")
+    if scheduler == "ddim":
+        sched = DDIMScheduler(**sched_cfg, clip_sample=False, set_alpha_to_one=False)
+    else:
+        sched = DPMSolverMultistepScheduler(**sched_cfg, algorithm_type="dpmsolver++", solver_order=2)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+# ----------------------------------------------------------------------------- the LDM layout table
+# ResBlock sub-layers: CompVis names (in_layers = [GroupNorm, SiLU, conv], emb_layers = [SiLU, Linear],
+# out_layers = [GroupNorm, SiLU, Dropout, conv], skip_connection) vs diffusers' ResnetBlock2D names.
+LDM_RESBLOCK = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def ldm_unet_table(cfg) -> list[tuple[str, str, bool]]:
+    """(diffusers prefix, LDM prefix, is_resblock) in the order CompVis' UNetModel builds its modules."""
+    n, per = len(cfg.block_out_channels), cfg.layers_per_block
+    rows = [("time_embedding.linear_1", "time_embed.0", False), ("time_embedding.linear_2", "time_embed.2", False),
+            ("conv_in", "input_blocks.0.0", False)]
+    block = 1
+    for level in range(n):
+        attn = cfg.down_block_types[level] == "CrossAttnDownBlock2D"
+        for r in range(per):
+            rows.append((f"down_blocks.{level}.resnets.{r}", f"input_blocks.{block}.0", True))
+            if attn:
+                rows.append((f"down_blocks.{level}.attentions.{r}", f"input_blocks.{block}.1", False))
+            block += 1
+        if level < n - 1:
+            rows.append((f"down_blocks.{level}.downsamplers.0.conv", f"input_blocks.{block}.0.op", False))
+            block += 1
+    rows += [("mid_block.resnets.0", "middle_block.0", True), ("mid_block.attentions.0", "middle_block.1", False),
+             ("mid_block.resnets.1", "middle_block.2", True)]
+    block = 0
+    for level in range(n):  # diffusers' up_blocks[0] is CompVis' deepest output level
+        attn = cfg.up_block_types[level] == "CrossAttnUpBlock2D"
+        for r in range(per + 1):
+            rows.append((f"up_blocks.{level}.resnets.{r}", f"output_blocks.{block}.0", True))
+            if attn:
+                rows.append((f"up_blocks.{level}.attentions.{r}", f"output_blocks.{block}.1", False))
+            if level < n - 1 and r == per:
+                rows.append((f"up_blocks.{level}.upsamplers.0.conv", f"output_blocks.{block}.{2 if attn else 1}.conv",
+                             False))
+            block += 1
+    rows += [("conv_norm_out", "out.0", False), ("conv_out", "out.2", False)]
+    return rows
+
+
+def ldm_vae_table(cfg) -> list[tuple[str, str, bool]]:
+    """(diffusers prefix, LDM prefix, is_attention) for CompVis' Encoder / Decoder."""
+    n, per = len(cfg.block_out_channels), cfg.layers_per_block
+    rows = []
+    for side in ("encoder", "decoder"):
+        rows += [(f"{side}.conv_in", f"{side}.conv_in", False), (f"{side}.conv_out", f"{side}.conv_out", False),
+                 (f"{side}.conv_norm_out", f"{side}.norm_out", False),
+                 (f"{side}.mid_block.resnets.0", f"{side}.mid.block_1", False),
+                 (f"{side}.mid_block.resnets.1", f"{side}.mid.block_2", False),
+                 (f"{side}.mid_block.attentions.0", f"{side}.mid.attn_1", True)]
+    for i in range(n):
+        for j in range(per):
+            rows.append((f"encoder.down_blocks.{i}.resnets.{j}", f"encoder.down.{i}.block.{j}", False))
+        if i < n - 1:
+            rows.append((f"encoder.down_blocks.{i}.downsamplers.0.conv", f"encoder.down.{i}.downsample.conv", False))
+        for j in range(per + 1):  # CompVis numbers decoder levels from the lowest resolution up
+            rows.append((f"decoder.up_blocks.{i}.resnets.{j}", f"decoder.up.{n - 1 - i}.block.{j}", False))
+        if i < n - 1:
+            rows.append((f"decoder.up_blocks.{i}.upsamplers.0.conv", f"decoder.up.{n - 1 - i}.upsample.conv", False))
+    rows += [("quant_conv", "quant_conv", False), ("post_quant_conv", "post_quant_conv", False)]
+    return rows
+
+
+LDM_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _rename(key: str, rows, sub) -> str:
+    for hf, ldm, flag in sorted(rows, key=lambda r: -len(r[0])):
+        if key.startswith(hf + "."):
+            rest = key[len(hf) + 1:]
+            return ldm + "." + sub(rest, flag)
+    raise KeyError(f"no LDM row for {key}")
+
+
+def _resblock_rest(rest: str, is_res: bool) -> str:
+    if is_res:
+        head, tail = rest.split(".", 1)
+        return LDM_RESBLOCK[head] + "." + tail
+    return rest
+
+
+def _vae_rest(rest: str, is_attn: bool) -> str:
+    if is_attn:
+        for hf, ldm in LDM_VAE_ATTENTION.items():
+            if rest.startswith(hf + "."):
+                return ldm + rest[len(hf):]
+    return rest.replace("conv_shortcut", "nin_shortcut")
+
+
+def to_original_checkpoint(pipe, style: str, extra_block_seed: int = 123) -> dict[str, torch.Tensor]:
+    """The pipeline's weights in the original single-file layout (+ the schedule buffers CompVis stores)."""
+    sd = {}
+    ucfg, vcfg = pipe.unet.config, pipe.vae.config
+    urows, vrows = ldm_unet_table(ucfg), ldm_vae_table(vcfg)
+    for k, v in pipe.unet.state_dict().items():
+        sd["model.diffusion_model." + _rename(k, urows, _resblock_rest)] = v.clone()
+    for k, v in pipe.vae.state_dict().items():
+        new = _rename(k, vrows, _vae_rest)
+        if ".mid.attn_1." in new and v.ndim == 2:
+            v = v[:, :, None, None]  # CompVis uses 1x1 convolutions for q, k, v, proj_out
+        sd["first_stage_model." + new] = v.clone()
+    # CLIPTextModel names without the `text_model.` level (transformers >= 5 drops it from state dicts)
+    text = {k.removeprefix("text_model."): v for k, v in pipe.text_encoder.state_dict().items()
+            if not k.endswith("position_ids")}
+    if style == "sd1":  # SD 1.x files hold the HF CLIPTextModel names under cond_stage_model.transformer.text_model.
+        for k, v in text.items():
+            sd["cond_stage_model.transformer.text_model." + k] = v.clone()
+        sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    else:
+        sd.update(_openclip_layout(text, pipe.text_encoder.config, extra_block_seed))
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    sd["betas"] = betas.float()
+    sd["alphas_cumprod"] = torch.cumprod(1 - betas, 0).float()
+    return sd
+
+
+def _openclip_layout(text: dict, cfg, seed: int) -> dict:
+    """OpenCLIP TextTransformer names; one more residual block than the CLIPTextModel (SD 2 drops it)."""
+    p, tm = "cond_stage_model.model.", ""
+    out = {p + "token_embedding.weight": text[tm + "embeddings.token_embedding.weight"],
+           p + "positional_embedding": text[tm + "embeddings.position_embedding.weight"],
+           p + "ln_final.weight": text[tm + "final_layer_norm.weight"],
+           p + "ln_final.bias": text[tm + "final_layer_norm.bias"]}
+    g = torch.Generator().manual_seed(seed)
+    d = cfg.hidden_size
+    for i in range(cfg.num_hidden_layers + 1):
+        src = f"{tm}encoder.layers.{i}."
+        dst = f"{p}transformer.resblocks.{i}."
+
+        def get(name, shape):
+            return text[src + name] if i < cfg.num_hidden_layers else torch.randn(shape, generator=g) * 0.02
+
+        for kind, shape in (("weight", (d, d)), ("bias", (d,))):
+            out[dst + f"attn.in_proj_{kind}"] = torch.cat(
+                [get(f"self_attn.{n}_proj.{kind}", shape) for n in ("q", "k", "v")], 0)
+            out[dst + f"attn.out_proj.{kind}"] = get(f"self_attn.out_proj.{kind}", shape)
+            out[dst + f"ln_1.{kind}"] = get(f"layer_norm1.{kind}", (d,))
+            out[dst + f"ln_2.{kind}"] = get(f"layer_norm2.{kind}", (d,))
+        ff = cfg.intermediate_size
+        out[dst + "mlp.c_fc.weight"] = get("mlp.fc1.weight", (ff, d))
+        out[dst + "mlp.c_fc.bias"] = get("mlp.fc1.bias", (ff,))
+        out[dst + "mlp.c_proj.weight"] = get("mlp.fc2.weight", (d, ff))
+        out[dst + "mlp.c_proj.bias"] = get("mlp.fc2.bias", (d,))
+    out[p + "text_projection"] = torch.randn(d, d, generator=g)
+    out[p + "logit_scale"] = torch.tensor(4.6052)
+    return {k: v.clone() for k, v in out.items()}
