@@ -1,0 +1,285 @@
+"""Noise schedules: how much signal and noise each training timestep holds.
+
+Two families:
+
+* ``DiscreteSchedule`` -- the DDPM family (linear, scaled-linear as Stable
+  Diffusion uses, cosine of Nichol & Dhariwal). A table of ``T`` betas; the
+  forward process is ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``.
+  The k-diffusion view of the same process is ``x0 + sigma eps`` with
+  ``sigma = sqrt((1 - abar) / abar)``; samplers of the Euler family work with
+  that sigma, and it is the "noise level" the samplers report.
+* ``FlowSchedule`` -- rectified flow (SD3): ``x_s = (1 - s) x0 + s eps`` for
+  continuous ``s`` in [0, 1]; the network sees ``s * T``. ``shift`` moves
+  sampling time towards the noisy end (``shift * s / (1 + (shift - 1) s)``).
+
+Tables are float64. The numbers follow diffusers' schedulers (its
+``beta_schedule`` names are accepted) so that SD-format weights see the noise
+levels they were trained with.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+
+import torch
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
+SPACINGS = ("leading", "trailing", "linspace")
+DISCRETE_PREDICTIONS = ("eps", "v", "x0")
+_ALIASES = {"squaredcos_cap_v2": "cosine", "epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+
+
+def _check_choice(what: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(map(repr, allowed))}")
+
+
+def cosine_betas(num_train_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """Nichol & Dhariwal (2021): abar(t) = cos^2(((t/T + s)/(1 + s)) pi/2), betas clipped at max_beta."""
+
+    def abar(u: float) -> float:
+        return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+
+    T = num_train_timesteps
+    return torch.tensor([min(1 - abar((i + 1) / T) / abar(i / T), max_beta) for i in range(T)], dtype=torch.float64)
+
+
+def rescale_to_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023, Alg. 1: shift/scale sqrt(abar) so the last step is pure noise, the first unchanged."""
+    sqrt_abar = torch.cumprod(1 - betas, 0).sqrt()
+    first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
+    sqrt_abar = (sqrt_abar - last) * first / (first - last)
+    abar = sqrt_abar**2
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    return 1 - alphas
+
+
+def spaced_timesteps(T: int, steps: int, spacing: str, steps_offset: int = 0, *, rounded: bool = True,
+                     drop_zero: bool = False) -> torch.Tensor:
+    """Descending sampling timesteps, as diffusers' ``timestep_spacing`` (Lin et al. 2023, Table 2).
+
+    ``leading``: multiples of T//steps from 0 (+ steps_offset); ``trailing``: from T-1 down in steps of
+    T/steps; ``linspace``: evenly from T-1 to 0 (rounded unless ``rounded=False``, as Euler-family
+    schedulers keep fractional timesteps). ``drop_zero`` builds a grid of steps+1 points and drops the
+    cleanest one (DPM-Solver: the last step then lands on sigma 0 instead of visiting t=0).
+    """
+    check_steps(steps, T)
+    _check_choice("timestep spacing", spacing, SPACINGS)
+    n = steps + 1 if drop_zero else steps
+    if spacing == "linspace":
+        ts = torch.linspace(0, T - 1, n, dtype=torch.float64)
+        if rounded:
+            ts = ts.round()
+        ts = ts.flip(0)
+    elif spacing == "leading":
+        ratio = T // n
+        ts = (torch.arange(n, dtype=torch.float64) * ratio).flip(0) + steps_offset
+    else:  # trailing
+        ratio = T / steps
+        ts = torch.round(torch.arange(float(T), 0, -ratio, dtype=torch.float64)) - 1
+        return ts[:steps]
+    return ts[:steps] if drop_zero else ts
+
+
+def check_steps(steps, T: int) -> None:
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= T:
+        raise ValueError(f"steps={steps!r} must be an integer in [1, {T}] (the schedule's num_train_timesteps)")
+
+
+@dataclass(frozen=True)
+class DiscreteSchedule:
+    beta_schedule: str = "linear"
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction_type: str = "eps"
+    rescale_zero_terminal_snr: bool = False
+    timestep_spacing: str = "leading"
+    steps_offset: int = 0
+    kind: str = field(default="discrete", init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "beta_schedule", _ALIASES.get(self.beta_schedule, self.beta_schedule))
+        object.__setattr__(self, "prediction_type", _ALIASES.get(self.prediction_type, self.prediction_type))
+        _check_choice("beta schedule", self.beta_schedule, BETA_SCHEDULES)
+        _check_choice("prediction type", self.prediction_type, DISCRETE_PREDICTIONS)
+        _check_choice("timestep spacing", self.timestep_spacing, SPACINGS)
+        if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps={self.num_train_timesteps!r} must be an integer >= 2")
+        if not 0 < self.beta_start <= self.beta_end < 1:
+            raise ValueError(f"beta_start={self.beta_start}, beta_end={self.beta_end}: need 0 < start <= end < 1")
+        if not 0 <= self.steps_offset < self.num_train_timesteps:
+            raise ValueError(f"steps_offset={self.steps_offset} must be in [0, {self.num_train_timesteps})")
+
+    # ---- tables (float64, computed once) ----
+    @cached_property
+    def betas(self) -> torch.Tensor:
+        T = self.num_train_timesteps
+        if self.beta_schedule == "linear":
+            b = torch.linspace(self.beta_start, self.beta_end, T, dtype=torch.float64)
+        elif self.beta_schedule == "scaled_linear":
+            b = torch.linspace(self.beta_start**0.5, self.beta_end**0.5, T, dtype=torch.float64) ** 2
+        else:
+            b = cosine_betas(T)
+        return rescale_to_zero_terminal_snr(b) if self.rescale_zero_terminal_snr else b
+
+    @cached_property
+    def alphas(self) -> torch.Tensor:
+        return 1 - self.betas
+
+    @cached_property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return torch.cumprod(self.alphas, 0)
+
+    @cached_property
+    def sigmas(self) -> torch.Tensor:
+        """k-diffusion noise level per timestep; the last one is inf under zero terminal SNR."""
+        return _sigma_of_abar(self.alphas_cumprod)
+
+    @cached_property
+    def log_snr(self) -> torch.Tensor:
+        abar = self.alphas_cumprod
+        return torch.log(abar) - torch.log1p(-abar)
+
+    @cached_property
+    def _finite_log_sigmas(self) -> torch.Tensor:
+        # zero terminal SNR: diffusers clamps abar[-1] to 2**-24 so the first sigma stays finite
+        abar = self.alphas_cumprod.clone()
+        if self.rescale_zero_terminal_snr:
+            abar[-1] = 2.0**-24
+        return _sigma_of_abar(abar).log()
+
+    # ---- conversions ----
+    def sigma_at(self, t) -> torch.Tensor:
+        """Timestep (may be fractional) -> sigma, interpolating linearly in sigma as diffusers does."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        _check_range("timestep t", t, 0, self.num_train_timesteps - 1)
+        sig = self._finite_log_sigmas.exp()
+        lo = t.floor().long().clamp(max=self.num_train_timesteps - 2)
+        w = t - lo
+        return (1 - w) * sig[lo] + w * sig[lo + 1]
+
+    def t_at(self, sigma) -> torch.Tensor:
+        """Sigma -> fractional timestep, interpolating in log-sigma (diffusers' / k-diffusion's sigma_to_t)."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        log_sigmas = self._finite_log_sigmas
+        log_sigma = sigma.clamp(min=1e-10).log()
+        dists = log_sigma - log_sigmas.reshape(-1, *([1] * log_sigma.dim()))
+        lo = (dists >= 0).cumsum(0).argmax(0).clamp(max=len(log_sigmas) - 2)
+        low, high = log_sigmas[lo], log_sigmas[lo + 1]
+        w = ((low - log_sigma) / (low - high)).clamp(0, 1)
+        return (1 - w) * lo + w * (lo + 1)
+
+    def alpha_sigma(self, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(abar_t), sqrt(1 - abar_t)) at integer or fractional t (fractional via sigma_at)."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if torch.all(t == t.round()):
+            _check_range("timestep t", t, 0, self.num_train_timesteps - 1)
+            abar = self.alphas_cumprod[t.long()]
+            return abar.sqrt(), (1 - abar).sqrt()
+        return vp_of_sigma(self.sigma_at(t))
+
+    def model_timestep(self, t) -> torch.Tensor:
+        return torch.as_tensor(t, dtype=torch.float64)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["kind"] = "discrete"
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DiscreteSchedule":
+        d = dict(d)
+        kind = d.pop("kind", "discrete")
+        if kind != "discrete":
+            raise ValueError(f"schedule kind {kind!r} is not 'discrete'")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    num_train_timesteps: int = 1000
+    shift: float = 1.0
+    prediction_type: str = "flow"
+    kind: str = field(default="flow", init=False)
+
+    def __post_init__(self):
+        _check_choice("prediction type", self.prediction_type, ("flow",))
+        if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps={self.num_train_timesteps!r} must be an integer >= 2")
+        if not self.shift > 0:
+            raise ValueError(f"shift={self.shift} must be > 0")
+
+    def shift_sigma(self, s) -> torch.Tensor:
+        s = torch.as_tensor(s, dtype=torch.float64)
+        return self.shift * s / (1 + (self.shift - 1) * s)
+
+    def alpha_sigma(self, s) -> tuple[torch.Tensor, torch.Tensor]:
+        s = torch.as_tensor(s, dtype=torch.float64)
+        _check_range("flow time s", s, 0, 1)
+        return 1 - s, s
+
+    def model_timestep(self, s) -> torch.Tensor:
+        return torch.as_tensor(s, dtype=torch.float64) * self.num_train_timesteps
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["kind"] = "flow"
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FlowSchedule":
+        d = dict(d)
+        kind = d.pop("kind", "flow")
+        if kind != "flow":
+            raise ValueError(f"schedule kind {kind!r} is not 'flow'")
+        return cls(**d)
+
+
+Schedule = DiscreteSchedule | FlowSchedule
+
+
+def _sigma_of_abar(abar: torch.Tensor) -> torch.Tensor:
+    return ((1 - abar) / abar).sqrt()
+
+
+def vp_of_sigma(sigma) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-sigma -> (alpha, sigma_vp) with alpha = 1/sqrt(1+sigma^2), sigma_vp = sigma * alpha."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    alpha = 1 / (sigma**2 + 1).sqrt()
+    return alpha, sigma * alpha
+
+
+def _check_range(what: str, x: torch.Tensor, lo: float, hi: float) -> None:
+    if x.numel() and (x.min() < lo or x.max() > hi):
+        bad = x.min().item() if x.min() < lo else x.max().item()
+        raise ValueError(f"{what}={bad} is outside the allowed range [{lo}, {hi}]")
+
+
+SCHEDULES = ("linear", "scaled_linear", "cosine", "squaredcos_cap_v2", "flow")
+
+PRESETS: dict[str, dict] = {
+    "ddpm": dict(name="linear"),
+    "sd15": dict(name="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1),
+    "sd21v": dict(name="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, prediction_type="v"),
+    "sd3": dict(name="flow", shift=3.0),
+}
+
+
+def make_schedule(name: str, **kw) -> Schedule:
+    """Build a schedule by name ("linear", "scaled_linear", "cosine", "flow") or preset ("sd15", ...)."""
+    if name in PRESETS:
+        preset = dict(PRESETS[name])
+        return make_schedule(preset.pop("name"), **{**preset, **kw})
+    _check_choice("schedule", name, SCHEDULES + tuple(PRESETS))
+    if name == "flow":
+        return FlowSchedule(**kw)
+    return DiscreteSchedule(beta_schedule=name, **kw)
+
+
+def schedule_from_dict(d: dict) -> Schedule:
+    kind = d.get("kind", "discrete")
+    _check_choice("schedule kind", kind, ("discrete", "flow"))
+    return (FlowSchedule if kind == "flow" else DiscreteSchedule).from_dict(d)
