@@ -31,8 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 
 COMPONENT_TYPE = "feature_classifier"
-FASHION_MNIST_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat",
-                         "sandal", "shirt", "sneaker", "bag", "ankle boot")
 DATASETS = ("fashion-mnist", "shapes")
 
 
@@ -56,8 +54,10 @@ class FeatureClassifierConfig:
 
 
 PRESETS: dict[str, FeatureClassifierConfig] = {
-    "fashion-mnist": FeatureClassifierConfig(in_channels=1, image_size=32, num_classes=10),
-    "shapes": FeatureClassifierConfig(in_channels=3, image_size=32, num_classes=12),
+    "fashion-mnist": FeatureClassifierConfig(in_channels=1, image_size=32, num_classes=10, widths=(16, 32, 64),
+                                             feature_dim=64),
+    "shapes": FeatureClassifierConfig(in_channels=3, image_size=32, num_classes=12, widths=(16, 32, 64),
+                                      feature_dim=64),
     "tiny": FeatureClassifierConfig(in_channels=1, image_size=16, num_classes=4, widths=(8, 16), feature_dim=16),
 }
 
@@ -132,7 +132,9 @@ def labelled_dataset(name: str, split: str = "train", image_size: int = 32, limi
 
 def class_names(name: str) -> list[str]:
     if name == "fashion-mnist":
-        return list(FASHION_MNIST_CLASSES)
+        from ldmkit.data.fashion_mnist import CLASSES
+
+        return list(CLASSES)
     if name == "shapes":
         from ldmkit.data import shapes
 
