@@ -141,10 +141,22 @@ def _dit(cfg: dict, folder: Path):
     return DiT(config_from_dict(DiTConfig, cfg))
 
 
+def _conditioner(kind: str) -> Callable[[dict, Path], torch.nn.Module]:
+    def build(cfg: dict, folder: Path):
+        from ldmkit import conditioning as c
+
+        classes = {"text-transformer": c.TransformerTextEncoder, "text-bert": c.BertTextEncoder,
+                   "text-clip": c.CLIPTextEncoder, "class": c.ClassConditioner, "spatial": c.SpatialConditioner}
+        return classes[kind].from_component(cfg, folder)
+
+    return build
+
+
 COMPONENT_TYPES: dict[str, Callable[[dict, Path], torch.nn.Module]] = {
     "autoencoder": _autoencoder,
     "unet": _unet,
     "dit": _dit,
+    **{k: _conditioner(k) for k in ("text-transformer", "text-bert", "text-clip", "class", "spatial")},
 }
 
 

@@ -93,8 +93,10 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, activation=ff_activation, dropout=dropout)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
+                context_mask: torch.Tensor | None = None, self_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``context_mask`` [B, L] masks cross-attention keys, ``self_mask`` [B, N] self-attention keys
+        (True = attend); the UNet uses neither for self-attention, the text encoder masks padding."""
+        x = x + self.attn1(self.norm1(x), mask=self_mask)
         if self.attn2 is not None:
             x = x + self.attn2(self.norm2(x), context=context, mask=context_mask)
         return x + self.ff(self.norm3(x))

