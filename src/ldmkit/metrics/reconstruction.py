@@ -1,8 +1,10 @@
 """Reconstruction metrics: PSNR, SSIM (Wang et al. 2004) and LPIPS, per image, in torch.
 
 All functions take two image batches [B, C, H, W] on the same scale and return
-one value per image ([B]). Library images are in [-1, 1], hence the default
-`data_range=2.0`; pass `data_range=1.0` for [0, 1] or 255 for uint8 values.
+one value per image ([B]). PSNR and SSIM expect [0, 1] images by default
+(`data_range=1.0`; 255 for uint8 values): SSIM is scale- but not
+offset-invariant, so library images in [-1, 1] are mapped with `to_unit`
+first, which is what `ldm eval-autoencoder` reports. LPIPS takes [-1, 1].
 
 SSIM follows Wang et al.: an 11x11 Gaussian window with sigma 1.5,
 K1 = 0.01, K2 = 0.03, population (not sample) covariances, the map averaged
@@ -19,12 +21,17 @@ import torch
 import torch.nn.functional as F
 
 
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] library images -> [0, 1], clamped."""
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
 def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
     if x.shape != y.shape or x.ndim != 4:
         raise ValueError(f"expected two [B, C, H, W] batches of equal shape, got {tuple(x.shape)} and {tuple(y.shape)}")
 
 
-def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """Peak signal-to-noise ratio in dB per image: 10 log10(range^2 / MSE)."""
     _check_pair(x, y)
     mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
@@ -37,7 +44,7 @@ def _gaussian_window(size: int, sigma: float, device, dtype) -> torch.Tensor:
     return g / g.sum()
 
 
-def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, window_size: int = 11,
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, window_size: int = 11,
          sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
     """Mean structural similarity per image (see module docstring)."""
     _check_pair(x, y)
