@@ -87,7 +87,7 @@ def read_diffusers(path, variant: str | None = None) -> DiffusersParts:
             raise FileNotFoundError(f"{root} is not a complete diffusers Stable Diffusion folder: {sub}/ is missing")
     index = read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
     pipeline = index.get("_class_name", "StableDiffusionPipeline")
-    if pipeline not in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"):
+    if pipeline not in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"):
         raise ValueError(f"{root}: pipeline {pipeline!r} is not supported; ldmkit reads StableDiffusionPipeline "
                          "folders (SD 1.x / 2.x text-to-image)")
     sched_file = root / "scheduler" / "scheduler_config.json"
@@ -280,3 +280,204 @@ def schedule_to_diffusers(schedule: dict, sampler: str = "ddim", options: dict |
     if cls == "DPMSolverMultistepScheduler":
         out.update(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=sampler == "dpmpp_2m_karras")
     return out
+
+
+# ----------------------------------------------------------------------------- text encoder
+def _text_state(state: dict) -> dict:
+    """CLIPTextModel tensors without the `text_model.` level (older files have it) and without position_ids."""
+    return {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
+
+
+def _tokenizer(parts: DiffusersParts, max_positions: int):
+    from transformers import CLIPTokenizer
+
+    if parts.tokenizer is None:
+        raise ValueError("this model needs a CLIP tokenizer, which original single-file checkpoints do not "
+                         "contain: pass tokenizer=FOLDER (CLI: --tokenizer FOLDER), a folder with vocab.json and "
+                         "merges.txt such as the tokenizer/ folder of a diffusers Stable Diffusion model")
+    folder = Path(parts.tokenizer)
+    if (folder / "tokenizer").is_dir():
+        folder = folder / "tokenizer"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"tokenizer folder {folder} does not exist")
+    if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
+        tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                            pad_token="<|endoftext|>" if parts.pad_with_eos else "!", model_max_length=max_positions)
+    else:
+        raise FileNotFoundError(f"{folder} holds no CLIP tokenizer (vocab.json + merges.txt, or tokenizer.json)")
+    return tok
+
+
+def build_text_conditioner(parts: DiffusersParts, max_length: int | None = None, clip_skip: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldmkit.conditioning.text import CLIPTextEncoder, PretrainedTextConfig
+
+    cfg = {k: v for k, v in parts.text_config.items()
+           if k not in ("_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype")}
+    model_type = cfg.pop("model_type", "clip_text_model")
+    if model_type not in ("clip_text_model", "clip"):
+        raise ValueError(f"text encoder model_type {model_type!r} is not a CLIP text model")
+    hf = CLIPTextConfig.from_dict(cfg)
+    model = CLIPTextModel(hf)
+    state = _text_state(parts.text_state)
+    own = model.state_dict()
+    for k in own:
+        if k.endswith("position_ids") and k not in state:
+            state[k] = own[k]
+    _load_checked(model, state, "text encoder")
+    tok = _tokenizer(parts, hf.max_position_embeddings)
+    length = max_length or min(int(tok.model_max_length), hf.max_position_embeddings)
+    hf_dict = hf.to_dict()
+    for k in ("_name_or_path", "transformers_version", "architectures", "torch_dtype", "dtype"):
+        hf_dict.pop(k, None)
+    return CLIPTextEncoder(PretrainedTextConfig(hf_dict, length, clip_skip, False), model, tok)
+
+
+# ----------------------------------------------------------------------------- building our model
+def _load_checked(module: torch.nn.Module, state: dict, what: str) -> None:
+    from ldmkit.io.format import check_state_dict
+
+    check_state_dict(module, state, what)  # names missing/unexpected keys and shape mismatches
+    module.load_state_dict(state, strict=True)
+    module.eval()
+
+
+def parts_to_model(parts: DiffusersParts, device=None, dtype: torch.dtype | None = None,
+                   upcast_vae: bool | None = None, max_length: int | None = None, clip_skip: int = 0,
+                   verbose: bool = False):
+    """Build ldmkit modules from `DiffusersParts` -> (index, {"autoencoder", "denoiser", "conditioner"}).
+
+    dtype: the dtype of the denoiser and text encoder (None keeps float32). With float16 the autoencoder
+    stays float32 when `upcast_vae` (default: the VAE config's `force_upcast`, True for SD's VAE), since
+    SD's VAE overflows in float16 (black/NaN images).
+    """
+    from dataclasses import fields as dc_fields
+
+    from ldmkit.autoencoder.model import Autoencoder, AutoencoderConfig
+    from ldmkit.denoisers.unet import UNet, UNetConfig
+    from ldmkit.io.format import config_from_dict
+
+    ucfg = unet_config_from_diffusers(parts.unet_config)
+    missing = {f.name for f in dc_fields(UNetConfig)} - set(ucfg)
+    if missing:  # a field added to UNetConfig must get a diffusers default above
+        raise RuntimeError(f"UNetConfig fields without a diffusers counterpart: {sorted(missing)}")
+    in_ch = ucfg["in_channels"]
+    latent = int(parts.vae_config.get("latent_channels", 4))
+    concat = {latent: None, 2 * latent + 1: "inpaint"}.get(in_ch, "unsupported")
+    if concat == "unsupported":
+        raise ValueError(f"UNet with {in_ch} input channels for {latent}-channel latents is not a text-to-image "
+                         f"({latent}) or inpainting ({2 * latent + 1}) Stable Diffusion model")
+    unet = UNet(UNetConfig.from_dict(ucfg))
+    _load_checked(unet, dict(parts.unet_state), "UNet (denoiser)")
+    ae = Autoencoder(config_from_dict(AutoencoderConfig, autoencoder_config_from_diffusers(parts.vae_config)))
+    _load_checked(ae, dict(parts.vae_state), "VAE (autoencoder)")
+    text = build_text_conditioner(parts, max_length=max_length, clip_skip=clip_skip)
+
+    schedule, sampler, notes = schedule_from_diffusers(parts.scheduler_config)
+    upcast = bool(parts.vae_config.get("force_upcast", True)) if upcast_vae is None else bool(upcast_vae)
+    if dtype is not None:
+        unet.to(dtype=dtype)
+        text.to(dtype=dtype)
+        if not (upcast and dtype == torch.float16):
+            ae.to(dtype=dtype)
+    if device is not None:
+        for m in (unet, ae, text):
+            m.to(device=device)
+    size = int(ucfg["sample_size"])
+    index = {
+        "format": "ldmkit", "format_version": 1,
+        "schedule": schedule, "objective": schedule["prediction_type"], "conditioning": "text", "concat": concat,
+        "latent_size": [size, size],
+        "defaults": {**sampler, "steps": 50, "guidance": 7.5, "upcast_vae": upcast},
+        "components": ["autoencoder", "conditioner", "denoiser"],
+    }
+    for note in parts.notes + notes:
+        if verbose:
+            print(note)
+    index["notes"] = list(parts.notes) + notes
+    return index, {"autoencoder": ae, "denoiser": unet, "conditioner": text}
+
+
+def load_diffusers(path, device=None, dtype: torch.dtype | None = None, variant: str | None = None, **opts):
+    """Load a diffusers Stable Diffusion folder as an ldmkit model (see `ldmkit.io.load_model`).
+
+    Options: variant ("fp16" reads `*.fp16.safetensors`), upcast_vae, max_length, clip_skip.
+    """
+    root = Path(path)
+    parts = read_diffusers(root, variant=variant)
+    index_file = root / "model_index.json"
+    extra = read_json(index_file).get("_ldmkit") if index_file.is_file() else None
+    extra = extra if isinstance(extra, dict) else {}
+    cond = extra.get("conditioner") or {}
+    opts.setdefault("max_length", cond.get("max_length"))
+    opts.setdefault("clip_skip", int(cond.get("clip_skip", 0)))
+    index, comps = parts_to_model(parts, device=device, dtype=dtype, **opts)
+    # written by save_diffusers: our settings that diffusers' files have no place for
+    index["defaults"].update(extra.get("defaults", {}))
+    if extra.get("latent_size"):
+        index["latent_size"] = list(extra["latent_size"])
+    return index, comps
+
+
+# ----------------------------------------------------------------------------- writing a diffusers folder
+def save_diffusers(folder, index: dict, components: dict) -> Path:
+    """Write an ldmkit Stable Diffusion model as a diffusers StableDiffusionPipeline folder.
+
+    Weights keep their names (UNet and VAE names are diffusers' names; the text encoder gets the
+    classic `text_model.` layout that every transformers version reads). model_index.json is written
+    last, so a folder with an index is complete; it carries our sampling defaults under "_ldmkit",
+    which diffusers ignores.
+    """
+    from ldmkit.autoencoder.model import Autoencoder
+    from ldmkit.conditioning.text import CLIPTextEncoder
+    from ldmkit.denoisers.unet import UNet
+    from ldmkit.io.format import config_to_dict
+
+    unet, ae, text = components.get("denoiser"), components.get("autoencoder"), components.get("conditioner")
+    if not isinstance(unet, UNet) or not isinstance(ae, Autoencoder) or not isinstance(text, CLIPTextEncoder):
+        kinds = {k: type(v).__name__ for k, v in components.items()}
+        raise ValueError(f"only Stable-Diffusion-shaped models (UNet denoiser, KL autoencoder, CLIP text "
+                         f"conditioner) can be written as a diffusers folder; this model has {kinds}")
+    if index.get("concat") not in (None, "inpaint"):
+        raise ValueError(f"models with concat={index.get('concat')!r} have no StableDiffusionPipeline layout")
+    schedule = index.get("schedule") or {}
+    if schedule.get("kind", "discrete") != "discrete":
+        raise ValueError("flow-matching schedules have no StableDiffusionPipeline scheduler")
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    defaults = dict(index.get("defaults") or {})
+
+    def weights(module, sub, stem, rename=lambda k: k):
+        state = {rename(k): v.detach().to("cpu") for k, v in module.state_dict().items()
+                 if not k.endswith("position_ids")}
+        save_tensors(root / sub / f"{stem}.safetensors", state, metadata={"format": "pt"})
+
+    write_json(root / "unet" / "config.json", unet_config_to_diffusers(config_to_dict(unet.config)))
+    weights(unet, "unet", UNET_WEIGHTS)
+    write_json(root / "vae" / "config.json",
+               autoencoder_config_to_diffusers(config_to_dict(ae.config), bool(defaults.get("upcast_vae", True))))
+    weights(ae, "vae", UNET_WEIGHTS)
+    hf = dict(text.config.hf_config)
+    hf.update(architectures=["CLIPTextModel"], model_type="clip_text_model")
+    write_json(root / "text_encoder" / "config.json", hf)
+    weights(text.model, "text_encoder", TEXT_WEIGHTS, rename=lambda k: "text_model." + k.removeprefix("text_model."))
+    tok_dir = root / "tokenizer"
+    if tok_dir.exists():
+        shutil.rmtree(tok_dir)
+    text.tokenizer.save_pretrained(str(tok_dir))
+    sched = schedule_to_diffusers(schedule, defaults.get("sampler", "ddim"), defaults.get("sampler_options"))
+    write_json(root / "scheduler" / "scheduler_config.json", sched)
+    write_json(root / "model_index.json", {
+        "_class_name": "StableDiffusionInpaintPipeline" if index.get("concat") == "inpaint" else "StableDiffusionPipeline",
+        "_diffusers_version": "0.30.0",
+        "_ldmkit": {"defaults": defaults, "latent_size": index.get("latent_size"),
+                    "conditioner": {"max_length": text.config.max_length, "clip_skip": text.config.clip_skip}},
+        "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
+        "scheduler": ["diffusers", sched["_class_name"]], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    })
+    return root
