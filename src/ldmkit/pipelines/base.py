@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -304,22 +303,8 @@ class Pipeline:
         if class_label is not None:
             raise ValueError("this model is text-conditional; pass a prompt, not a class")
         prompts = prompt if isinstance(prompt, (list, tuple)) else [prompt or ""]
-        prompts = [str(p) for p in prompts]
-        self._warn_long_prompts(prompts)
+        prompts = [str(p) for p in prompts]  # the text conditioner truncates long ones with a warning
         return [prompts[i % len(prompts)] for i in range(count)]
-
-    def _warn_long_prompts(self, prompts: list[str]) -> None:
-        """Prompts beyond the text encoder's length are truncated by it; say so once per prompt."""
-        limit = getattr(self.conditioner, "max_length", None)
-        count = getattr(self.conditioner, "num_tokens", None) or getattr(self.conditioner, "count_tokens", None)
-        if not limit or not callable(count):
-            return
-        for p in dict.fromkeys(prompts):
-            n = int(count(p))
-            if n > limit:
-                short = p if len(p) <= 40 else p[:37] + "..."
-                warnings.warn(f"prompt {short!r} has {n} tokens; the text encoder reads {limit}, the rest is "
-                              "truncated", UserWarning, stacklevel=3)
 
     def _encode(self, conditions: list, negatives: list | None):
         """(cond, uncond) for a batch; uncond is the negative prompt's encoding or the null condition."""
@@ -359,6 +344,8 @@ class Pipeline:
                 if spatial is not None:
                     xi = torch.cat([xi, spatial[lo:hi].to(xi.dtype)], dim=1)
                 c = _slice_cond(cond, lo, hi, B)
+                if getattr(c, "concat", None) is not None:  # spatial channels a conditioner supplies
+                    xi = torch.cat([xi, c.concat.to(xi.dtype)], dim=1)
                 kw = {}
                 if c is not None:
                     ctx = getattr(c, "context", None)

@@ -79,13 +79,16 @@ def decode_tiled(autoencoder, z: torch.Tensor, tile_size: int = DEFAULT_TILE_SIZ
 
 @torch.no_grad()
 def decode(autoencoder, z: torch.Tensor, batch_size: int | None = None,
-           tile_size: int | None = None, overlap: int = DEFAULT_TILE_OVERLAP) -> torch.Tensor:
+           tile_size: int | None = None, overlap: int | None = None) -> torch.Tensor:
     """Decode latents with batch slicing (`batch_size` latents at a time; None = all) and
-    tiling when the latent is larger than `tile_size` (None = DEFAULT_TILE_SIZE, 0 = never tile)."""
+    tiling when the latent is larger than `tile_size` (None = DEFAULT_TILE_SIZE, 0 = never tile),
+    tiles overlapping by `overlap` latents (None = min(DEFAULT_TILE_OVERLAP, tile_size // 4))."""
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"decode batch_size={batch_size} must be >= 1")
     tile = DEFAULT_TILE_SIZE if tile_size is None else int(tile_size)
     use_tiles = tile > 0 and max(z.shape[-2:]) > tile
+    if overlap is None:
+        overlap = min(DEFAULT_TILE_OVERLAP, tile // 4)
     step = batch_size or z.shape[0]
     parts = []
     for i in range(0, z.shape[0], step):
