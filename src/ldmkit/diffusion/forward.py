@@ -21,11 +21,11 @@ PREDICTIONS = ("eps", "v", "x0", "flow")
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Scalar or [B] coefficients -> shape [B, 1, 1, ...] in like's dtype/device."""
+    """Scalar, [1] or [B] coefficients -> shape [B or 1, 1, 1, ...] in like's dtype/device."""
     v = torch.as_tensor(v).to(device=like.device, dtype=like.dtype)
     if v.dim() == 0:
         return v
-    if v.dim() != 1 or v.shape[0] != like.shape[0]:
+    if v.dim() != 1 or v.shape[0] not in (1, like.shape[0]):
         raise ValueError(f"per-sample coefficients of shape {tuple(v.shape)} do not match batch {like.shape[0]}")
     return v.reshape(-1, *([1] * (like.dim() - 1)))
 
