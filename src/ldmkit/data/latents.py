@@ -1,0 +1,252 @@
+"""Latent cache: encode a data set once through a frozen autoencoder, train stage 2 on it.
+
+Layout of a cache folder::
+
+    CACHE/
+      index.json                  written last: its presence marks a complete cache
+      shard-00000.safetensors     {"mean": [n, c, h, w], "std": [n, c, h, w]}
+      shard-00000.json            {"captions": [...] | null, "labels": [...] | null}
+      shard-00001.safetensors ...
+
+The stored ``mean`` and ``std`` are the posterior's moments **already in
+diffusion space**: ``mean = (mean_ae - shift_factor) * scaling_factor`` and
+``std = std_ae * scaling_factor``, so ``z = mean + std * eps`` has exactly the
+distribution of ``autoencoder.encode_latents(x)`` and the trainer applies no
+further scaling. The factors used are recorded in ``index.json``
+(``"scaled": true``, ``scaling_factor``, ``shift_factor``) together with the
+autoencoder's config and a SHA-256 of its weights, so a trainer can check that
+it decodes with the same autoencoder. For a VQ autoencoder ``std`` is 0.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ldmkit.io.format import atomic_write, write_json
+
+FORMAT = "ldmkit-latents"
+FORMAT_VERSION = 1
+INDEX_FILE = "index.json"
+_SHARD_RE = re.compile(r"^shard-\d{5}\.(safetensors|json)$")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _split_item(item) -> tuple[torch.Tensor, str | None, int | None]:
+    """A data set item -> (image [C, H, W], caption or None, label or None)."""
+    if isinstance(item, dict):
+        if "image" not in item:
+            raise ValueError(f"data set items need an 'image' entry; got keys {sorted(item)}")
+        label = item.get("label")
+        return item["image"], item.get("caption"), None if label is None else int(label)
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        return item[0], None, int(item[1])
+    if isinstance(item, torch.Tensor):
+        return item, None, None
+    raise ValueError(f"data set item of type {type(item).__name__}: expected a dict with 'image' "
+                     "(+ 'caption', 'label'), an (image, label) pair or an image tensor")
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """SHA-256 over the module's state dict (names, dtypes, shapes and bytes, in name order)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _config_dict(autoencoder) -> dict | None:
+    cfg = getattr(autoencoder, "config", None)
+    if cfg is not None and dataclasses.is_dataclass(cfg):
+        return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    return None
+
+
+@torch.no_grad()
+def encode_dataset(autoencoder: torch.nn.Module, dataset, out: str | Path, batch_size: int = 64,
+                   shard_size: int = 4096, device: str | torch.device | None = None,
+                   dtype: str = "float32", class_names: list[str] | None = None,
+                   source: dict | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+    """Encode every item of ``dataset`` with the frozen ``autoencoder`` into a cache at ``out``.
+
+    ``dataset[i]`` may be a dict with "image" ([C, H, W] in [-1, 1]) and optional
+    "caption" / "label", an ``(image, label)`` pair or an image tensor.
+    ``shard_size`` items go in each safetensors shard; ``dtype`` ("float32", "float16",
+    "bfloat16") is the storage type. ``source`` is free-form provenance stored in the
+    index (e.g. ``{"dataset": "shapes", "split": "train", "seed": 0}``). Returns ``out``.
+    """
+    out = Path(out)
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size} must be >= 1")
+    if shard_size < 1:
+        raise ValueError(f"shard_size {shard_size} must be >= 1")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("the data set is empty; nothing to cache")
+    if (out / INDEX_FILE).exists() and not overwrite:
+        raise FileExistsError(f"{out} already holds a latent cache; pass overwrite=True to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:  # drop our own files from an earlier cache, nothing else
+        for f in out.iterdir():
+            if f.name == INDEX_FILE or _SHARD_RE.match(f.name):
+                f.unlink()
+
+    if device is None:
+        p = next(iter(autoencoder.parameters()), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    p = next(iter(autoencoder.parameters()), None)
+    in_dtype = p.dtype if p is not None else torch.float32
+    cfg = getattr(autoencoder, "config", None)
+    scale = float(getattr(cfg, "scaling_factor", 1.0))
+    shift = float(getattr(cfg, "shift_factor", 0.0))
+    was_training = autoencoder.training
+    autoencoder.eval()
+
+    from ldmkit.training.common import progress as progress_bar  # tqdm wrapper
+
+    shards, latent_shape = [], None
+    has_caption = has_label = None
+    starts = range(0, n, shard_size)
+    bar = progress_bar(total=n, desc="encoding latents", disable=not progress, unit="img")
+    try:
+        for si, s0 in enumerate(starts):
+            s1 = min(n, s0 + shard_size)
+            means, stds, captions, labels = [], [], [], []
+            for b0 in range(s0, s1, batch_size):
+                items = [_split_item(dataset[i]) for i in range(b0, min(s1, b0 + batch_size))]
+                x = torch.stack([torch.as_tensor(im) for im, _, _ in items]).to(device=device, dtype=in_dtype)
+                post = autoencoder.encode(x)
+                means.append(((post.mean.float() - shift) * scale).cpu())
+                stds.append((post.std.float() * scale).cpu())
+                for _, cap, lab in items:
+                    captions.append(cap)
+                    labels.append(lab)
+                bar.update(len(items))
+            mean, std = torch.cat(means), torch.cat(stds)
+            if latent_shape is None:
+                latent_shape = list(mean.shape[1:])
+                has_caption = captions[0] is not None
+                has_label = labels[0] is not None
+            if list(mean.shape[1:]) != latent_shape:
+                raise ValueError(f"latents of shape {list(mean.shape[1:])} in shard {si} differ from "
+                                 f"{latent_shape}: all images must have one size")
+            if any((c is not None) != has_caption for c in captions) or \
+                    any((lb is not None) != has_label for lb in labels):
+                raise ValueError("some items have a caption/label and some do not; a cache needs all or none")
+            name = f"shard-{si:05d}"
+            tensors = {"mean": mean.to(_DTYPES[dtype]).contiguous(), "std": std.to(_DTYPES[dtype]).contiguous()}
+            atomic_write(out / f"{name}.safetensors", lambda tmp: save_file(tensors, tmp))
+            write_json(out / f"{name}.json", {"captions": captions if has_caption else None,
+                                               "labels": labels if has_label else None})
+            shards.append({"name": name, "count": s1 - s0})
+    finally:
+        bar.close()
+        autoencoder.train(was_training)
+
+    index = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "num_items": n, "latent_shape": latent_shape, "dtype": dtype,
+        "scaled": True, "scaling_factor": scale, "shift_factor": shift,
+        "has_captions": bool(has_caption), "has_labels": bool(has_label),
+        "class_names": list(class_names) if class_names is not None else None,
+        "autoencoder": {"config": _config_dict(autoencoder), "weights_sha256": weights_sha256(autoencoder)},
+        "source": source or {},
+        "shards": shards,
+    }
+    write_json(out / INDEX_FILE, index)
+    return out
+
+
+def read_index(folder: str | Path) -> dict:
+    folder = Path(folder)
+    path = folder / INDEX_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a latent cache (no {INDEX_FILE}); "
+                                "write one with ldmkit.data.latents.encode_dataset")
+    index = json.loads(path.read_text(encoding="utf-8"))
+    if index.get("format") != FORMAT or index.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format {index.get('format')!r} version {index.get('format_version')!r}; "
+                         f"expected {FORMAT!r} version {FORMAT_VERSION}")
+    return index
+
+
+class CachedLatents(torch.utils.data.Dataset):
+    """A latent cache folder as a data set (all shards are loaded into memory as float32).
+
+    Items: ``{"latent": [c, h, w], "caption": str, "label": int}`` (caption / label only
+    when the cache has them, so the default DataLoader collate works). With
+    ``sample=True`` the latent is ``mean + std * eps`` with ``eps`` drawn from a generator
+    seeded by ``(seed, epoch, index)`` -- reproducible, different each epoch (call
+    :meth:`set_epoch`); with ``sample=False`` it is the posterior mean. Whole tensors are
+    available as ``.mean`` / ``.std`` ([N, c, h, w]), plus ``.captions``, ``.labels``
+    (LongTensor or None), ``.class_names``, ``.index`` (the parsed index.json).
+    """
+
+    def __init__(self, folder: str | Path, sample: bool = True, seed: int = 0):
+        self.folder = Path(folder)
+        self.index = read_index(self.folder)
+        means, stds, captions, labels = [], [], [], []
+        for shard in self.index["shards"]:
+            tensors = load_file(str(self.folder / f"{shard['name']}.safetensors"))
+            side = json.loads((self.folder / f"{shard['name']}.json").read_text(encoding="utf-8"))
+            if tensors["mean"].shape[0] != shard["count"] or tensors["std"].shape != tensors["mean"].shape:
+                raise ValueError(f"{self.folder}/{shard['name']}.safetensors holds {tensors['mean'].shape[0]} "
+                                 f"latents; index.json says {shard['count']}: the cache is damaged, rebuild it")
+            means.append(tensors["mean"].float())
+            stds.append(tensors["std"].float())
+            captions.extend(side["captions"] or [])
+            labels.extend(side["labels"] or [])
+        self.mean = torch.cat(means)
+        self.std = torch.cat(stds)
+        n = self.index["num_items"]
+        if self.mean.shape[0] != n:
+            raise ValueError(f"{self.folder}: shards hold {self.mean.shape[0]} latents, index.json says {n}")
+        self.captions = captions if self.index["has_captions"] else None
+        self.labels = torch.tensor(labels, dtype=torch.long) if self.index["has_labels"] else None
+        self.class_names = self.index.get("class_names")
+        self.sample, self.seed, self.epoch = bool(sample), int(seed), 0
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return tuple(self.mean.shape[1:])
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.index["scaling_factor"])
+
+    @property
+    def shift_factor(self) -> float:
+        return float(self.index["shift_factor"])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __getitem__(self, i: int) -> dict:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for a latent cache of {n} items")
+        i %= n
+        z = self.mean[i]
+        if self.sample:
+            key = hashlib.sha256(f"{self.seed}:{self.epoch}:{i}".encode()).digest()
+            g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+            z = z + self.std[i] * torch.randn(z.shape, generator=g)
+        item = {"latent": z}
+        if self.captions is not None:
+            item["caption"] = self.captions[i]
+        if self.labels is not None:
+            item["label"] = int(self.labels[i])
+        return item
