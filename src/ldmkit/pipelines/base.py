@@ -63,7 +63,7 @@ class Settings:
     decode_batch: int | None = 1   # latents decoded at a time (sliced decode)
     vae_tile: int | None = None    # latent tile side for tiled decode; None = auto, 0 = never
     progress: bool = True
-    extra: dict = field(default_factory=dict)
+    sampler_options: dict = field(default_factory=dict)  # e.g. DDIM's set_alpha_to_one, clip_x0, eta
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -241,7 +241,7 @@ class Pipeline:
     # ------------------------------------------------------------------ settings
     def settings(self, *, sampler=None, steps=None, guidance=None, guidance_rescale=None, height=None,
                  width=None, batch_size=None, max_model_batch=None, decode_batch=1, vae_tile=None,
-                 progress=True) -> Settings:
+                 progress=True, sampler_options=None) -> Settings:
         """Fill unset values from model_index.json "defaults" (then built-in ones) and check them all."""
         from ldmkit.diffusion.samplers import sampler_names
 
@@ -282,8 +282,10 @@ class Pipeline:
             raise ValueError(f"decode_batch={decode_batch} must be >= 1")
         if vae_tile is not None and int(vae_tile) != 0 and int(vae_tile) < 4:
             raise ValueError(f"vae_tile={vae_tile} must be 0 (off) or >= 4 latent pixels")
+        if sampler_options is None:  # the model's options belong to its default sampler (e.g. from diffusers)
+            sampler_options = dict(d.get("sampler_options") or {}) if sampler == d.get("sampler") else {}
         return Settings(sampler, steps, guidance, rescale, height, width, batch_size, max_model_batch,
-                        decode_batch, vae_tile, progress)
+                        decode_batch, vae_tile, progress, dict(sampler_options))
 
     # ------------------------------------------------------------------ conditioning
     def conditions(self, prompt, class_label, count: int) -> list:
@@ -373,7 +375,7 @@ class Pipeline:
 
         h, w = s.height // self.factor, s.width // self.factor
         noise = self.noise(seeds, (self.latent_channels, h, w))
-        p = plan(s.sampler, self.schedule, s.steps)
+        p = plan(s.sampler, self.schedule, s.steps, **s.sampler_options)
         start = img2img_start(s.steps, strength) if z0 is not None else 0
         if z0 is not None:
             z0 = z0.to(self.device, torch.float32)
@@ -411,7 +413,7 @@ class Pipeline:
             generator = torch.Generator("cpu").manual_seed(int(seeds[0]))
         try:
             out = get_sampler(s.sampler)(denoise, x, self.schedule, s.steps, generator=generator,
-                                         callback=callback, start=start)
+                                         callback=callback, start=start, **s.sampler_options)
         finally:
             bar.close()
         if mask is not None:  # the final level may not be exactly clean (e.g. DDIM without alpha_to_one)
