@@ -284,6 +284,19 @@ def train_ldm(f: int, ae, latents: torch.Tensor, labels: torch.Tensor, ref_image
             "_model": ema.module, "_schedule": schedule, "_images": last_images}
 
 
+def export_model(run: dict, ae, p, folder: Path) -> Path:
+    """The final EMA model as an ldmkit model folder: `ldm sample` / `ldm eval --model` can load it."""
+    from ldmkit.conditioning.labels import ClassConditioner, ClassConfig
+    from ldmkit.data.fashion_mnist import CLASSES
+    from ldmkit.io.format import save_model
+
+    conditioner = ClassConditioner(ClassConfig(num_classes=10, class_names=tuple(CLASSES)))
+    index = {"schedule": run["_schedule"].to_dict(), "objective": "eps", "conditioning": "class", "concat": None,
+             "latent_size": run["latent_shape"][1:],
+             "defaults": {"sampler": "ddim", "steps": p.eval_steps, "guidance": p.guidance}}
+    return save_model(folder, {"autoencoder": ae, "denoiser": run["_model"], "conditioner": conditioner}, index)
+
+
 def nfe_sweep(run: dict, ae, ref_images, classifier, p, device) -> list[dict]:
     rows = []
     labels = torch.arange(p.num_eval) % 10
@@ -461,6 +474,8 @@ def main(argv=None) -> int:
         run = train_ldm(f, ae, latents, y_train, x_ref, classifier, p, device, step_target)
         run["_ae"] = ae
         save_grid(run["_images"], out / f"samples-f{f}.png")
+        if ae is not None:
+            run["model_folder"] = str(export_model(run, ae, p, out / f"ldm-f{f}"))
         runs.append(run)
 
     result = {

@@ -48,7 +48,7 @@ def test_eval_folder_report_names_network_and_scores(tmp_path, classifier_dir, c
     assert fn["dataset"] == "stripes" and len(fn["weights_sha256"]) == 64 and fn["feature_dim"] == 8
     for key in ("fid", "precision", "recall"):
         assert isinstance(report[key], float)
-    assert report["num_generated"] == 12 and report["kid"]["subset_size"] == 12
+    assert report["num_generated"] == 12 and report["kid"]["subset_size"] == "all"
     acc = report["class_accuracy"]
     assert acc["n"] == 12 and 0.0 <= acc["accuracy"] <= 1.0
     assert acc["classifier"]["weights_sha256"] == fn["weights_sha256"]
@@ -100,3 +100,40 @@ def test_train_classifier_command_on_shapes(tmp_path):
     assert meta["dataset"] == "shapes" and 0.0 <= meta["accuracy"] <= 1.0 and meta["steps"] == 2
     assert meta["train_examples"] == 64 and meta["test_examples"] == 32
     assert len(meta["class_names"]) == 12
+
+
+def _tiny_class_model(folder):
+    import dataclasses
+
+    from ldmkit.autoencoder.model import Autoencoder
+    from ldmkit.conditioning.labels import ClassConditioner, ClassConfig
+    from ldmkit.denoisers.unet import PRESETS as UNET_PRESETS
+    from ldmkit.denoisers.unet import UNet
+    from ldmkit.diffusion import make_schedule
+    from ldmkit.io.format import save_model
+
+    torch.manual_seed(0)
+    ae = Autoencoder.from_preset("tiny-kl-f4")
+    cfg = dataclasses.replace(UNET_PRESETS["tiny"], cross_attention_dim=None, down_block_types=("DownBlock2D",) * 2,
+                              up_block_types=("UpBlock2D",) * 2, mid_block_type="UNetMidBlock2D",
+                              num_class_embeds=3)
+    index = {"schedule": make_schedule("linear").to_dict(), "objective": "eps", "conditioning": "class",
+             "concat": None, "latent_size": [8, 8], "defaults": {"sampler": "ddim", "steps": 2}}
+    cond = ClassConditioner(ClassConfig(num_classes=2, class_names=("h", "v")))
+    return save_model(folder, {"autoencoder": ae, "denoiser": UNet(cfg), "conditioner": cond}, index)
+
+
+def test_eval_samples_a_class_conditional_model(tmp_path, classifier_dir):
+    model = _tiny_class_model(tmp_path / "model")
+    _write_set(tmp_path / "real", 8, seed=100, with_meta=False)
+    out = tmp_path / "r.json"
+    rc = main(["eval", "--model", str(model), "--reference", str(tmp_path / "real"), "--features",
+               str(classifier_dir), "--num", "6", "--steps", "2", "--batch-size", "3", "--device", "cpu",
+               "--save-samples", str(tmp_path / "s"), "--out", str(out), "--k", "2"])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["num_generated"] == 6 and report["class_accuracy"]["n"] == 6
+    assert set(report["class_accuracy"]["per_class"]) == {"h", "v"}  # balanced classes 0,1,0,1,...
+    assert report["generated"]["sampler"] == "ddim" and report["generated"]["steps"] == 2
+    again = images_from_folder(tmp_path / "s")  # saved samples carry their class for a later --generated run
+    assert again.labels == [0, 1, 0, 1, 0, 1]

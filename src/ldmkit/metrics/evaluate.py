@@ -132,8 +132,7 @@ def sample_model(model, num: int, dataset: str | None = None, seed: int = 0, sam
 
 
 def _num_classes(pipe, dataset) -> int:
-    cfg = getattr(pipe.denoiser, "config", None)
-    n = getattr(cfg, "num_class_embeds", None) or getattr(cfg, "num_classes", None)
+    n = getattr(getattr(pipe.conditioner, "config", None), "num_classes", None)
     if n:
         return int(n)
     if dataset == "fashion-mnist":
@@ -146,13 +145,14 @@ def _num_classes(pipe, dataset) -> int:
 
 def class_accuracy(classifier, images: torch.Tensor, labels: list, batch_size: int = 256) -> dict:
     """Share of images the classifier assigns to their conditioning class (labels: ints or class names)."""
-    names = [str(n).lower() for n in (classifier.meta.get("class_names") or [])]
+    names = [str(n) for n in (classifier.meta.get("class_names") or [])]
+    lower = [n.lower() for n in names]
     ids = []
     for v in labels:
         if isinstance(v, str):
-            if v.lower() not in names:
+            if v.lower() not in lower:
                 raise ValueError(f"class {v!r} is not one of the classifier's classes {names}")
-            v = names.index(v.lower())
+            v = lower.index(v.lower())
         ids.append(int(v))
     device = next(classifier.parameters()).device
     preds = torch.cat([classifier.logits(b.to(device)).argmax(1).cpu() for b in images.split(batch_size)])
@@ -177,6 +177,7 @@ def evaluate(fake: torch.Tensor, real: torch.Tensor, network, labels: list | Non
     f_real = extract_features(network, real, batch_size)
     kid_mean, kid_std = kid_from_features(f_real, f_fake, subsets=kid_subsets, subset_size=kid_subset_size,
                                           seed=seed)
+    whole = f_real.shape[0] <= kid_subset_size and f_fake.shape[0] <= kid_subset_size  # exact, no subsets
     kk = min(k, f_real.shape[0] - 1, f_fake.shape[0] - 1)
     precision, recall = precision_recall(f_real, f_fake, k=kk)
     report = {
@@ -184,8 +185,8 @@ def evaluate(fake: torch.Tensor, real: torch.Tensor, network, labels: list | Non
         "num_generated": int(fake.shape[0]),
         "num_reference": int(real.shape[0]),
         "fid": fid_from_features(f_real, f_fake),
-        "kid": {"mean": kid_mean, "std": kid_std, "subsets": kid_subsets,
-                "subset_size": min(kid_subset_size, f_real.shape[0], f_fake.shape[0])},
+        "kid": {"mean": kid_mean, "std": kid_std, "subsets": 1 if whole else kid_subsets,
+                "subset_size": "all" if whole else min(kid_subset_size, f_real.shape[0], f_fake.shape[0])},
         "precision": precision,
         "recall": recall,
         "pr_k": kk,
