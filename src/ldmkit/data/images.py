@@ -130,6 +130,12 @@ class ImageFolder(torch.utils.data.Dataset):
             return im.convert("RGB" if self.channels == 3 else "L")
 
     def __getitem__(self, index: int) -> dict:
+        return self.item(index)
+
+    def item(self, index: int, rng: random.Random | None = None) -> dict:
+        """Item `index`; crop/flip draws come from `rng` (default: the dataset's own seeded stream),
+        so a caller can make augmentation a function of (seed, step) for exact resume."""
+        rng = rng or self.rng
         n = len(self.files)
         for attempt in range(n):
             i = (index + attempt) % n
@@ -143,8 +149,8 @@ class ImageFolder(torch.utils.data.Dataset):
                 self.skipped += 1
                 warnings.warn(f"skipping unreadable image {path}: {exc}", stacklevel=2)
                 continue
-            img = resize_crop(img, self.size, self.random_crop, self.rng)
-            if self.flip and self.rng.random() < 0.5:
+            img = resize_crop(img, self.size, self.random_crop, rng)
+            if self.flip and rng.random() < 0.5:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
             return {"image": pil_to_unit_tensor(img), "caption": self.caption(path), "label": self.label(path)}
         raise ValueError(f"all {n} images under {self.root} are unreadable")
@@ -159,7 +165,7 @@ class ImageFolder(torch.utils.data.Dataset):
         random.Random(seed).shuffle(order)
         held = sorted(order[:k])
         train = sorted(order[k:])
-        common = dict(size=self.size, channels=self.channels, captions=self.use_captions)
+        common = dict(size=self.size, channels=self.channels, captions=self.use_captions, seed=seed)
 
         def make(idx, **kw):
             ds = ImageFolder(self.root, files=[self.files[i] for i in idx], **{**common, **kw})
