@@ -161,7 +161,11 @@ ERRORS = [
     (["img2img", "--model", "{m}/upscale", "--image", "{m}/in.png"], "supports upscale, not img2img"),
     (["sample", "--model", "{m}/text", "--class", "3"], "text-conditional"),
     (["sample", "--model", "{m}/text", "--prompts-file", "{t}/none.txt"], "does not exist"),
+    (["sample", "--model", "{m}/text", "--dtype", "float8"], "unknown dtype 'float8'"),
+    (["sample", "--model", "{m}/text", "--device", "tpu:x"], "device"),
 ]
+if not torch.cuda.is_available():
+    ERRORS.append((["sample", "--model", "{m}/text", "--device", "cuda"], "device 'cuda' is not available"))
 
 
 @pytest.mark.parametrize("argv,message", ERRORS, ids=[f"{a[0]}:{m[:30]}" for a, m in ERRORS])

@@ -189,7 +189,7 @@ def test_dit_larger_canvas_uses_interpolated_positions():
 
     torch.manual_seed(0)
     dit = DiT(DiTConfig(in_channels=4, hidden_size=32, depth=1, num_heads=2, patch_size=2, sample_size=8,
-                        num_classes=None)).eval()
+                        num_classes=None, learn_sigma=True)).eval()  # 8 output channels: eps + variance
     pipe = Pipeline(make_autoencoder(), dit, make_schedule("sd15"), latent_size=[8, 8])
     assert pipe.size_multiple == 8  # f = 4 times patch 2
     r = pipe.text2img(height=64, width=64, steps=2, progress=False)[0]

@@ -332,7 +332,7 @@ class Pipeline:
                  max_batch: int | None) -> Callable:
         """`model_fn(x, t, cond)` for `cfg_denoiser`: concatenates the spatial inputs, runs the denoiser
         in chunks of at most `max_batch` rows (CFG batch chunking) and returns float32."""
-        den, dtype = self.denoiser, self.dtype
+        den, dtype, latent_c = self.denoiser, self.dtype, self.latent_channels
 
         def fn(x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
             B = x.shape[0]
@@ -357,7 +357,8 @@ class Pipeline:
                 if extra_labels is not None:
                     kw["class_labels"] = extra_labels[lo:hi]
                 tt = t[lo:hi] if isinstance(t, torch.Tensor) and t.dim() > 0 else t
-                outs.append(den(xi.to(dtype), tt, **kw).float())
+                out = den(xi.to(dtype), tt, **kw)
+                outs.append(out[:, :latent_c].float())  # DiT with learn_sigma also outputs a variance half
             return torch.cat(outs)
 
         return fn
@@ -490,7 +491,15 @@ def load(path, device=None, dtype=None) -> Pipeline:
     from ldmkit.diffusion.schedules import schedule_from_dict
     from ldmkit.io import load_model, resolve_model_path
 
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device) if device is not None else None
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; expected cpu, cuda, cuda:N or mps") from None
+    device = device if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} is not available (torch sees no CUDA GPU); use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r} is not available; use --device cpu")
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
     if dtype is None:
