@@ -12,10 +12,11 @@ downsamples 32x32 images by f.
 Protocol (what is equal, what is measured):
 1. Data: Fashion-MNIST train split (zero-padded to 32x32, first `--train-images`),
    reference set = the test split (first `--reference-images`).
-2. Stage 1, trained once per f and then frozen: a KL autoencoder
-   (`ldmkit.autoencoder.Autoencoder`) with L1 + 1e-6 KL loss (no LPIPS/GAN: the VGG
-   weights cannot be downloaded here).  Latents are the posterior means, scaled to unit
-   std (the scaling factor is stored in the autoencoder config).  f = 1 uses the pixels.
+2. Stage 1, trained once per f with the library trainer (`ldmkit.training.autoencoder`,
+   what `ldm train-autoencoder` runs) on the full train split and then frozen: a KL
+   autoencoder with L1 + 1e-6 KL loss (no LPIPS: the VGG weights cannot be downloaded
+   here; no GAN at this size).  Latents are the posterior means, shifted and scaled to
+   unit variance by the factors the trainer stores.  f = 1 uses the pixels.
    Autoencoder training and latent caching are *not* counted in the compute (as in the
    paper: stage 1 is trained once and shared).
 3. Stage 2: the same class-conditional UNet (`ldmkit.denoisers.UNet`, class embedding
@@ -26,6 +27,10 @@ Protocol (what is equal, what is measured):
    optimiser steps with a batch sized so that one step costs the same FLOPs as LDM-1's
    step at `--pixel-batch` (small latents get bigger batches, capped at the data size).
    Wall-clock seconds are recorded too, but they are not what is equalised.
+   The loop is written out in `train_ldm` below with the library's schedule, objective
+   (`ldmkit.diffusion.training_loss`), EMA and samplers rather than `ldm train`'s
+   `LDMTrainer`: LDM-1 has no autoencoder (the trainer needs a frozen one and a latent
+   cache), and evaluating at exact FLOP budgets needs the loop in hand; all four runs share it.
 4. At `--eval-points` evenly spaced points of the budget, the EMA model draws
    `--num-eval` class-balanced samples (DDIM, `--eval-steps` steps, CFG scale
    `--guidance`); they are scored by FID / KID against the reference set in the
@@ -105,60 +110,41 @@ def train_flops(fn) -> int:
 # ----------------------------------------------------------------------------- stage 1
 
 
-def build_autoencoder(f: int, channels: int):
-    from ldmkit.autoencoder.model import Autoencoder, AutoencoderConfig
-
+def autoencoder_overrides(f: int, channels: int) -> dict:
+    """Architecture of the f-autoencoder: grey 32x32 in, (32/f)^2 x c latents out."""
     m = int(math.log2(f))
-    cfg = AutoencoderConfig(kind="kl", in_channels=1, out_channels=1, channels=channels,
-                            ch_mult=(1,) + (2,) * m, num_res_blocks=1, latent_channels=LATENT_CHANNELS[f],
-                            norm_groups=8, mid_attention=False, sample_size=32)
-    return Autoencoder(cfg)
+    return {"in_channels": 1, "out_channels": 1, "channels": channels, "ch_mult": (1,) + (2,) * m,
+            "num_res_blocks": 1, "latent_channels": LATENT_CHANNELS[f], "norm_groups": 8, "mid_attention": False}
 
 
-def train_autoencoder(f: int, x_train, x_test, p, device, folder: Path) -> tuple[object, dict]:
-    """L1 + 1e-6 KL, AdamW; then the latent scaling factor; saved as a component folder."""
-    from ldmkit.io.format import load_component, save_component
-    from ldmkit.metrics.reconstruction import psnr
+def train_autoencoder(f: int, p, device, folder: Path) -> tuple[object, dict]:
+    """Stage 1 with the library trainer (`ldmkit.training.autoencoder`, as `ldm train-autoencoder`):
+    L1 + 1e-6 KL on Fashion-MNIST 32x32; no LPIPS (VGG16 weights cannot be downloaded here) and no GAN
+    at this size. The trainer stores the latent scaling/shift factors in the component's config."""
+    from ldmkit.io.format import load_component, read_json
+    from ldmkit.training.autoencoder import AETrainConfig, AutoencoderTrainer
 
-    if (folder / "config.json").is_file() and p.reuse:
-        ae = load_component(folder, device=device)
-        info = json.loads((folder / "fsweep_stage1.json").read_text())
-        log(f"LDM-{f}: reusing autoencoder {folder} (test PSNR {info['test_psnr']:.2f} dB)")
-        return ae, info
-    torch.manual_seed(p.seed)
-    ae = build_autoencoder(f, p.ae_channels).to(device)
-    opt = torch.optim.AdamW(ae.parameters(), lr=p.ae_lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(p.seed)
-    it = batches(len(x_train), p.ae_batch, g)
-    t0 = time.perf_counter()
-    from tqdm.auto import tqdm
-
-    bar = tqdm(range(p.ae_steps), desc=f"autoencoder f={f}", leave=False)
-    for step in bar:
-        x = x_train[next(it)].to(device)
-        lr = p.ae_lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / p.ae_steps))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        rec, aux = ae(x, generator=None)
-        loss = (rec - x).abs().mean() + 1e-6 * aux["kl"].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.set_postfix(l1=f"{loss.item():.4f}")
-    seconds = time.perf_counter() - t0
-    ae.eval()
-    with torch.no_grad():
-        z = torch.cat([ae.encode(b.to(device)).mean.cpu() for b in x_train[:2000].split(256)])
-        scale = float(1.0 / z.std())
-        ae.config = dataclasses.replace(ae.config, scaling_factor=scale)
-        rec = torch.cat([ae.decode(ae.encode(b.to(device)).mean).cpu() for b in x_test[:500].split(256)])
-        test_psnr = float(psnr((x_test[:500] + 1) / 2, ((rec + 1) / 2).clamp(0, 1)).mean())
-    save_component(ae, folder)
-    info = {"f": f, "config": dataclasses.asdict(ae.config), "steps": p.ae_steps, "batch": p.ae_batch,
-            "train_seconds": round(seconds, 1), "test_psnr": test_psnr, "scaling_factor": scale,
-            "latent_shape": [LATENT_CHANNELS[f], 32 // f, 32 // f]}
-    (folder / "fsweep_stage1.json").write_text(json.dumps(info, indent=2))
-    log(f"LDM-{f}: autoencoder trained in {seconds:.0f} s, test PSNR {test_psnr:.2f} dB, scale {scale:.3f}")
+    summary_path = folder / "summary.json"
+    if p.reuse and summary_path.is_file() and (folder / "autoencoder" / "config.json").is_file():
+        log(f"LDM-{f}: reusing autoencoder {folder}")
+    else:
+        cfg = AETrainConfig(data="fashion-mnist", out=str(folder), preset="tiny-kl-f4", steps=p.ae_steps,
+                            batch_size=p.ae_batch, lr=p.ae_lr, betas=(0.9, 0.99), size=32, ema_decay=0.99,
+                            ckpt_every=0, sample_every=0, log_every=10, stats_samples=512, seed=p.seed,
+                            device=str(device), perceptual_weight=0.0, disc_weight=0.0, kl_weight=1e-6,
+                            model_overrides=autoencoder_overrides(f, p.ae_channels))
+        t0 = time.perf_counter()
+        AutoencoderTrainer(cfg).run()
+        log(f"LDM-{f}: autoencoder trained in {time.perf_counter() - t0:.0f} s")
+    summary = read_json(summary_path)
+    ae = load_component(folder / "autoencoder", device=device)
+    held = summary["heldout"]
+    info = {"f": f, "folder": str(folder / "autoencoder"), "steps": summary["steps"], "batch": p.ae_batch,
+            "seconds_per_step": summary.get("seconds_per_step"), "heldout_psnr": held["psnr"],
+            "heldout_ssim": held["ssim"], "scaling_factor": ae.config.scaling_factor,
+            "shift_factor": ae.config.shift_factor, "latent_shape": [LATENT_CHANNELS[f], 32 // f, 32 // f]}
+    psnr = held["psnr"]["mean"] if isinstance(held["psnr"], dict) else held["psnr"]
+    log(f"LDM-{f}: autoencoder held-out PSNR {psnr:.2f} dB, latents {info['latent_shape']}")
     return ae, info
 
 
@@ -367,7 +353,14 @@ def save_grid(images: torch.Tensor, path: Path) -> None:
 
 
 def markdown_table(result: dict) -> str:
-    lines = ["| model | latent | batch | step | train GFLOP | train s | FID | KID | precision | recall | accuracy |",
+    lines = []
+    if result.get("stage1"):
+        lines += ["| autoencoder | latent | steps | held-out PSNR (dB) | held-out SSIM |", "|---|---|---|---|---|"]
+        for f, info in sorted(result["stage1"].items(), key=lambda kv: int(kv[0])):
+            lines.append(f"| f={f} | {'x'.join(map(str, info['latent_shape']))} | {info['steps']} | "
+                         f"{info['heldout_psnr']['mean']:.2f} | {info['heldout_ssim']['mean']:.3f} |")
+        lines.append("")
+    lines += ["| model | latent | batch | step | train GFLOP | train s | FID | KID | precision | recall | accuracy |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in result["runs"]:
         for pt in run["points"]:
@@ -456,7 +449,7 @@ def main(argv=None) -> int:
     for f in sorted(p.factors):
         ae = None
         if f > 1:
-            ae, info = train_autoencoder(f, x_train, x_ref, p, device, out / f"autoencoder-f{f}")
+            ae, info = train_autoencoder(f, p, device, out / f"autoencoder-f{f}")
             stage1[f] = info
         latents = encode_all(ae, x_train, device)
         if step_target is None:
