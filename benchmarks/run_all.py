@@ -7,9 +7,11 @@
     python benchmarks/run_all.py --with-fsweep         # also the (long) LDM f-sweep
 
 Each `benchmarks/*.py` (except this file and the f-sweep) runs in its own
-process with its own defaults; `--device` and `--out` are passed to a script
-whose source declares those options.  A script that is missing, fails or
-times out is reported in the summary, never fatal.  The summary collects every
+process with its own defaults and writes its JSON into benchmarks/results/
+itself; `--device` is passed to a script whose source declares that option
+(the others choose their device themselves, which the run table notes).  A
+script that is missing, fails or times out is reported in the summary, never
+fatal.  The summary collects every
 `results/*.json`: ratios (any number whose key says ratio / speedup, plus
 ours / diffusers where a result holds both) and the run table.
 """
@@ -42,13 +44,12 @@ def run_one(name: str, out: Path, device: str | None, timeout: float, logs: Path
         return {"script": name, "status": "missing", "seconds": 0.0, "log": None}
     src = script.read_text(encoding="utf-8", errors="replace")
     cmd = [sys.executable, str(script)]
-    if '"--out"' in src or "'--out'" in src:
-        cmd += ["--out", str(out)]
+    note = ""
     if device is not None:
         if '"--device"' in src or "'--device'" in src:
             cmd += ["--device", device]
         else:
-            return {"script": name, "status": "skipped (no --device option)", "seconds": 0.0, "log": None}
+            note = " (script has no --device option: it chose its own device)"
     log = logs / f"{name}.log"
     t0 = time.perf_counter()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -58,7 +59,7 @@ def run_one(name: str, out: Path, device: str | None, timeout: float, logs: Path
             fh.flush()
             proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout, env=env,
                                   cwd=HERE.parent)
-        status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+        status = ("ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})") + note
     except subprocess.TimeoutExpired:
         status = f"timeout (> {timeout:.0f} s)"
     return {"script": name, "status": status, "seconds": round(time.perf_counter() - t0, 1),
@@ -68,6 +69,15 @@ def run_one(name: str, out: Path, device: str | None, timeout: float, logs: Path
 # ----------------------------------------------------------------------------- summary
 
 
+def _label(i: int, item) -> str:
+    """A list item's name in a key path: its name/case/... field when it has one, else its index."""
+    if isinstance(item, dict):
+        for k in ("name", "case", "config", "sampler", "model", "label", "id"):
+            if isinstance(item.get(k), (str, int)) and not isinstance(item.get(k), bool):
+                return str(item[k])
+    return str(i)
+
+
 def _numbers(obj, prefix=""):
     """(dotted key path, value) for every finite number in a JSON tree."""
     if isinstance(obj, dict):
@@ -75,11 +85,7 @@ def _numbers(obj, prefix=""):
             yield from _numbers(v, f"{prefix}.{k}" if prefix else str(k))
     elif isinstance(obj, list):
         for i, v in enumerate(obj):
-            label = None
-            if isinstance(v, dict):
-                label = next((str(v[k]) for k in ("name", "case", "config", "sampler", "model", "label", "id")
-                              if k in v and isinstance(v[k], (str, int))), None)
-            yield from _numbers(v, f"{prefix}[{label if label is not None else i}]")
+            yield from _numbers(v, f"{prefix}[{_label(i, v)}]")
     elif isinstance(obj, (int, float)) and not isinstance(obj, bool) and math.isfinite(obj):
         yield prefix, float(obj)
 
@@ -88,7 +94,7 @@ def ratios(data) -> list[tuple[str, float]]:
     """Numbers whose key names a ratio/speedup, plus ours/diffusers for dicts holding both."""
     found = [(k, v) for k, v in _numbers(data) if any(w in k.rsplit(".", 1)[-1].lower()
                                                          for w in ("ratio", "speedup"))]
-    seen = {k.rsplit(".", 1)[0] for k, _ in found}
+    seen = {k.rsplit(".", 1)[0] if "." in k else "" for k, _ in found}
 
     def walk(obj, prefix=""):
         if isinstance(obj, dict):
@@ -101,7 +107,7 @@ def ratios(data) -> list[tuple[str, float]]:
                 walk(v, f"{prefix}.{k}" if prefix else str(k))
         elif isinstance(obj, list):
             for i, v in enumerate(obj):
-                walk(v, f"{prefix}[{i}]")
+                walk(v, f"{prefix}[{_label(i, v)}]")
 
     walk(data)
     return found
@@ -162,7 +168,8 @@ def write_summary(out: Path, runs: list[dict]) -> Path:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=str(HERE / "results"), help="results folder (default benchmarks/results)")
+    ap.add_argument("--out", default=str(HERE / "results"),
+                    help="results folder the summary is built from (default benchmarks/results)")
     ap.add_argument("--device", default=None, help="passed to every script (e.g. cuda); default: each script's own")
     ap.add_argument("--only", nargs="*", default=None, help="run only these scripts (names without .py)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per script (default 1800)")
