@@ -1,0 +1,204 @@
+"""Stable Diffusion interop: diffusers folders and original single files load into ldmkit and
+give diffusers' numbers (components within 1e-5, whole images within PSNR >= 40 dB).
+
+Models are tiny and random, built locally by tests/interop_models.py (no downloads).
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import interop_models as im  # noqa: E402
+
+from ldmkit.io import load_model  # noqa: E402
+from ldmkit.io import single_file as sf  # noqa: E402
+
+PROMPT = "the red cat on a street"
+STYLES = ("sd1", "sd2")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and far faster on a shared, oversubscribed CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, one_thread):
+    """style -> dict(pipe, diffusers folder, single file, tokenizer folder)."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("interop")
+    out = {}
+    for style in STYLES:
+        pipe = im.build_pipeline(style, workdir=root)
+        folder = root / f"{style}-diffusers"
+        pipe.save_pretrained(folder)
+        ckpt = im.to_original_checkpoint(pipe, style)
+        if style == "sd1":
+            single = root / "sd1.safetensors"
+            save_file({k: v.contiguous() for k, v in ckpt.items()}, str(single))
+        else:  # a .ckpt, as SD 2.x was released: a Lightning dict with a state_dict inside
+            single = root / "sd2.ckpt"
+            torch.save({"state_dict": ckpt, "global_step": 1234, "epoch": 3}, single)
+        out[style] = dict(pipe=pipe, folder=folder, single=single, ckpt=ckpt, tokenizer=folder / "tokenizer")
+    return out
+
+
+def _load_single(m, style, **kw):
+    opts = dict(tokenizer=m["tokenizer"])
+    if style == "sd2":
+        opts["prediction_type"] = "v"
+    opts.update(kw)
+    return load_model(m["single"], **opts)
+
+
+_CACHE: dict = {}
+
+
+def _load(models, style, source):
+    """Loaded (index, components), once per module: the tests only read them."""
+    key = (id(models), style, source)
+    if key not in _CACHE:
+        m = models[style]
+        _CACHE[key] = load_model(m["folder"]) if source == "diffusers" else _load_single(m, style)
+    return _CACHE[key]
+
+
+# ----------------------------------------------------------------------------- the test's own LDM table
+@pytest.mark.parametrize("style", STYLES)
+def test_ldm_layout_table_matches_diffusers_converters(models, style):
+    """The hand-written LDM table of interop_models agrees with diffusers' own LDM->diffusers converters,
+    so the single files the other tests load are genuine original-layout checkpoints."""
+    from diffusers.loaders import single_file_utils as su
+
+    m = models[style]
+    pipe, ckpt = m["pipe"], m["ckpt"]
+    for converted, module in ((su.convert_ldm_unet_checkpoint(ckpt, dict(pipe.unet.config)), pipe.unet),
+                              (su.convert_ldm_vae_checkpoint(ckpt, dict(pipe.vae.config)), pipe.vae)):
+        ref = module.state_dict()
+        assert set(converted) == set(ref)
+        assert all(torch.equal(converted[k], ref[k]) for k in ref)
+    text_ref = {k.removeprefix("text_model."): v for k, v in pipe.text_encoder.state_dict().items()
+                if not k.endswith("position_ids")}
+    if style == "sd1":
+        text = su.convert_ldm_clip_checkpoint(ckpt)
+    else:
+        text = su.convert_open_clip_checkpoint(pipe.text_encoder, ckpt)
+    text = {k.removeprefix("text_model."): v for k, v in text.items() if not k.endswith("position_ids")}
+    for k, v in text_ref.items():  # diffusers' OpenCLIP converter also keeps the extra last block; ignore it
+        assert torch.equal(text[k], v), k
+
+
+# ----------------------------------------------------------------------------- components
+@pytest.mark.parametrize("source", ["diffusers", "single"])
+@pytest.mark.parametrize("style", STYLES)
+def test_components_match_diffusers(models, style, source):
+    pipe = models[style]["pipe"]
+    index, comps = _load(models, style, source)
+    assert index["objective"] == ("v" if style == "sd2" else "eps")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([3.0, 781.0])
+    ctx = torch.randn(2, 77, 128, generator=g)
+    img = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    with torch.no_grad():
+        ours = comps["denoiser"](x, t, context=ctx)
+        ref = pipe.unet(x, t, encoder_hidden_states=ctx).sample
+        assert (ours - ref).abs().max() <= 1e-5
+        ae = comps["autoencoder"]
+        assert (ae.decode(x) - pipe.vae.decode(x).sample).abs().max() <= 1e-5
+        assert (ae.encode(img).mean - pipe.vae.encode(img).latent_dist.mean).abs().max() <= 1e-5
+        assert ae.config.scaling_factor == pipe.vae.config.scaling_factor
+        prompts = [PROMPT, ""]
+        ours = comps["conditioner"].encode(prompts).context
+        ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
+                             return_tensors="pt").input_ids
+        ref = pipe.text_encoder(ids)[0]
+        assert ours.shape == ref.shape == (2, 77, 128)
+        assert (ours - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_single_file_config_inference(models, style):
+    """Configs inferred from tensor shapes equal the configs the model was built with."""
+    pipe = models[style]["pipe"]
+    parts = sf.single_file_to_parts(models[style]["single"], tokenizer=models[style]["tokenizer"],
+                                    prediction_type="v" if style == "sd2" else None)
+    for k in ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "down_block_types",
+              "up_block_types", "cross_attention_dim", "use_linear_projection", "upcast_attention",
+              "transformer_layers_per_block", "mid_block_type"):
+        assert _plain(parts.unet_config[k]) == _plain(pipe.unet.config[k]), k
+    assert _plain(parts.unet_config["attention_head_dim"]) == _plain(pipe.unet.config.attention_head_dim)
+    for k in ("block_out_channels", "layers_per_block", "latent_channels", "scaling_factor", "in_channels"):
+        assert _plain(parts.vae_config[k]) == _plain(pipe.vae.config[k]), k
+    for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+              "max_position_embeddings", "hidden_act"):
+        assert parts.text_config[k] == getattr(pipe.text_encoder.config, k), k
+    sched = parts.scheduler_config
+    assert (sched["beta_schedule"], sched["beta_start"], sched["beta_end"]) == ("scaled_linear", 0.00085, 0.012)
+    assert sched["prediction_type"] == ("v_prediction" if style == "sd2" else "epsilon")
+    if style == "sd2":
+        assert any("penultimate" in n for n in parts.notes)
+
+
+def _plain(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+# ----------------------------------------------------------------------------- whole images
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("style,source", [("sd1", "diffusers"), ("sd2", "diffusers"), ("sd1", "single"),
+                                          ("sd2", "single")])
+def test_text2img_matches_diffusers_pipeline(models, style, source, sampler):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    from ldmkit.pipelines.base import load
+
+    m = models[style]
+    pipe = m["pipe"]
+    cls = DDIMScheduler if sampler == "ddim" else DPMSolverMultistepScheduler
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **({"algorithm_type": "dpmsolver++", "solver_order": 2}
+                                                              if sampler != "ddim" else {}))
+    seed, steps = 7, 8
+    kw = dict(height=16, width=16, num_inference_steps=steps, guidance_scale=7.5)
+    ref = pipe(PROMPT, generator=torch.Generator().manual_seed(seed), output_type="np", **kw).images[0]
+    ref = (ref * 255).round().astype(np.uint8)
+    ref_latents = pipe(PROMPT, generator=torch.Generator().manual_seed(seed), output_type="latent", **kw).images
+    if source == "diffusers":
+        ours = load(m["folder"], device="cpu", dtype=torch.float32)
+    else:
+        ours = _single_pipeline(models, style)
+    settings = dict(seed=seed, sampler=sampler, steps=steps, guidance=7.5, height=16, width=16, progress=False)
+    result = ours.text2img(PROMPT, **settings)[0]
+    psnr = _psnr(np.asarray(result.image), ref)
+    assert psnr >= 40.0, f"{style}/{source}/{sampler}: PSNR {psnr:.1f} dB vs diffusers"
+    # the decoded tiny random VAE hides small differences; the latents do not
+    s = ours.settings(sampler=sampler, steps=steps, guidance=7.5, height=16, width=16, progress=False)
+    latents = ours.sample_latents(s, [PROMPT], None, [seed])
+    assert (latents - ref_latents).abs().max() <= 1e-4 * ref_latents.abs().max()
+
+
+def _single_pipeline(models, style):
+    from ldmkit.diffusion.schedules import schedule_from_dict
+    from ldmkit.pipelines.base import Pipeline
+
+    index, comps = _load(models, style, "single")
+    return Pipeline(comps["autoencoder"], comps["denoiser"], schedule_from_dict(index["schedule"]),
+                    comps["conditioner"], conditioning="text", defaults=index["defaults"],
+                    latent_size=index["latent_size"])
