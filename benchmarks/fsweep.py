@@ -202,6 +202,13 @@ def score(images, labels, ref_images, classifier, seed: int) -> dict:
             "recall": r["recall"], "class_accuracy": r["class_accuracy"]["accuracy"]}
 
 
+def real_baseline(x_train, y_train, ref_images, classifier, p) -> dict:
+    """The same scores for `--num-eval` real training images (class-balanced): the floor the
+    models are measured against at this sample count (FID is biased upwards for small N)."""
+    idx = torch.cat([torch.nonzero(y_train == c).flatten()[: (p.num_eval + 9 - c) // 10] for c in range(10)])
+    return score(x_train[idx], y_train[idx], ref_images, classifier, p.seed)
+
+
 def train_ldm(f: int, ae, latents: torch.Tensor, labels: torch.Tensor, ref_images, classifier, p, device,
               step_flops_target: float | None) -> dict:
     from ldmkit.diffusion import make_schedule, q_sample, sample_timesteps, training_loss
@@ -354,6 +361,11 @@ def save_grid(images: torch.Tensor, path: Path) -> None:
 
 def markdown_table(result: dict) -> str:
     lines = []
+    if result.get("real_baseline"):
+        b = result["real_baseline"]
+        lines += [f"Real-data floor ({result['params']['num_eval']} real training images scored the same way): "
+                  f"FID {b['fid']:.2f}, KID {b['kid']:.4f}, precision {b['precision']:.2f}, "
+                  f"recall {b['recall']:.2f}, accuracy {b['class_accuracy']:.3f}", ""]
     if result.get("stage1"):
         lines += ["| autoencoder | latent | steps | held-out PSNR (dB) | held-out SSIM |", "|---|---|---|---|---|"]
         for f, info in sorted(result["stage1"].items(), key=lambda kv: int(kv[0])):
@@ -444,6 +456,9 @@ def main(argv=None) -> int:
     classifier = ClassifierFeatures.load(clf_dir, device=device)
     log(f"feature network: {classifier.describe()['name']} accuracy {classifier.meta['accuracy']:.4f}")
 
+    baseline = real_baseline(x_train, y_train, x_ref, classifier, p)
+    log(f"real-data floor ({p.num_eval} train images vs reference): FID {baseline['fid']:.2f}  "
+        f"KID {baseline['kid']:.4f}  acc {baseline['class_accuracy']:.3f}")
     stage1, runs = {}, []
     step_target = None
     for f in sorted(p.factors):
@@ -475,6 +490,7 @@ def main(argv=None) -> int:
         "benchmark": "fsweep", "mode": "full" if p.full else "cpu-default", "device": str(device),
         "equalised": "FLOPs (forward+backward of the denoiser per optimiser step x steps)",
         "feature_network": classifier.describe(),
+        "real_baseline": baseline,
         "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(p).items()},
         "stage1": {str(k): v for k, v in stage1.items()},
         "runs": [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs],
