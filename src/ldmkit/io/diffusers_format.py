@@ -137,18 +137,30 @@ def _check_fixed(cfg: dict, fixed: dict, what: str) -> None:
             raise ValueError(f"{what} option {k}={v!r} is not supported by ldmkit (supported: {allowed!r})")
 
 
+def _unet_fields() -> set:
+    from dataclasses import fields
+
+    from ldmkit.denoisers.unet import UNetConfig
+
+    return {f.name for f in fields(UNetConfig)}
+
+
 def unet_config_from_diffusers(cfg: dict) -> dict:
-    _check_fixed(cfg, _UNET_FIXED, "diffusers UNet")
-    out = {k: cfg.get(k, d) for k, d in _UNET_DEFAULTS.items()}
-    for k, v in out.items():
-        if isinstance(v, list):
-            out[k] = tuple(v)
+    """diffusers UNet2DConditionModel config -> UNetConfig fields (same names, same meanings)."""
+    ours = _unet_fields()
+    _check_fixed(cfg, {k: v for k, v in _UNET_FIXED.items() if k not in ours}, "diffusers UNet")
+    out = {}
+    for name in ours:  # absent keys: diffusers' default where it differs from ours, else the dataclass default
+        if name in cfg or name in _UNET_DEFAULTS:
+            v = cfg.get(name, _UNET_DEFAULTS.get(name))
+            out[name] = tuple(v) if isinstance(v, list) else v
     return out
 
 
 def unet_config_to_diffusers(cfg: dict) -> dict:
+    ours = _unet_fields()
     out = {"_class_name": "UNet2DConditionModel", **{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}}
-    out.update({k: v for k, v in _UNET_FIXED.items() if k not in ("addition_embed_type_num_heads",)})
+    out.update({k: v for k, v in _UNET_FIXED.items() if k not in ours and k != "addition_embed_type_num_heads"})
     return out
 
 
@@ -354,16 +366,11 @@ def parts_to_model(parts: DiffusersParts, device=None, dtype: torch.dtype | None
     stays float32 when `upcast_vae` (default: the VAE config's `force_upcast`, True for SD's VAE), since
     SD's VAE overflows in float16 (black/NaN images).
     """
-    from dataclasses import fields as dc_fields
-
     from ldmkit.autoencoder.model import Autoencoder, AutoencoderConfig
     from ldmkit.denoisers.unet import UNet, UNetConfig
     from ldmkit.io.format import config_from_dict
 
     ucfg = unet_config_from_diffusers(parts.unet_config)
-    missing = {f.name for f in dc_fields(UNetConfig)} - set(ucfg)
-    if missing:  # a field added to UNetConfig must get a diffusers default above
-        raise RuntimeError(f"UNetConfig fields without a diffusers counterpart: {sorted(missing)}")
     in_ch = ucfg["in_channels"]
     latent = int(parts.vae_config.get("latent_channels", 4))
     concat = {latent: None, 2 * latent + 1: "inpaint"}.get(in_ch, "unsupported")
@@ -386,7 +393,7 @@ def parts_to_model(parts: DiffusersParts, device=None, dtype: torch.dtype | None
     if device is not None:
         for m in (unet, ae, text):
             m.to(device=device)
-    size = int(ucfg["sample_size"])
+    size = int(unet.config.sample_size)
     index = {
         "format": "ldmkit", "format_version": 1,
         "schedule": schedule, "objective": schedule["prediction_type"], "conditioning": "text", "concat": concat,

@@ -521,8 +521,10 @@ def load_single_file(path, device="cpu", dtype=None, **opts):
 
     Options: prediction_type ('eps' | 'v'), original_config (CompVis YAML path),
     tokenizer (folder with vocab.json + merges.txt, or a diffusers model folder),
-    ema (use the EMA UNet weights), num_heads / num_head_channels, scaling_factor.
+    ema (use the EMA UNet weights), num_heads / num_head_channels, scaling_factor; and those of
+    `parts_to_model`: upcast_vae, max_length, clip_skip.
     """
     from ldmkit.io.diffusers_format import parts_to_model
 
-    return parts_to_model(single_file_to_parts(path, **opts), device=device, dtype=dtype)
+    build = {k: opts.pop(k) for k in ("upcast_vae", "max_length", "clip_skip", "verbose") if k in opts}
+    return parts_to_model(single_file_to_parts(path, **opts), device=device, dtype=dtype, **build)
