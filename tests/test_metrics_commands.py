@@ -137,3 +137,20 @@ def test_eval_samples_a_class_conditional_model(tmp_path, classifier_dir):
     assert report["generated"]["sampler"] == "ddim" and report["generated"]["steps"] == 2
     again = images_from_folder(tmp_path / "s")  # saved samples carry their class for a later --generated run
     assert again.labels == [0, 1, 0, 1, 0, 1]
+
+
+def test_eval_scores_shapes_prompt_adherence_from_png_metadata(tmp_path, classifier_dir):
+    from ldmkit.data.shapes import ShapesDataset
+
+    data = ShapesDataset("train", size=32, length=6, seed=3)
+    (tmp_path / "gen").mkdir()
+    for i in range(len(data)):
+        item = data[i]
+        save_png(tensor_to_pil(item["image"]), tmp_path / "gen" / f"{i}.png", {"prompt": item["caption"]})
+    out = tmp_path / "r.json"
+    assert main(["eval", "--generated", str(tmp_path / "gen"), "--reference", str(tmp_path / "gen"),
+                 "--features", str(classifier_dir), "--k", "2", "--out", str(out)]) == 0
+    adherence = json.loads(out.read_text())["adherence"]
+    # real renders of the prompts: the analyser must find exactly what each caption asks for
+    assert adherence["n"] == 6 and adherence["match_rate"] == 1.0
+    assert "samples" not in adherence
