@@ -1,6 +1,109 @@
-"""CLI subcommands of this package (registered by ldmkit.cli)."""
+"""CLI subcommands of this package (registered by ldmkit.cli): `ldm train`.
+
+    ldm train --autoencoder AE_DIR --latents CACHE_DIR --out RUN_DIR [options]
+    ldm train --out RUN_DIR --resume            # continue from the newest RUN_DIR/checkpoints/step-N.pt
+    torchrun --nproc_per_node 4 -m ldmkit.cli train ...   # DDP (gloo on CPU, nccl on GPU)
+"""
 from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+# options that may change when resuming without changing the numerics of the run
+RUNTIME_FIELDS = ("steps", "device", "strategy", "progress", "checkpoint_every", "sample_every", "log_every",
+                  "sample_prompts", "sample_seeds", "sample_sampler", "sample_steps", "guidance", "compile",
+                  "max_bad_steps", "out")
 
 
 def register(sub) -> None:
     """Add this package's subcommands to the `ldm` parser."""
+    p = sub.add_parser("train", help="train a latent diffusion model (stage 2) on cached latents",
+                       description="Train a denoiser (+ trainable text encoder) on latents cached from a frozen "
+                                   "autoencoder. Works as one process or under `torchrun --nproc_per_node N`.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--out", required=True, help="run folder: config.json, checkpoints/, samples/, loss.png, model/")
+    a("--autoencoder", help="frozen autoencoder component folder")
+    a("--latents", help="latent cache folder (ldmkit.data.latents); see docs/training.md")
+    a("--resume", nargs="?", const="auto", default=None,
+      help="continue a run: a checkpoint path, or no value for the newest OUT/checkpoints/step-N.pt")
+    a("--denoiser", choices=("unet", "dit"))
+    a("--preset", help="denoiser preset (ldmkit.denoisers.unet/dit PRESETS)")
+    a("--conditioning", choices=("text", "class", "none"))
+    a("--text-encoder", help="trainable text transformer preset")
+    a("--objective", choices=("eps", "v", "x0", "flow"))
+    a("--schedule", choices=("linear", "scaled_linear", "cosine"))
+    a("--loss-weighting", choices=("uniform", "min_snr"))
+    a("--steps", type=int)
+    a("--batch-size", type=int, help="global batch per optimiser step (all processes, all accumulation steps)")
+    a("--grad-accum", type=int)
+    a("--lr", type=float)
+    a("--lr-schedule", choices=("constant", "cosine"))
+    a("--warmup-steps", type=int)
+    a("--weight-decay", type=float)
+    a("--grad-clip", type=float, help="max gradient norm (0 disables)")
+    a("--ema-decay", type=float)
+    a("--ema-warmup", type=int)
+    a("--cond-drop", type=float, help="condition dropout probability (for classifier-free guidance)")
+    a("--precision", choices=("no", "bf16", "fp16"))
+    a("--compile", action="store_true", default=None, help="torch.compile the model")
+    a("--seed", type=int)
+    a("--max-bad-steps", type=int, help="stop after this many consecutive NaN/inf steps")
+    a("--checkpoint-every", type=int)
+    a("--sample-every", type=int)
+    a("--log-every", type=int)
+    a("--sample-prompt", action="append", dest="sample_prompts",
+      help="prompt for the sample grid (repeatable; class runs take labels)")
+    a("--sample-seeds", type=int, nargs="+")
+    a("--sampler", dest="sample_sampler")
+    a("--sample-steps", type=int)
+    a("--guidance", type=float)
+    a("--device", help="cpu | cuda (default: cuda when available)")
+    a("--strategy", choices=("ddp", "fsdp"), help="data parallelism under torchrun")
+    a("--no-progress", dest="progress", action="store_false", default=None)
+    p.set_defaults(func=_train)
+
+
+def _train(args) -> int:
+    from ldmkit.cli import UserError
+    from ldmkit.io.format import read_json
+    from ldmkit.training import distributed
+    from ldmkit.training.common import latest_checkpoint
+    from ldmkit.training.ldm import LDMTrainer, TrainConfig, TrainingDiverged
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}
+    for key in ("sample_prompts", "sample_seeds"):
+        if key in given:
+            given[key] = tuple(given[key])
+    resume = None
+    if args.resume is not None:
+        out = Path(args.out)
+        resume = (latest_checkpoint(out / "checkpoints") or out / "checkpoints" / "step-N.pt") if args.resume == "auto" else Path(args.resume)
+        if not resume.is_file():
+            raise UserError(f"--resume: checkpoint {resume} does not exist")
+        saved = read_json(out / "config.json")["training"]
+        changed = sorted(k for k, v in given.items()
+                         if k not in RUNTIME_FIELDS and TrainConfig.from_dict({k: saved[k]}).__dict__[k] != v)
+        if changed:
+            raise UserError(f"--resume keeps the run's settings; these options differ from {out}/config.json: "
+                            f"{changed} (only {list(RUNTIME_FIELDS)} may change)")
+        config = dataclasses.replace(TrainConfig.from_dict(saved), **{k: v for k, v in given.items()
+                                                                       if k in RUNTIME_FIELDS})
+    else:
+        for need in ("autoencoder", "latents"):
+            if need not in given:
+                raise UserError(f"--{need} is required (unless --resume)")
+        config = TrainConfig(**given)
+    ctx = distributed.init(config.device)
+    try:
+        trainer = LDMTrainer(config, ctx)
+        folder = trainer.run(resume=resume)
+    except TrainingDiverged as exc:
+        raise UserError(str(exc)) from None
+    finally:
+        distributed.shutdown(ctx)
+    if ctx.is_main:
+        print(f"model written to {folder} (load with: ldm sample --model {folder} ...)")
+    return 0

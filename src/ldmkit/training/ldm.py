@@ -1,0 +1,756 @@
+"""Stage 2: train a latent diffusion model on cached latents.
+
+The loop, top to bottom (nanoGPT style, nothing hidden in a framework):
+
+    latents z0 (cached posterior mean/std, sampled)  ─┐
+    t ~ p(t), noise ~ N(0, I)  ─ q_sample ─▶ z_t ─────┼▶ denoiser(z_t, t, tau(y)) ─▶ loss vs target
+    captions / labels ─ conditioner (condition dropout) ┘
+
+* `TrainConfig` records everything needed to rebuild the run; it is written to
+  `OUT/config.json` and is what `--resume` reads back.
+* Batches: `batch_size` is the global batch of one optimiser step (all ranks,
+  all accumulation micro-steps). Indices come from a DistributedSampler, and the
+  randomness of a step (timesteps, noise, posterior samples, condition dropout)
+  is drawn for the whole global batch from a generator seeded by (seed, step),
+  each rank taking its rows. So a step is a pure function of (weights, seed,
+  step): a resumed run repeats an uninterrupted one exactly, and N processes
+  compute the same update as one process with the same global batch.
+* Checkpoints (`OUT/checkpoints/step_XXXXXXX.pt`, `latest.pt`, written
+  atomically by rank 0) hold model, EMA, optimiser, LR scheduler, grad scaler,
+  RNG states and the data position.
+* At the end `OUT/model/` is a model folder (docs/internals.md) holding the
+  EMA weights, loadable by `ldm sample --model OUT/model`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ldmkit.training import common
+from ldmkit.training import distributed as distrib
+
+OBJECTIVES = ("eps", "v", "x0", "flow")
+DENOISERS = ("unet", "dit")
+CONDITIONINGS = ("text", "class", "none")
+LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stayed NaN/inf for too many consecutive steps."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # data + frozen stage 1
+    latents: str = ""  # latent cache folder written by ldmkit.data.latents
+    autoencoder: str = ""  # frozen autoencoder component folder
+    out: str = "runs/ldm"
+    # model
+    denoiser: str = "unet"  # "unet" | "dit"
+    preset: str = "tiny"  # a key of ldmkit.denoisers.{unet,dit}.PRESETS
+    conditioning: str = "text"  # "text" | "class" | "none"
+    text_encoder: str = "tiny"  # preset of the trainable text transformer
+    objective: str = "eps"  # "eps" | "v" | "x0" | "flow"
+    schedule: str = "scaled_linear"  # noise schedule name (ignored for "flow")
+    num_train_timesteps: int = 1000
+    loss_weighting: str = "uniform"  # "uniform" | "min_snr"
+    sample_posterior: bool = True  # z0 = mean + std * eps (else the posterior mean)
+    # optimisation
+    steps: int = 1000
+    batch_size: int = 32  # global batch per optimiser step
+    grad_accum: int = 1
+    lr: float = 1e-4
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0  # 0 disables clipping
+    ema_decay: float = 0.999
+    ema_warmup: bool = True  # decay ramps as min(decay, (1+n)/(10+n)) (training.common.EMA)
+    cond_drop: float = 0.1  # probability of replacing a condition by the null one
+    precision: str = "no"  # "no" | "bf16" | "fp16" (fp16 needs CUDA)
+    compile: bool = False
+    seed: int = 0
+    max_bad_steps: int = 10  # consecutive NaN/inf steps before stopping
+    # bookkeeping
+    checkpoint_every: int = 500
+    sample_every: int = 500
+    log_every: int = 10
+    sample_prompts: tuple = ()  # captions (text) or labels (class); default: first of the data set
+    sample_seeds: tuple = (0,)
+    sample_sampler: str = "ddim"
+    sample_steps: int = 20
+    guidance: float = 4.0
+    # runtime (not part of the numerics)
+    device: str | None = None
+    strategy: str = "ddp"  # "ddp" | "fsdp" under torchrun
+    progress: bool = True
+
+    def validate(self) -> None:
+        def one_of(name, value, allowed):
+            if value not in allowed:
+                raise ValueError(f"{name} {value!r} is not one of {allowed}")
+
+        one_of("objective", self.objective, OBJECTIVES)
+        one_of("denoiser", self.denoiser, DENOISERS)
+        one_of("conditioning", self.conditioning, CONDITIONINGS)
+        one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        one_of("precision", self.precision, PRECISIONS)
+        one_of("strategy", self.strategy, distrib.STRATEGIES)
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "sample_every", "log_every",
+                     "max_bad_steps", "num_train_timesteps", "sample_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.lr > 0):
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.cond_drop < 1.0:
+            raise ValueError(f"cond_drop must be in [0, 1), got {self.cond_drop}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        if self.guidance < 0:
+            raise ValueError(f"guidance must be >= 0, got {self.guidance}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["adam_betas"] = list(self.adam_betas)
+        d["sample_prompts"] = list(self.sample_prompts)
+        d["sample_seeds"] = list(self.sample_seeds)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown training config keys {unknown}")
+        d = dict(d)
+        for key in ("adam_betas", "sample_prompts", "sample_seeds"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+class Stage2(nn.Module):
+    """Denoiser + (trainable) conditioner as one module, so DDP/EMA/optimiser see both."""
+
+    def __init__(self, denoiser: nn.Module, conditioner: nn.Module | None):
+        super().__init__()
+        self.denoiser = denoiser
+        self.conditioner = conditioner
+
+    def encode(self, conditions, drop: torch.Tensor | None = None):
+        """Conditioning for a batch; rows where `drop` is True get the null condition."""
+        if self.conditioner is None:
+            return None
+        cond = self.conditioner.encode(list(conditions))
+        if drop is not None and bool(drop.any()):
+            from ldmkit.conditioning.base import mix
+
+            cond = mix(cond, self.conditioner.null(len(conditions)), ~drop)
+        return cond
+
+    def predict(self, x, t, cond):
+        if cond is None:
+            return self.denoiser(x, t)
+        return self.denoiser(cond.denoiser_input(x), t, **cond.denoiser_kwargs())
+
+    def forward(self, x, t, conditions=None, drop=None):
+        return self.predict(x, t, self.encode(conditions, drop) if conditions is not None else None)
+
+
+def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
+    """Multiplier of the base LR: linear warm-up, then constant or cosine to 0."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator that draws all randomness of one optimiser step."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + 12345) % (2**63 - 1))
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class LDMTrainer:
+    """Builds every piece of a run from a TrainConfig, then `run()` trains it.
+
+    The pieces are attributes (`model`, `optimizer`, `scheduler`, `ema`, `data`,
+    `schedule`, `autoencoder`) so tests and notebooks can look inside; the loop
+    itself is `run()` + `train_step()`.
+    """
+
+    def __init__(self, config: TrainConfig, ctx: distrib.DistContext | None = None,
+                 data: "LatentData | None" = None):
+        config.validate()
+        self.config = c = config
+        self.ctx = ctx or distrib.init(c.device)
+        self.device = self.ctx.device
+        self.out = Path(c.out)
+        micro, rem = divmod(c.batch_size, self.ctx.world_size * c.grad_accum)
+        if rem or micro < 1:
+            raise ValueError(f"batch_size {c.batch_size} must be a positive multiple of world_size x grad_accum "
+                             f"= {self.ctx.world_size} x {c.grad_accum}")
+        self.micro_batch = micro
+        if c.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("precision 'fp16' needs a CUDA device; use 'bf16' or 'no' on CPU")
+
+        self.data = (data if data is not None else open_latents(c.latents)).for_conditioning(c.conditioning)
+        self.autoencoder = load_frozen_autoencoder(c.autoencoder, self.device)
+        self.schedule = make_schedule(c)
+        self.conditioner = build_conditioner(c, self.data)
+        self.denoiser = build_denoiser(c, self.data, self.conditioner)
+        torch.manual_seed(c.seed)  # nothing below draws; kept so model init order changes stay seeded
+        self.model = Stage2(self.denoiser, self.conditioner).to(self.device)
+
+        from ldmkit.training.common import EMA
+
+        self.ema = EMA(self.model, decay=c.ema_decay, warmup=c.ema_warmup)
+        self.sampler = torch.utils.data.DistributedSampler(
+            _Len(len(self.data)), num_replicas=self.ctx.world_size, rank=self.ctx.rank, shuffle=True,
+            seed=c.seed, drop_last=True)
+        per_rank = len(self.sampler)
+        self.steps_per_epoch = per_rank // (micro * c.grad_accum)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"the latent cache holds {len(self.data)} items: too few for a global batch of "
+                             f"{c.batch_size}")
+        self.step = 0
+        self.bad_steps = 0  # total skipped steps
+        self.bad_streak = 0  # consecutive skipped steps
+        self._epoch_cache: tuple[int, list[int]] | None = None
+
+        self.wrapped = distrib.wrap(self.model, self.ctx, c.strategy)
+        if c.compile:
+            self.wrapped = torch.compile(self.wrapped)
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "norm" in name or "embedding" in name.split(".")[-2:] else decay).append(p)
+        params = self.wrapped.parameters() if c.strategy == "fsdp" and self.ctx.distributed else None
+        groups = ([{"params": list(params), "weight_decay": c.weight_decay}] if params is not None else
+                  [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}])
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.adam_betas), fused=fused or None)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_lambda(s, c.warmup_steps, c.steps, c.lr_schedule))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=c.precision == "fp16")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.precision)
+
+    # ---- data -------------------------------------------------------------------------
+    def _rank_indices(self, epoch: int) -> list[int]:
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            self.sampler.set_epoch(epoch)
+            self._epoch_cache = (epoch, list(iter(self.sampler)))
+        return self._epoch_cache[1]
+
+    def data_position(self, step: int) -> dict:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        return {"epoch": epoch, "index": k * self.micro_batch * self.config.grad_accum}
+
+    def batch_indices(self, step: int, micro: int) -> list[int]:
+        pos = self.data_position(step)
+        start = pos["index"] + micro * self.micro_batch
+        return self._rank_indices(pos["epoch"])[start:start + self.micro_batch]
+
+    def global_rows(self, micro: int) -> torch.Tensor:
+        """Rows of the step's global random draws used by this rank's micro-batch `micro`.
+
+        DistributedSampler hands rank r the permutation positions r, r+W, r+2W...,
+        so this rank's j-th sample of micro-batch a sits at global position
+        (a*m + j)*W + r of the step: the same position a 1-process run gives it.
+        """
+        m, w = self.micro_batch, self.ctx.world_size
+        return (micro * m + torch.arange(m)) * w + self.ctx.rank
+
+    # ---- one optimiser step ------------------------------------------------------------
+    def draw(self, step: int) -> dict:
+        """All randomness of optimiser step `step`, for the whole global batch (CPU, then device)."""
+        c, g = self.config, step_generator(self.config.seed, step)
+        shape = (c.batch_size, *self.data.latent_shape)
+        post = torch.randn(shape, generator=g)
+        noise = torch.randn(shape, generator=g)
+        t = sample_timesteps(self.schedule, c, c.batch_size, g)
+        drop = torch.rand(c.batch_size, generator=g) < c.cond_drop
+        return {"post": post, "noise": noise, "t": t, "drop": drop}
+
+    def micro_loss(self, step: int, micro: int, draws: dict) -> torch.Tensor:
+        c = self.config
+        idx = self.batch_indices(step, micro)
+        rows = self.global_rows(micro)
+        batch = self.data.get(idx)
+        mean, std = batch["mean"].to(self.device), batch["std"].to(self.device)
+        if c.sample_posterior:
+            z0 = mean + std * draws["post"][rows].to(self.device, mean.dtype)
+        else:
+            z0 = mean
+        noise = draws["noise"][rows].to(self.device, z0.dtype)
+        t = draws["t"][rows]
+        conditions = batch.get("conditions") if self.conditioner is not None else None
+        drop = draws["drop"][rows].to(self.device) if conditions is not None and c.cond_drop > 0 else None
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            def model_fn(x, tt):
+                return self.wrapped(x, tt, conditions, drop)
+            loss = diffusion_loss(model_fn, z0, t, noise, self.schedule, c)
+        return loss.float()
+
+    def train_step(self) -> dict:
+        """One optimiser step (with accumulation). Returns {'loss', 'grad_norm', 'skipped', 'lr'}."""
+        c, step = self.config, self.step
+        self.model.train()
+        draws = self.draw(step)
+        total = torch.zeros((), device=self.device)
+        finite = True
+        for a in range(c.grad_accum):
+            last = a == c.grad_accum - 1
+            with distrib.no_sync(self.wrapped, not last):
+                loss = self.micro_loss(step, a, draws)
+                bad = not bool(torch.isfinite(loss))
+                finite = finite and not bad
+                self.scaler.scale(loss / c.grad_accum if not bad else loss.nan_to_num(0.0) * 0.0).backward()
+            total += loss.detach().nan_to_num(float("inf")) / c.grad_accum
+        # every rank must agree on skipping, or DDP deadlocks on the next all-reduce
+        bad_flag = self.ctx.all_reduce_max(torch.tensor(0.0 if finite else 1.0, device=self.device))
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = self._clip()
+        if bool(bad_flag > 0) or not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler.is_enabled():  # let the scaler back off
+                self.scaler.update(self.scaler.get_scale() / 2)
+            self.bad_steps += 1
+            self.bad_streak += 1
+            skipped = True
+            if self.bad_streak >= c.max_bad_steps:
+                raise TrainingDiverged(
+                    f"loss was NaN/inf for {self.bad_streak} consecutive steps (up to step {step + 1}; "
+                    f"{self.bad_steps} skipped in total). Lower --lr, use --precision no/bf16, or check the "
+                    f"latent cache {c.latents} for non-finite values. The last checkpoint is in {self.out}.")
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.ema.update(self.model)
+            self.bad_streak = 0
+            skipped = False
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.step += 1
+        loss_value = float(self.ctx.all_reduce_mean(total))
+        return {"loss": loss_value, "grad_norm": grad_norm, "skipped": skipped, "lr": lr}
+
+    def _clip(self) -> float:
+        params = [p for p in self.wrapped.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        if self.config.grad_clip > 0:
+            if hasattr(self.wrapped, "clip_grad_norm_"):  # FSDP shards the norm
+                return float(self.wrapped.clip_grad_norm_(self.config.grad_clip))
+            return float(torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip))
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    def state_dict(self) -> dict:
+        """Everything `--resume` needs (gathered on all ranks; only rank 0 writes it)."""
+        return {
+            "step": self.step,
+            "model": distrib.full_state_dict(self.wrapped, self.ctx),
+            "ema": self.ema.state_dict(),
+            "optimizer": distrib.optimizer_state_dict(self.wrapped, self.optimizer),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": common.rng_state(),
+            "data_position": self.data_position(self.step),
+            "bad_steps": self.bad_steps,
+            "bad_streak": self.bad_streak,
+            "world_size": self.ctx.world_size,
+            "config": self.config.to_dict(),
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        from ldmkit.training.common import prune_checkpoints, save_training_state
+
+        state = self.state_dict()  # collective under FSDP: every rank calls it
+        path = None
+        if self.ctx.is_main:
+            path = self.checkpoint_dir / f"step-{self.step}.pt"
+            save_training_state(path, state)
+            prune_checkpoints(self.checkpoint_dir, keep=2)
+        self.ctx.barrier()
+        return path
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        from ldmkit.training.common import load_training_state
+
+        state = load_training_state(path, map_location="cpu")
+        saved = TrainConfig.from_dict(state["config"])
+        changed = [k for k in NUMERIC_FIELDS if getattr(saved, k) != getattr(self.config, k)]
+        if changed:
+            raise ValueError(f"cannot resume from {path}: the run was started with different {changed} "
+                             f"(saved: {[getattr(saved, k) for k in changed]})")
+        distrib.unwrap(self.wrapped).load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        distrib.load_optimizer_state_dict(self.wrapped, self.optimizer, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        common.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.bad_steps, self.bad_streak = int(state["bad_steps"]), int(state["bad_streak"])
+        if state["data_position"] != self.data_position(self.step):
+            raise ValueError(f"checkpoint {path} data position {state['data_position']} does not match step "
+                             f"{self.step} with this data set (expected {self.data_position(self.step)}); "
+                             "the latent cache changed since the run started")
+
+    # ---- the loop --------------------------------------------------------------------------
+    def run(self, resume: str | os.PathLike | None = None) -> Path:
+        """Train to `config.steps`, checkpointing, logging and sampling on the way; returns the model folder."""
+        from ldmkit.io.format import write_json
+        from ldmkit.training.common import LossLog, progress
+
+        c = self.config
+        if resume:
+            self.load_checkpoint(resume)
+        if self.ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json(self.out / "config.json", {"training": c.to_dict(), "world_size": self.ctx.world_size,
+                                                   "schedule": self.schedule.to_dict(),
+                                                   "denoiser": dataclasses.asdict(self.denoiser.config),
+                                                   "conditioner": _config_dict(self.conditioner),
+                                                   "latent_shape": list(self.data.latent_shape),
+                                                   "num_items": len(self.data)})
+        log = LossLog(self.out / "loss.csv", resume_step=self.step) if self.ctx.is_main else None
+        bar = progress(total=c.steps, desc="ldm train", initial=self.step, unit="step",
+                       disable=not (self.ctx.is_main and c.progress))
+        t0, done0 = time.time(), self.step
+        while self.step < c.steps:
+            info = self.train_step()
+            s = self.step
+            if log is not None:
+                log.append(s, loss=info["loss"], lr=info["lr"])
+            bar.update(1)
+            if s % c.log_every == 0 or s == c.steps:
+                bar.set_postfix(loss=f"{info['loss']:.4f}", lr=f"{info['lr']:.2e}", skipped=self.bad_steps,
+                                refresh=False)
+            if s % c.checkpoint_every == 0 or s == c.steps:
+                self.save_checkpoint()
+                if log is not None:
+                    log.plot(self.out / "loss.png")
+            if s % c.sample_every == 0 or s == c.steps:
+                self.sample_grid(self.out / "samples" / f"step_{s:07d}.png")
+        bar.close()
+        self.elapsed = time.time() - t0
+        self.steps_done = self.step - done0
+        folder = self.out / "model"
+        if self.ctx.is_main:
+            self.export(folder)
+        self.ctx.barrier()
+        return folder
+
+    # ---- outputs ---------------------------------------------------------------------------
+    def ema_model(self) -> Stage2:
+        """A copy of the Stage2 module holding the EMA weights (eval mode, CPU-safe)."""
+        import copy
+
+        m = copy.deepcopy(self.model)
+        self.ema.copy_to(m)
+        return m.eval()
+
+    @torch.no_grad()
+    def sample_grid(self, path: Path) -> None:
+        """Fixed prompts x fixed seeds with the EMA weights and CFG, through the sampling
+        Pipeline: one PNG grid, a row per seed (rank 0 only)."""
+        if not self.ctx.is_main:
+            return
+        from ldmkit.io.images import make_grid, save_png
+
+        c = self.config
+        prompts = list(c.sample_prompts) or self.data.default_prompts(4)
+        pipe = make_pipeline(self.ema_model(), self.autoencoder, self.schedule, c, self.data.latent_shape)
+        images = []
+        for seed in c.sample_seeds:
+            kw = {"class_label": prompts} if c.conditioning == "class" else {"prompt": prompts or None}
+            if c.conditioning == "none":
+                kw = {}
+            res = pipe.text2img(num=len(prompts) or 1, seed=seed, batch_size=max(1, len(prompts)),
+                                progress=False, **kw)
+            # text2img gives image i the seed `seed + i`; a row shares one seed base per row
+            images += [r.image for r in res]
+        save_png(make_grid(images, nrow=max(1, len(prompts))), path,
+                 {"step": self.step, "prompts": json.dumps([str(p) for p in prompts]),
+                  "seeds": json.dumps(list(c.sample_seeds)), "guidance": c.guidance,
+                  "sampler": c.sample_sampler, "steps": c.sample_steps})
+
+    def export(self, folder: Path) -> Path:
+        """The EMA weights as a model folder that `ldm sample --model` loads."""
+        from ldmkit.io.format import save_model
+
+        model = self.ema_model().to("cpu")
+        c = self.config
+        index = {
+            "schedule": self.schedule.to_dict(),
+            "objective": c.objective,
+            "conditioning": c.conditioning,
+            "concat": None,
+            "latent_size": list(self.data.latent_shape[1:]),
+            "defaults": {"sampler": c.sample_sampler, "steps": c.sample_steps, "guidance": c.guidance},
+            "training": {"steps": self.step, "config": "../config.json"},
+        }
+        components = {"autoencoder": self.autoencoder.to("cpu"), "denoiser": model.denoiser,
+                      "conditioner": model.conditioner}
+        save_model(folder, components, index)
+        self.autoencoder.to(self.device)
+        return folder
+
+
+# fields whose change would make a resumed run differ from the uninterrupted one
+NUMERIC_FIELDS = ("latents", "autoencoder", "denoiser", "preset", "conditioning", "text_encoder", "objective",
+                  "schedule", "num_train_timesteps", "loss_weighting", "sample_posterior", "batch_size",
+                  "grad_accum", "lr", "lr_schedule", "warmup_steps", "weight_decay", "adam_betas", "grad_clip",
+                  "ema_decay", "ema_warmup", "cond_drop", "precision", "seed")
+
+
+class _Len(torch.utils.data.Dataset):
+    """A length-only data set for DistributedSampler (indices only; data comes from the cache)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):  # pragma: no cover - never read
+        return i
+
+
+def _config_dict(module) -> dict | None:
+    if module is None:
+        return None
+    cfg = getattr(module, "config", None)
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+
+
+# --------------------------------------------------------------------------- building blocks of a run
+
+
+def make_schedule(c: TrainConfig):
+    """The noise schedule of the run: a DiscreteSchedule with the objective as prediction
+    type, or a FlowSchedule for objective "flow"."""
+    from ldmkit.diffusion.schedules import DiscreteSchedule, FlowSchedule
+
+    if c.objective == "flow":
+        return FlowSchedule(num_train_timesteps=c.num_train_timesteps)
+    betas = {"scaled_linear": (0.00085, 0.012)}.get(c.schedule, (1e-4, 0.02))
+    return DiscreteSchedule(beta_schedule=c.schedule, num_train_timesteps=c.num_train_timesteps,
+                            beta_start=betas[0], beta_end=betas[1], prediction_type=c.objective,
+                            timestep_spacing="trailing" if c.schedule != "scaled_linear" else "leading",
+                            steps_offset=0 if c.schedule != "scaled_linear" else 1)
+
+
+def sample_timesteps(schedule, c: TrainConfig, n: int, generator: torch.Generator) -> torch.Tensor:
+    from ldmkit.diffusion.objectives import sample_timesteps as draw
+
+    return draw(schedule, n, generator, method="logit_normal" if c.objective == "flow" else "uniform")
+
+
+def diffusion_loss(model_fn, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, schedule,
+                   c: TrainConfig) -> torch.Tensor:
+    """Mean weighted loss of one micro-batch: noise z0 to t, predict, compare with the objective's target."""
+    from ldmkit.diffusion.forward import q_sample
+    from ldmkit.diffusion.objectives import model_timestep, training_loss
+
+    z_t = q_sample(schedule, z0, noise, t)
+    t_model = model_timestep(schedule, t).to(z0.device, torch.float32)
+    out = model_fn(z_t, t_model)
+    return training_loss(schedule, out, z0, noise, t, weighting=c.loss_weighting).mean()
+
+
+def load_frozen_autoencoder(folder: str, device: torch.device) -> nn.Module:
+    from ldmkit.io.format import load_component
+
+    if not folder:
+        raise ValueError("autoencoder: a component folder is required (e.g. the `autoencoder` folder that "
+                         "`ldm train-autoencoder` writes)")
+    ae = load_component(folder, device=device)
+    ae.requires_grad_(False)
+    return ae.eval()
+
+
+# trainable text transformer sizes (width always equals the denoiser's cross_attention_dim)
+TEXT_ENCODERS: dict[str, dict] = {
+    "tiny": dict(depth=1, heads=2),
+    "small": dict(depth=2, heads=4),
+    "base": dict(depth=4, heads=8),
+}
+
+
+def build_conditioner(c: TrainConfig, data) -> nn.Module | None:
+    """A fresh conditioner for the run: the LDM paper's trainable text transformer with a word
+    vocabulary from the training captions, a class-label table, or None."""
+    if c.conditioning == "none":
+        return None
+    cross_dim = _cross_dim(c)
+    torch.manual_seed(c.seed + 1)
+    if c.conditioning == "class":
+        from ldmkit.conditioning import ClassConditioner, ClassConfig
+
+        if data.num_classes is None:
+            raise ValueError(f"conditioning 'class' needs class labels in the latent cache {c.latents}")
+        # UNets with cross-attention also get a one-token class context (the LDM paper's class model)
+        has_cross = c.denoiser == "unet" and _denoiser_preset(c).has_cross_attention
+        return ClassConditioner(ClassConfig(num_classes=data.num_classes, context_dim=cross_dim if has_cross else None,
+                                            class_names=tuple(data.class_names or ())))
+    from ldmkit.conditioning import TransformerTextEncoder
+
+    if c.text_encoder not in TEXT_ENCODERS:
+        raise ValueError(f"text_encoder {c.text_encoder!r} is not one of {sorted(TEXT_ENCODERS)}")
+    captions = data.captions
+    if not captions:
+        raise ValueError(f"conditioning 'text' needs captions in the latent cache {c.latents}")
+    longest = max(len(str(t).split()) for t in set(captions))
+    return TransformerTextEncoder.from_captions(sorted(set(captions)), width=cross_dim,
+                                                max_length=max(8, longest + 4), **TEXT_ENCODERS[c.text_encoder])
+
+
+def _denoiser_preset(c: TrainConfig):
+    if c.denoiser == "unet":
+        from ldmkit.denoisers.unet import PRESETS
+    else:
+        from ldmkit.denoisers.dit import PRESETS
+    if c.preset not in PRESETS:
+        raise ValueError(f"{c.denoiser} preset {c.preset!r} is not one of {sorted(PRESETS)}")
+    return PRESETS[c.preset]
+
+
+def build_denoiser(c: TrainConfig, data, conditioner) -> nn.Module:
+    """The preset, fitted to the latents (channels, size) and the conditioning."""
+    cfg = _denoiser_preset(c)
+    ch, h, w = data.latent_shape
+    torch.manual_seed(c.seed)
+    if c.denoiser == "unet":
+        from ldmkit.denoisers.unet import UNet
+
+        changes = dict(in_channels=ch, out_channels=ch, sample_size=h)
+        if c.conditioning == "class":
+            changes["num_class_embeds"] = data.num_classes + 1
+        if c.conditioning == "none":  # no context: the same levels without cross-attention
+            changes.update(down_block_types=tuple("DownBlock2D" for _ in cfg.down_block_types),
+                           up_block_types=tuple("UpBlock2D" for _ in cfg.up_block_types),
+                           mid_block_type="UNetMidBlock2D" if cfg.mid_block_type else None)
+        return UNet(dataclasses.replace(cfg, **changes))
+    from ldmkit.denoisers.dit import DiT
+
+    changes = dict(in_channels=ch, out_channels=None, learn_sigma=False, sample_size=h,
+                   num_classes=data.num_classes if c.conditioning == "class" else None,
+                   cross_attention_dim=_cross_dim(c) if c.conditioning == "text" else None)
+    return DiT(dataclasses.replace(cfg, **changes))
+
+
+def _cross_dim(c: TrainConfig) -> int:
+    """Width of the conditioning sequence the denoiser attends to."""
+    cfg = _denoiser_preset(c)
+    if c.denoiser == "unet":
+        return cfg.cross_attention_dim
+    return cfg.cross_attention_dim or cfg.hidden_size
+
+
+def make_pipeline(model: Stage2, autoencoder: nn.Module, schedule, c: TrainConfig, latent_shape):
+    """A sampling Pipeline (ldmkit.pipelines) over the given weights: what `ldm sample` will run."""
+    from ldmkit.pipelines import Pipeline
+
+    return Pipeline(autoencoder, model.denoiser, schedule, model.conditioner, conditioning=c.conditioning,
+                    latent_size=list(latent_shape[1:]),
+                    defaults={"sampler": c.sample_sampler, "steps": c.sample_steps, "guidance": c.guidance})
+
+
+class LatentData:
+    """Cached latents as the trainer reads them: posterior mean/std [N, c, h, w] plus the
+    condition of each item (captions for text runs, integer labels for class runs).
+
+    `open_latents(path)` builds one from a latent cache folder (ldmkit.data.latents); tests and
+    scripts can also build one from tensors.
+    """
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor | None = None, captions: list[str] | None = None,
+                 labels: torch.Tensor | None = None, class_names: list[str] | None = None):
+        if mean.dim() != 4:
+            raise ValueError(f"latent means have shape {tuple(mean.shape)}; expected [N, c, h, w]")
+        self.mean = mean.float()
+        self.std = torch.zeros_like(self.mean) if std is None else std.float()
+        if self.std.shape != self.mean.shape:
+            raise ValueError(f"latent std {tuple(self.std.shape)} does not match mean {tuple(self.mean.shape)}")
+        n = mean.shape[0]
+        if captions is not None and len(captions) != n:
+            raise ValueError(f"{len(captions)} captions for {n} latents")
+        if labels is not None and len(labels) != n:
+            raise ValueError(f"{len(labels)} labels for {n} latents")
+        self.captions = list(captions) if captions is not None else None
+        self.labels = torch.as_tensor(labels, dtype=torch.long) if labels is not None else None
+        self.class_names = list(class_names) if class_names else None
+        self.condition_kind = "text" if captions is not None else ("class" if labels is not None else "none")
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return tuple(self.mean.shape[1:])
+
+    @property
+    def num_classes(self) -> int | None:
+        if self.labels is None:
+            return None
+        return len(self.class_names) if self.class_names else int(self.labels.max()) + 1
+
+    def for_conditioning(self, kind: str) -> "LatentData":
+        if kind == "text" and self.captions is None:
+            raise ValueError("conditioning 'text' needs captions, but the latent cache has none")
+        if kind == "class" and self.labels is None:
+            raise ValueError("conditioning 'class' needs labels, but the latent cache has none")
+        self.condition_kind = kind
+        return self
+
+    def get(self, indices: list[int]) -> dict:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        out = {"mean": self.mean[idx], "std": self.std[idx]}
+        if self.condition_kind == "text":
+            out["conditions"] = [self.captions[i] for i in indices]
+        elif self.condition_kind == "class":
+            out["conditions"] = self.labels[idx].tolist()
+        return out
+
+    def default_prompts(self, n: int) -> list:
+        """The first `n` distinct conditions of the data set (for sample grids)."""
+        if self.condition_kind == "none":
+            return []
+        pool = self.captions if self.condition_kind == "text" else self.labels.tolist()
+        seen = []
+        for p in pool:
+            if p not in seen:
+                seen.append(p)
+            if len(seen) == n:
+                break
+        return seen

@@ -1,0 +1,195 @@
+"""Stage-2 trainer: end to end on a tiny model, exact resume, NaN handling, LR schedule."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from ldmkit.training.ldm import LatentData, LDMTrainer, TrainConfig, TrainingDiverged, lr_lambda
+
+CAPTIONS = ["a red circle", "a blue square", "a red circle above a blue square", "a green triangle"]
+
+
+def make_autoencoder(folder):
+    from ldmkit.autoencoder.model import PRESETS, Autoencoder
+    from ldmkit.io.format import save_component
+
+    torch.manual_seed(0)
+    ae = Autoencoder(PRESETS["tiny-kl-f4"])
+    save_component(ae, folder)
+    return str(folder)
+
+
+def make_data(n=16, seed=0, nan=False):
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.randn(n, 4, 8, 8, generator=g)
+    std = 0.1 * torch.rand(n, 4, 8, 8, generator=g)
+    if nan:
+        mean[:] = float("nan")
+    return LatentData(mean, std, captions=[CAPTIONS[i % len(CAPTIONS)] for i in range(n)])
+
+
+def config(tmp_path, **kw):
+    base = dict(latents="memory", autoencoder=str(tmp_path / "ae"), out=str(tmp_path / "run"), preset="tiny",
+                text_encoder="tiny", steps=6, batch_size=4, lr=1e-3, warmup_steps=2, checkpoint_every=3,
+                sample_every=100, sample_prompts=("a red circle", "a blue square"), sample_steps=2,
+                sample_sampler="ddim", progress=False, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture()
+def ae_dir(tmp_path):
+    return make_autoencoder(tmp_path / "ae")
+
+
+def weights(trainer):
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_end_to_end_train_checkpoint_resume_sample(tmp_path, ae_dir):
+    from ldmkit import pipelines
+
+    cfg = config(tmp_path, steps=4, checkpoint_every=2, sample_every=4)
+    trainer = LDMTrainer(cfg, data=make_data())
+    folder = trainer.run()
+    run = tmp_path / "run"
+    assert (run / "config.json").is_file() and (run / "loss.csv").is_file() and (run / "loss.png").is_file()
+    assert (run / "samples" / "step_0000004.png").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*.pt")) == ["step-2.pt", "step-4.pt"]
+    # resume from step 2 to 6 in a new trainer
+    resumed = LDMTrainer(dataclasses.replace(cfg, steps=6), data=make_data())
+    resumed.run(resume=run / "checkpoints" / "step-2.pt")
+    assert resumed.step == 6
+    # the model folder loads as a pipeline and samples
+    pipe = pipelines.load(folder, device="cpu")
+    out = pipe.text2img("a red circle", num=2, seed=0, steps=3, progress=False)
+    assert len(out) == 2 and out[0].image.size == (32, 32)
+
+
+def test_resume_gives_identical_weights(tmp_path, ae_dir):
+    cfg = config(tmp_path, steps=6, grad_accum=2)
+    full = LDMTrainer(cfg, data=make_data())
+    for _ in range(6):
+        full.train_step()
+
+    cfg2 = dataclasses.replace(cfg, out=str(tmp_path / "run2"))
+    first = LDMTrainer(cfg2, data=make_data())
+    for _ in range(4):
+        first.train_step()
+    ckpt = first.save_checkpoint()
+    del first
+    second = LDMTrainer(cfg2, data=make_data())
+    second.load_checkpoint(ckpt)
+    assert second.step == 4
+    for _ in range(2):
+        second.train_step()
+    a, b = weights(full), weights(second)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ema_a, ema_b = full.ema.module.state_dict(), second.ema.module.state_dict()
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    assert full.optimizer.state_dict()["state"].keys() == second.optimizer.state_dict()["state"].keys()
+
+
+def test_training_reduces_loss_on_fixed_batch(tmp_path, ae_dir):
+    cfg = config(tmp_path, steps=40, batch_size=8, lr=2e-3, warmup_steps=0, lr_schedule="constant")
+    trainer = LDMTrainer(cfg, data=make_data(n=8))
+    losses = [trainer.train_step()["loss"] for _ in range(40)]
+    assert sum(losses[-8:]) / 8 < 0.8 * sum(losses[:8]) / 8
+
+
+def test_nan_loss_is_skipped_then_training_stops(tmp_path, ae_dir):
+    cfg = config(tmp_path, max_bad_steps=3)
+    trainer = LDMTrainer(cfg, data=make_data(nan=True))
+    before = weights(trainer)
+    info = trainer.train_step()
+    assert info["skipped"] and trainer.bad_steps == 1
+    after = weights(trainer)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no update from a NaN step
+    trainer.train_step()
+    with pytest.raises(TrainingDiverged, match="NaN/inf for 3 consecutive steps"):
+        trainer.train_step()
+
+
+def test_transient_nan_is_skipped_and_counted(tmp_path, ae_dir, monkeypatch):
+    cfg = config(tmp_path, max_bad_steps=2)
+    trainer = LDMTrainer(cfg, data=make_data())
+    real = trainer.micro_loss
+    calls = {"n": 0}
+
+    def flaky(step, micro, draws):
+        calls["n"] += 1
+        loss = real(step, micro, draws)
+        return loss * float("nan") if step == 1 else loss
+
+    monkeypatch.setattr(trainer, "micro_loss", flaky)
+    results = [trainer.train_step() for _ in range(4)]
+    assert [r["skipped"] for r in results] == [False, True, False, False]
+    assert trainer.bad_steps == 1 and trainer.bad_streak == 0
+
+
+@pytest.mark.parametrize("objective", ["v", "x0", "flow"])
+def test_objectives_train(tmp_path, ae_dir, objective):
+    cfg = config(tmp_path, objective=objective, steps=2)
+    trainer = LDMTrainer(cfg, data=make_data())
+    for _ in range(2):
+        info = trainer.train_step()
+        assert math.isfinite(info["loss"]) and not info["skipped"]
+
+
+def test_class_conditioning_and_dit(tmp_path, ae_dir):
+    labels = torch.arange(16) % 3
+    g = torch.Generator().manual_seed(0)
+    data = LatentData(torch.randn(16, 4, 8, 8, generator=g), labels=labels)
+    cfg = config(tmp_path, conditioning="class", denoiser="dit", preset="tiny", steps=2, sample_prompts=(0, 1))
+    trainer = LDMTrainer(cfg, data=data)
+    folder = trainer.run()
+    from ldmkit import pipelines
+
+    pipe = pipelines.load(folder, device="cpu")
+    assert len(pipe.text2img(class_label=1, num=1, steps=2, progress=False)) == 1
+
+
+def test_unconditional_unet(tmp_path, ae_dir):
+    g = torch.Generator().manual_seed(0)
+    data = LatentData(torch.randn(8, 4, 8, 8, generator=g))
+    cfg = config(tmp_path, conditioning="none", steps=2, sample_prompts=())
+    trainer = LDMTrainer(cfg, data=data)
+    assert trainer.conditioner is None
+    assert not trainer.train_step()["skipped"]
+
+
+def test_lr_schedule():
+    assert lr_lambda(0, 10, 100, "cosine") == pytest.approx(0.1)
+    assert lr_lambda(9, 10, 100, "cosine") == pytest.approx(1.0)
+    assert lr_lambda(10, 10, 100, "cosine") == pytest.approx(1.0)
+    assert lr_lambda(55, 10, 100, "cosine") == pytest.approx(0.5)
+    assert lr_lambda(100, 10, 100, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert lr_lambda(80, 10, 100, "constant") == 1.0
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(objective="score"), "objective 'score'"),
+    (dict(cond_drop=1.5), "cond_drop must be in"),
+    (dict(steps=0), "steps must be >= 1"),
+    (dict(precision="fp8"), "precision 'fp8'"),
+])
+def test_bad_config(tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        config(tmp_path, **bad).validate()
+
+
+def test_batch_must_divide(tmp_path, ae_dir):
+    with pytest.raises(ValueError, match="batch_size 5 must be a positive multiple"):
+        LDMTrainer(config(tmp_path, batch_size=5, grad_accum=2), data=make_data())
+
+
+def test_fp16_needs_cuda(tmp_path, ae_dir):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(ValueError, match="fp16"):
+        LDMTrainer(config(tmp_path, precision="fp16"), data=make_data())
