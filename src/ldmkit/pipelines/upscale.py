@@ -36,6 +36,7 @@ def upscale(pipe: Pipeline, image, prompt=None, *, negative_prompt=None, class_l
     for k in ("height", "width"):
         if settings.get(k) is not None:
             raise ValueError(f"upscale sets the output size itself (input size x {pipe.factor}); do not pass {k}")
+        settings.pop(k, None)
     extra = pipe.denoiser.config.in_channels - pipe.latent_channels
     if extra != 3:
         raise ValueError(f"upscale expects 3 low-resolution RGB channels concatenated to the latents; "
