@@ -242,6 +242,8 @@ def test_bad_input_errors():
         with pytest.raises(ValueError, match=r"strength=.* outside the allowed range \[0, 1\]"):
             img2img_start(10, strength)
     assert img2img_start(10, 1.0) == 0 and img2img_start(10, 0.0) == 10 and img2img_start(10, 0.35) == 7
+    with pytest.raises(ValueError, match=r"steps=1000 with 'leading' spacing and steps_offset=1 reaches timestep 1000"):
+        SAMPLERS["ddim"](_denoise, x, DiscreteSchedule(steps_offset=1), 1000)
     with pytest.raises(ValueError, match=r"start=11 must be an integer in \[0, 10\]"):
         SAMPLERS["ddim"](_denoise, x, s, 10, start=11)
     with pytest.raises(ValueError, match="timestep spacing"):

@@ -76,6 +76,9 @@ def spaced_timesteps(T: int, steps: int, spacing: str, steps_offset: int = 0, *,
     elif spacing == "leading":
         ratio = T // n
         ts = (torch.arange(n, dtype=torch.float64) * ratio).flip(0) + steps_offset
+        if ts[0] >= T:
+            raise ValueError(f"steps={steps} with 'leading' spacing and steps_offset={steps_offset} reaches "
+                             f"timestep {int(ts[0])}, outside [0, {T}); use fewer steps or another spacing")
     else:  # trailing
         ratio = T / steps
         ts = torch.round(torch.arange(float(T), 0, -ratio, dtype=torch.float64)) - 1
