@@ -33,7 +33,7 @@ def _ours_from(ref):
         cross_attention_dim=rc.cross_attention_dim, use_linear_projection=rc.use_linear_projection,
         upcast_attention=rc.upcast_attention, norm_num_groups=rc.norm_num_groups, norm_eps=rc.norm_eps,
         resnet_time_scale_shift=rc.resnet_time_scale_shift, num_class_embeds=rc.num_class_embeds,
-        flip_sin_to_cos=rc.flip_sin_to_cos, freq_shift=rc.freq_shift, sample_size=rc.sample_size,
+        only_cross_attention=rc.only_cross_attention, flip_sin_to_cos=rc.flip_sin_to_cos, freq_shift=rc.freq_shift, sample_size=rc.sample_size,
     )
     ours = UNet(cfg).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)  # identity key map
@@ -53,6 +53,9 @@ CASES = {
                                        upcast_attention=True),
     "class-embedding": dict(num_class_embeds=10),
     "inpaint-9ch": dict(in_channels=9),
+    "x4-upscaler-style": dict(in_channels=7, num_class_embeds=1000, use_linear_projection=True,
+                              only_cross_attention=(True, False, False),
+                              down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")),
     "scale-shift-2layers": dict(resnet_time_scale_shift="scale_shift", transformer_layers_per_block=(1, 2, 1),
                                 layers_per_block=2),
 }
@@ -69,6 +72,8 @@ def test_parity_with_diffusers(name):
     t = torch.tensor([1.0, 500.0, 999.0])
     ctx = torch.randn(b, 5, 24)
     labels = torch.tensor([0, 3, 9]) if ref.config.num_class_embeds else None
+    if ref.config.only_cross_attention is not False:
+        assert ours.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_k.in_features == 24
     with torch.no_grad():
         want = ref(x, t, encoder_hidden_states=ctx, class_labels=labels).sample
         got = ours(x, t, ctx, class_labels=labels)

@@ -62,6 +62,7 @@ class UNetConfig:
     attention_head_dim: int | tuple = 8  # diffusers quirk: number of heads when num_attention_heads is None
     num_attention_heads: int | tuple | None = None
     transformer_layers_per_block: int | tuple = 1
+    only_cross_attention: bool | tuple = False  # per level: attn1 also attends to the context (x4 upscaler)
     cross_attention_dim: int = 768
     use_linear_projection: bool = False
     upcast_attention: bool = False
@@ -108,6 +109,7 @@ class UNetConfig:
             if h < 1 or c % h:
                 raise ValueError(f"{c} channels cannot be split into {h} attention heads")
         _per_level(self.transformer_layers_per_block, n, "transformer_layers_per_block")
+        _per_level(self.only_cross_attention, n, "only_cross_attention")
 
     @property
     def heads(self) -> tuple:
@@ -153,7 +155,7 @@ PRESETS: dict[str, UNetConfig] = {
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
         up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",),
         attention_head_dim=8, cross_attention_dim=1024, use_linear_projection=True,
-        num_class_embeds=1000, sample_size=128),
+        only_cross_attention=(True, True, True, False), num_class_embeds=1000, sample_size=128),
     # Small CPU models: same code path, few channels.
     "tiny": UNetConfig(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
@@ -188,11 +190,13 @@ class UNet(nn.Module):
             return ResnetBlock2D(cin, cout, temb_channels=temb_dim, groups=c.norm_num_groups, eps=c.norm_eps,
                                  dropout=c.dropout, time_embedding_norm=c.resnet_time_scale_shift)
 
-        def transformer(channels, level_heads, level_depth):
+        only_cross = _per_level(c.only_cross_attention, n, "only_cross_attention")
+
+        def transformer(channels, level_heads, level_depth, level_only_cross=False):
             return Transformer2D(channels, level_heads, channels // level_heads, depth=level_depth,
                                  cross_attention_dim=c.cross_attention_dim, groups=c.norm_num_groups,
                                  use_linear_projection=c.use_linear_projection,
-                                 upcast_attention=c.upcast_attention)
+                                 upcast_attention=c.upcast_attention, only_cross_attention=level_only_cross)
 
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb_dim)
@@ -204,7 +208,7 @@ class UNet(nn.Module):
             cin, cout = cout, ch[i]
             level = _Level()
             level.resnets = nn.ModuleList(resnet(cin if j == 0 else cout, cout) for j in range(c.layers_per_block))
-            level.attentions = (nn.ModuleList(transformer(cout, heads[i], depth[i])
+            level.attentions = (nn.ModuleList(transformer(cout, heads[i], depth[i], only_cross[i])
                                               for _ in range(c.layers_per_block))
                                 if kind == "CrossAttnDownBlock2D" else None)
             level.downsamplers = (nn.ModuleList([Downsample2D(cout, cout, padding=c.downsample_padding)])
@@ -223,7 +227,7 @@ class UNet(nn.Module):
             self.mid_block = mid
 
         self.up_blocks = nn.ModuleList()
-        rch, rheads, rdepth = ch[::-1], heads[::-1], depth[::-1]
+        rch, rheads, rdepth, ronly = ch[::-1], heads[::-1], depth[::-1], only_cross[::-1]
         cout = rch[0]
         for i, kind in enumerate(c.up_block_types):
             prev, cout = cout, rch[i]
@@ -233,7 +237,7 @@ class UNet(nn.Module):
             level.resnets = nn.ModuleList(
                 resnet((prev if j == 0 else cout) + (skip_in if j == layers - 1 else cout), cout)
                 for j in range(layers))
-            level.attentions = (nn.ModuleList(transformer(cout, rheads[i], rdepth[i]) for _ in range(layers))
+            level.attentions = (nn.ModuleList(transformer(cout, rheads[i], rdepth[i], ronly[i]) for _ in range(layers))
                                 if kind == "CrossAttnUpBlock2D" else None)
             level.upsamplers = nn.ModuleList([Upsample2D(cout, cout)]) if i < n - 1 else None
             self.up_blocks.append(level)

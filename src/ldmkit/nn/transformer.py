@@ -74,14 +74,19 @@ class BasicTransformerBlock(nn.Module):
 
     ``cross_attention_dim=None`` drops the cross-attention (``norm2``/``attn2``
     are then absent), which gives a plain self-attention block.
+    ``only_cross_attention`` makes attn1 attend to the context too (SD x4 upscaler).
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int, cross_attention_dim: int | None = None,
                  dropout: float = 0.0, attention_bias: bool = False, upcast_attention: bool = False,
-                 norm_eps: float = 1e-5, ff_activation: str = "geglu"):
+                 norm_eps: float = 1e-5, ff_activation: str = "geglu", only_cross_attention: bool = False):
         super().__init__()
+        if only_cross_attention and cross_attention_dim is None:
+            raise ValueError("only_cross_attention=True needs a cross_attention_dim")
+        self.only_cross_attention = only_cross_attention
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn1 = Attention(dim, heads=heads, dim_head=dim_head, bias=attention_bias, upcast=upcast_attention)
+        self.attn1 = Attention(dim, cross_attention_dim=cross_attention_dim if only_cross_attention else None,
+                               heads=heads, dim_head=dim_head, bias=attention_bias, upcast=upcast_attention)
         if cross_attention_dim is not None:
             self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
             self.attn2 = Attention(dim, cross_attention_dim=cross_attention_dim, heads=heads, dim_head=dim_head,
@@ -96,7 +101,7 @@ class BasicTransformerBlock(nn.Module):
                 context_mask: torch.Tensor | None = None, self_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``context_mask`` [B, L] masks cross-attention keys, ``self_mask`` [B, N] self-attention keys
         (True = attend); the UNet uses neither for self-attention, the text encoder masks padding."""
-        x = x + self.attn1(self.norm1(x), mask=self_mask)
+        x = x + self.attn1(self.norm1(x), context=context if self.only_cross_attention else None, mask=self_mask)
         if self.attn2 is not None:
             x = x + self.attn2(self.norm2(x), context=context, mask=context_mask)
         return x + self.ff(self.norm3(x))
@@ -113,7 +118,7 @@ class Transformer2D(nn.Module):
     def __init__(self, in_channels: int, heads: int, dim_head: int, depth: int = 1,
                  cross_attention_dim: int | None = None, groups: int = 32, dropout: float = 0.0,
                  use_linear_projection: bool = False, upcast_attention: bool = False,
-                 attention_bias: bool = False):
+                 attention_bias: bool = False, only_cross_attention: bool = False):
         super().__init__()
         inner = heads * dim_head
         self.use_linear_projection = use_linear_projection
@@ -127,7 +132,7 @@ class Transformer2D(nn.Module):
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, cross_attention_dim=cross_attention_dim,
                                   dropout=dropout, attention_bias=attention_bias,
-                                  upcast_attention=upcast_attention)
+                                  upcast_attention=upcast_attention, only_cross_attention=only_cross_attention)
             for _ in range(depth)
         )
 
