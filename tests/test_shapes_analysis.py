@@ -30,7 +30,7 @@ def _renders(size, n, seed, noise=0.0, blur=0.0):
 
 def test_clean_renders_are_read_correctly():
     # measured: 100% over 400 renders at 32 px and at 64 px (docs/data.md)
-    images, prompts = _renders(32, 160, seed=11)
+    images, prompts = _renders(32, 120, seed=11)
     rep = adherence_report(images, prompts)
     assert rep["match_rate"] >= 0.99, format_report({"clean 32px": rep})
     images, prompts = _renders(64, 40, seed=12)
@@ -38,11 +38,15 @@ def test_clean_renders_are_read_correctly():
 
 
 def test_noisy_blurred_renders_are_read_mostly_correctly():
-    # noise std 0.05 + blur sigma 0.5 px at 32 px: measured 99.2% over 400 renders
-    images, prompts = _renders(32, 160, seed=13, noise=0.05, blur=0.5)
+    # noise std 0.05 + blur sigma 0.5 px at 32 px: measured 100% over 400 renders (docs/data.md)
+    images, prompts = _renders(32, 120, seed=13, noise=0.05, blur=0.5)
     rep = adherence_report(images, prompts)
-    assert rep["match_rate"] >= 0.95, format_report({"noisy 32px": rep})
+    assert rep["match_rate"] >= 0.97, format_report({"noisy 32px": rep})
     assert rep["count_ok_rate"] >= 0.99 and rep["colour_ok_rate"] >= 0.99
+    # heavy blur (sigma 1.2 px on 8-12 px shapes) rounds squares; the blur-aware fit copes
+    images, prompts = _renders(32, 60, seed=14, noise=0.02, blur=1.2)
+    rep = adherence_report(images, prompts)
+    assert rep["match_rate"] >= 0.95, format_report({"blurred 32px": rep})
 
 
 def _hand_drawn():

@@ -13,9 +13,12 @@ colours on a white background:
    boundary where a symmetric blur puts the original edge.
 2. Blobs: 8-connected components per colour; blobs smaller than
    ``min(0.6% of the image, ...)`` or than 10% of the largest blob are noise.
-3. Shape: from the blob's bounding-box crop -- an upright triangle has about
-   a third as much mass in its top half as in its bottom half; a square fills
-   its box and its corners; a circle leaves the corners empty.
+3. Shape: analysis by synthesis on the blob's *soft* strength map (strength
+   is linear in coverage for a blend with white, and blur preserves its mass,
+   centroid and adds sigma^2 to each axis variance). For each ideal shape and
+   each candidate blur sigma, the ideal shape is fitted to those moments,
+   rendered, blurred and compared with the map; the smallest squared error
+   wins. Fitting the blur as well keeps blurred squares from reading as circles.
 4. Relation of object A to B: the dominant axis of the displacement between
    bounding-box centres (the generator guarantees it is dominant by 2x).
 """
@@ -34,6 +37,7 @@ HUE_TOLERANCE = 35.0  # degrees
 STRENGTH_THRESHOLD = 0.5
 MIN_BLOB_FRACTION = 0.006  # of the image area
 MIN_BLOB_RELATIVE = 0.10  # of the largest blob
+_PAD = 4  # margin (pixels) around a blob for its blurred fringe and the fitted shape
 
 
 def _hue_chroma(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -74,16 +78,19 @@ def to_rgb_array(image) -> np.ndarray:
     return np.clip(arr, 0.0, 1.0)
 
 
-def colour_map(image) -> np.ndarray:
-    """Per-pixel palette index (into ``list(COLOURS)``), -1 for background/unknown."""
-    arr = to_rgb_array(image)
+def _colour_planes(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """-> (nearest palette index, strength = chroma / palette chroma, hue within tolerance)."""
     hue, chroma = _hue_chroma(arr)
     d = np.abs(hue[..., None] - _PAL_HUE)
     d = np.minimum(d, 360.0 - d)
     idx = d.argmin(-1)
-    strength = chroma / _PAL_CHROMA[idx]
-    ok = (d.min(-1) <= HUE_TOLERANCE) & (strength >= STRENGTH_THRESHOLD)
-    return np.where(ok, idx, -1)
+    return idx, chroma / _PAL_CHROMA[idx], d.min(-1) <= HUE_TOLERANCE
+
+
+def colour_map(image) -> np.ndarray:
+    """Per-pixel palette index (into ``list(COLOURS)``), -1 for background/unknown."""
+    idx, strength, hue_ok = _colour_planes(to_rgb_array(image))
+    return np.where(hue_ok & (strength >= STRENGTH_THRESHOLD), idx, -1)
 
 
 def _components(mask: np.ndarray) -> list[np.ndarray]:
@@ -138,38 +145,66 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     return ~outside
 
 
-def shape_scores(mask: np.ndarray) -> dict[str, float]:
-    """Binary mask of one blob -> IoU with each ideal shape fitted to the blob's moments.
+BLUR_SIGMAS = (0.0, 0.5, 0.8, 1.1, 1.5, 2.0, 2.6)  # candidate blurs, pixels
 
-    The fit uses the blob's area, centroid and per-axis variance (robust to ragged,
-    noisy edges that would throw a bounding box off): the box aspect comes from the
-    variance ratio, its size from the area, its position from the centroid.
-    """
-    ys, xs = np.nonzero(mask)
-    area = float(len(xs))
-    cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
-    vx, vy = max(xs.var(), 1 / 12), max(ys.var(), 1 / 12)
-    k = 4  # supersampling of the template
-    grid = (np.arange(mask.shape[0] * k) + 0.5) / k, (np.arange(mask.shape[1] * k) + 0.5) / k
-    gy, gx = np.meshgrid(*grid, indexing="ij")
-    m = mask.astype(np.float64)
-    scores = {}
-    for name, p in _IDEAL.items():
-        aspect = np.sqrt((vx / p["vx"]) / (vy / p["vy"]))  # w / h
-        h = np.sqrt(area / (p["area"] * aspect))
-        w = aspect * h
-        x0, y0 = cx - p["cx"] * w, cy - p["cy"] * h
-        t = _inside(name, (gx - x0) / w, (gy - y0) / h)
-        t = t.reshape(mask.shape[0], k, mask.shape[1], k).mean(axis=(1, 3))
-        scores[name] = float(np.minimum(m, t).sum() / np.maximum(m, t).sum())
+
+def _blur_matrix(n: int, sigma: float) -> np.ndarray:
+    """[n, n] matrix applying a 1-D Gaussian blur with zero padding."""
+    if sigma <= 0:
+        return np.eye(n)
+    x = np.arange(n)
+    k = np.exp(-((x[:, None] - x[None, :]) ** 2) / (2 * sigma ** 2))
+    return k / (np.sqrt(2 * np.pi) * sigma)
+
+
+def shape_scores(soft: np.ndarray) -> dict[str, float]:
+    """Soft map of one blob (coverage-like values in [0, 1], 0 away from the blob, with a
+    margin of a few pixels) -> relative squared error of the best-fitting blurred ideal
+    of each shape (lower is better)."""
+    mass = soft.sum()
+    if mass <= 0:
+        raise ValueError("shape_scores needs a non-empty soft map")
+    hh, ww = soft.shape
+    ys, xs = np.mgrid[0:hh, 0:ww] + 0.5
+    cx, cy = (soft * xs).sum() / mass, (soft * ys).sum() / mass
+    vx = (soft * (xs - cx) ** 2).sum() / mass
+    vy = (soft * (ys - cy) ** 2).sum() / mass
+    k = 4  # supersampling of the ideal shape
+    gy, gx = np.meshgrid((np.arange(hh * k) + 0.5) / k, (np.arange(ww * k) + 0.5) / k, indexing="ij")
+    norm = (soft ** 2).sum()
+    scores = {name: np.inf for name in _IDEAL}
+    for sigma in BLUR_SIGMAS:
+        # pixel sampling adds 1/12 to the variance, the blur sigma^2
+        tvx, tvy = vx - sigma ** 2 - 1 / 12, vy - sigma ** 2 - 1 / 12
+        if min(tvx, tvy) < 0.25:  # the blob is too small for this much blur
+            continue
+        bh, bw = _blur_matrix(hh, sigma), _blur_matrix(ww, sigma)
+        for name, p in _IDEAL.items():
+            aspect = np.sqrt((tvx / p["vx"]) / (tvy / p["vy"]))  # box w / h
+            h = np.sqrt(mass / (p["area"] * aspect))
+            w = aspect * h
+            x0, y0 = cx - p["cx"] * w, cy - p["cy"] * h
+            t = _inside(name, (gx - x0) / w, (gy - y0) / h).reshape(hh, k, ww, k).mean(axis=(1, 3))
+            t = bh @ t @ bw.T
+            scores[name] = min(scores[name], float(((soft - t) ** 2).sum() / norm))
     return scores
 
 
-def classify_shape(mask: np.ndarray) -> str:
-    """Binary mask of one blob (ideally cropped with a margin) -> "circle" | "square" |
-    "triangle": the ideal shape that overlaps it best."""
-    scores = shape_scores(_fill_holes(mask))
-    return max(scores, key=scores.get)
+def classify_shape(soft: np.ndarray) -> str:
+    """Soft map of one blob -> "circle" | "square" | "triangle" (see :func:`shape_scores`)."""
+    scores = shape_scores(soft)
+    return min(scores, key=scores.get)
+
+
+def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
+    for _ in range(steps):
+        p = np.pad(mask, 1)
+        h, w = mask.shape
+        mask = np.zeros_like(mask)
+        for dy in range(3):
+            for dx in range(3):
+                mask |= p[dy:dy + h, dx:dx + w]
+    return mask
 
 
 @dataclass
@@ -208,26 +243,34 @@ def relation_between(a: Detected, b: Detected) -> str:
 
 def analyse(image) -> Analysis:
     """Detect the flat-colour shapes in ``image`` (PIL, uint8 HWC array or [-1, 1] CHW tensor)."""
-    cmap = colour_map(image)
+    idx, strength, hue_ok = _colour_planes(to_rgb_array(image))
+    cmap = np.where(hue_ok & (strength >= STRENGTH_THRESHOLD), idx, -1)
     h, w = cmap.shape
-    blobs = []
-    for ci, name in enumerate(_NAMES):
-        for pix in _components(cmap == ci):
-            blobs.append((name, pix))
+    blobs = [(ci, pix) for ci in range(len(_NAMES)) for pix in _components(cmap == ci)]
     if not blobs:
         return Analysis()
     largest = max(len(p) for _, p in blobs)
     min_area = max(4.0, MIN_BLOB_FRACTION * h * w, MIN_BLOB_RELATIVE * largest)
+    # soft strength of each colour, 0 where another hue (or none) is seen
+    soft_all = np.where(hue_ok, np.clip(strength, 0.0, 1.0), 0.0)
+    padded_idx = np.pad(idx, _PAD, constant_values=-1)
+    padded_soft = np.pad(soft_all, _PAD)
     objects = []
-    for name, pix in blobs:
+    for ci, pix in blobs:
         if len(pix) < min_area:
             continue
         y0, x0 = pix.min(0)
         y1, x1 = pix.max(0) + 1
-        pad = 2 + (max(y1 - y0, x1 - x0)) // 4  # room for the fitted ideal shape
-        crop = np.zeros((y1 - y0 + 2 * pad, x1 - x0 + 2 * pad), dtype=bool)
-        crop[pix[:, 0] - y0 + pad, pix[:, 1] - x0 + pad] = True
-        objects.append(Detected(name, classify_shape(crop), (int(x0), int(y0), int(x1), int(y1)), len(pix)))
+        # crop with a margin (in padded coordinates the crop starts at y0, x0)
+        ch, cw = y1 - y0 + 2 * _PAD, x1 - x0 + 2 * _PAD
+        blob = np.zeros((ch, cw), dtype=bool)
+        blob[pix[:, 0] - y0 + _PAD, pix[:, 1] - x0 + _PAD] = True
+        filled = _fill_holes(blob)
+        region = _dilate(filled, 2)  # the blurred fringe around the blob, not its neighbours
+        crop_idx = padded_idx[y0:y0 + ch, x0:x0 + cw]
+        soft = np.where(region & (crop_idx == ci), padded_soft[y0:y0 + ch, x0:x0 + cw], 0.0)
+        soft[filled & ~blob] = 1.0  # holes (noise inside the shape) count as covered
+        objects.append(Detected(_NAMES[ci], classify_shape(soft), (int(x0), int(y0), int(x1), int(y1)), len(pix)))
     objects.sort(key=lambda o: -o.area)
     rel = relation_between(objects[0], objects[1]) if len(objects) == 2 else None
     return Analysis(objects, rel)
