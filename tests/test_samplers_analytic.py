@@ -133,3 +133,52 @@ def test_deterministic_samplers_converge_and_second_order_beats_euler(schedule):
         print(f"{schedule.prediction_type:4s} error ratio {euler}/{n} at steps {grid}: "
               + ", ".join(f"{e / h:.1f}" for e, h in zip(err[euler], err[n])))
         assert err[n][2] < err[euler][2] / 5, f"{n} not clearly better than {euler} at 20 steps"
+
+
+# ---------------------------------------------------------------- img2img start and callback contract
+
+
+def _exact_from(schedule, x_start, level, last_level):
+    a0, s0 = _a_sigma(schedule, level)
+    a1, s1 = _a_sigma(schedule, last_level)
+    std0, std1 = (a0**2 * SD**2 + s0**2) ** 0.5, (a1**2 * SD**2 + s1**2) ** 0.5
+    x1 = a1 * MU + std1 * (x_start - a0 * MU) / std0
+    return MU + a1 * SD**2 / std1**2 * (x1 - a1 * MU)
+
+
+@pytest.mark.parametrize("name,schedule", [("heun", SD15_EPS), ("dpmpp_2m_karras", SD15_V), ("dpmpp_2m", SD15_EPS),
+                                           ("flow_heun", FlowSchedule(shift=3.0))])
+def test_img2img_start_level_is_consistent(name, schedule):
+    """Starting at `start` from x0 noised to plan.sigmas[start] follows the exact ODE from that level;
+    the same run started from the neighbouring level is clearly worse (so a level off by one fails).
+    Second-order samplers only: Euler's own error at 40 steps (~0.1) would hide an off-by-one level."""
+    from ldmkit.diffusion import img2img_start
+
+    steps = 40
+    start = img2img_start(steps, 0.5)
+    p = plan(name, schedule, steps)
+    errs = []
+    for lvl in (p.sigmas[start], p.sigmas[start + 1]):
+        x_T = start_state(schedule, float(lvl))
+        out = SAMPLERS[name](optimal_denoiser(schedule), x_T, schedule, steps, start=start)
+        exact = _exact_from(schedule, x_T, float(lvl), float(p.sigmas[-2]))
+        errs.append((out - exact).abs().max().item())
+    print(f"{name}: img2img error {errs[0]:.2e}, with the level off by one {errs[1]:.2e}")
+    assert errs[0] < 0.03 and errs[1] > 3 * errs[0]
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_callback_replaces_state(name):
+    schedule = FlowSchedule() if name.startswith("flow_") else SD15_EPS
+    x_T = start_state(schedule, float(plan(name, schedule, 6).sigmas[0]))[:8]
+    den = optimal_denoiser(schedule)
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    plain = SAMPLERS[name](den, x_T, schedule, 6, generator=g())
+    seen = []
+    same = SAMPLERS[name](den, x_T, schedule, 6, generator=g(),
+                          callback=lambda i, s, x, x0: seen.append((i, s)) or x.clone())
+    torch.testing.assert_close(same, plain, rtol=1e-12, atol=1e-12)
+    assert [i for i, _ in seen] == list(range(6)) and seen[-1][1] == 0.0
+    last = SAMPLERS[name](den, x_T, schedule, 6, generator=g(),
+                          callback=lambda i, s, x, x0: torch.full_like(x, 0.123) if i == 5 else None)
+    assert torch.all(last == 0.123)
