@@ -158,11 +158,12 @@ _RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time
            "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
 
 
-def _resnet_name(rest: str) -> str:
+def _resnet_name(rest: str, key: str) -> str:
     for old, new in _RESNET.items():
         if rest.startswith(old + "."):
             return new + rest[len(old):]
-    raise KeyError(rest)
+    raise ValueError(f"UNet tensor with no ldmkit counterpart: model.diffusion_model.{key} "
+                     f"(a ResBlock holds only {', '.join(_RESNET)})")
 
 
 def _indices(state: dict, prefix: str) -> list[int]:
@@ -191,7 +192,7 @@ def unet_to_diffusers(state: dict, family: str, num_heads=None, num_head_channel
     def move(old_prefix, new_prefix, resnet=False):
         for k in [k for k in state if k.startswith(old_prefix + ".")]:
             rest = k[len(old_prefix) + 1:]
-            put(f"{new_prefix}.{_resnet_name(rest) if resnet else rest}", k)
+            put(f"{new_prefix}.{_resnet_name(rest, k) if resnet else rest}", k)
 
     channels, down_attn = [], []
     for i in range(1, n_in):
