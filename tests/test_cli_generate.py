@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from ldmkit.cli import main
-from ldmkit.conditioning import TransformerTextEncoder
+from ldmkit.conditioning import ClassConditioner, ClassConfig, TransformerTextEncoder
 from ldmkit.diffusion.schedules import make_schedule
 from ldmkit.io.format import save_model
 from ldmkit.io.images import read_png_metadata
@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_pipelines import make_autoencoder, make_image, make_unet  # noqa: E402
 
 CAPTIONS = ["a red square", "a blue circle", "a green triangle on grey"]
+CLASSES = ("circle", "square", "triangle")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -53,6 +54,12 @@ def models(tmp_path_factory, one_thread):
                                   "conditioner": _text_encoder()}, _index("text", "inpaint"))
     save_model(root / "upscale", {"autoencoder": make_autoencoder(),
                                   "denoiser": make_unet(in_channels=7, cross=None)}, _index("none", "upscale"))
+    save_model(root / "class", {"autoencoder": make_autoencoder(),
+                                "denoiser": make_unet(cross=None, num_class_embeds=4),  # 3 classes + null
+                                "conditioner": ClassConditioner(ClassConfig(3, class_names=CLASSES))},
+               _index("class"))
+    save_model(root / "uncond", {"autoencoder": make_autoencoder(), "denoiser": make_unet(cross=None)},
+               _index("none"))
     img = (make_image()[0].permute(1, 2, 0).add(1).mul(127.5).round().byte().numpy())
     Image.fromarray(img).save(root / "in.png")
     Image.fromarray(img[:12, :12]).save(root / "small.png")
@@ -90,6 +97,24 @@ def test_sample_writes_pngs_with_metadata_json_and_grid(models, tmp_path, capsys
     again = out.split()
     for r, path in zip(records, again):  # same seed + settings + device -> the same image
         assert np.array_equal(np.asarray(Image.open(r["file"])), np.asarray(Image.open(path)))
+
+
+def test_class_and_unconditional_models(models, tmp_path, capsys):
+    files = []
+    for i, cls in enumerate(("square", "1", "2")):
+        rc, out, err = ldm(capsys, "sample", "--model", models / "class", "--class", cls, "--seed", 4,
+                           "--out", tmp_path / f"c{i}.png", "--json", "--no-progress")
+        assert rc == 0, err
+        files.append(np.asarray(Image.open(json.loads(out)[0]["file"])))
+    assert np.array_equal(files[0], files[1]) and not np.array_equal(files[0], files[2])
+    rc, out, err = ldm(capsys, "sample", "--model", models / "class", "--out", tmp_path, "--no-progress")
+    assert rc == 2 and "pass a class" in err
+
+    rc, out, err = ldm(capsys, "sample", "--model", models / "uncond", "--num", 2, "--out", tmp_path / "u",
+                       "--json", "--no-progress")
+    assert rc == 0, err
+    records = json.loads(out)
+    assert "prompt" not in records[0] and "guidance" not in records[0] and len(records) == 2
 
 
 def test_prompts_file_and_explicit_settings(models, tmp_path, capsys):
