@@ -244,6 +244,9 @@ def test_bad_input_errors():
     assert img2img_start(10, 1.0) == 0 and img2img_start(10, 0.0) == 10 and img2img_start(10, 0.35) == 7
     with pytest.raises(ValueError, match=r"steps=1000 with 'leading' spacing and steps_offset=1 reaches timestep 1000"):
         SAMPLERS["ddim"](_denoise, x, DiscreteSchedule(steps_offset=1), 1000)
+    ztsnr_eps = DiscreteSchedule(rescale_zero_terminal_snr=True, timestep_spacing="trailing")
+    with pytest.raises(ValueError, match="zero SNR"):
+        SAMPLERS["ddim"](_denoise, x, ztsnr_eps, 10)
     with pytest.raises(ValueError, match=r"start=11 must be an integer in \[0, 10\]"):
         SAMPLERS["ddim"](_denoise, x, s, 10, start=11)
     with pytest.raises(ValueError, match="timestep spacing"):

@@ -143,6 +143,9 @@ def _vp_x0_eps(schedule, out, x, t):
     abar = schedule.alphas_cumprod[int(t)]
     a, s = float(abar.sqrt()), float((1 - abar).sqrt())
     kind = schedule.prediction_type
+    if a == 0.0 and kind == "eps":
+        raise ValueError(f"timestep {int(t)} has zero SNR (rescale_zero_terminal_snr): x0 cannot be recovered "
+                         "from an eps prediction there; use prediction_type 'v' or a spacing that avoids t=T-1")
     return convert(out, kind, "x0", x, a, s), convert(out, kind, "eps", x, a, s)
 
 
