@@ -424,8 +424,11 @@ class Pipeline:
     @torch.no_grad()
     def decode(self, z: torch.Tensor, s: Settings) -> torch.Tensor:
         """Latents -> images in [-1, 1], sliced by `s.decode_batch` and tiled per `s.vae_tile`."""
-        ae_dtype = next(self.autoencoder.parameters()).dtype
-        x = vae_decode.decode(self.autoencoder, z.to(ae_dtype), batch_size=s.decode_batch, tile_size=s.vae_tile)
+        from ldmkit.io.precision import decode_checked
+
+        # decode_checked: a float16 decode that overflows (SD's VAE does) is redone in float32
+        x = decode_checked(self.autoencoder, z, lambda ae, lat: vae_decode.decode(
+            ae, lat, batch_size=s.decode_batch, tile_size=s.vae_tile))
         return x.float().clamp(-1, 1)
 
     @torch.no_grad()

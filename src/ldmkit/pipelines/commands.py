@@ -158,7 +158,9 @@ def run(args) -> int:
                                    blend=args.blend, **common)
         else:
             results = pipe.upscale(args.image, prompt, num=n, noise_level=args.noise_level, **common)
-    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)):
+    shown = (UserWarning, RuntimeWarning)  # truncated prompts, float16 decode retried in float32
+    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, shown)
+                                 and not issubclass(w.category, (DeprecationWarning, FutureWarning))):
         print(f"ldm {args.command}: warning: {message}", file=sys.stderr)
 
     paths, grid_path = _out_paths(args.out, len(results), [r.metadata for r in results])
