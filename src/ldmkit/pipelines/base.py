@@ -90,7 +90,8 @@ def denoiser_weights_file(path: Path) -> Path | None:
     """The file holding the denoiser's weights in any of the model formats we load."""
     if path.is_file():
         return path
-    for cand in [path / "denoiser" / "model.safetensors", *sorted((path / "unet").glob("*.safetensors")),
+    for cand in [path / "denoiser" / "model.safetensors", path / "unet" / "diffusion_pytorch_model.safetensors",
+                 *sorted((path / "unet").glob("*.safetensors")),
                  *sorted((path / "unet").glob("*.bin")), *sorted((path / "transformer").glob("*.safetensors"))]:
         if cand.is_file():
             return cand
