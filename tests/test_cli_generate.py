@@ -2,6 +2,7 @@
 outputs, metadata, determinism, and every bad-input case giving one line and exit code 2."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -90,6 +91,8 @@ def test_sample_writes_pngs_with_metadata_json_and_grid(models, tmp_path, capsys
         meta = read_png_metadata(r["file"])
         assert meta == {k: v for k, v in r.items() if k != "file"}
     assert (tmp_path / "a" / "grid.png").is_file()
+    weights = (models / "text" / "denoiser" / "model.safetensors").read_bytes()
+    assert records[0]["model_hash"] == hashlib.sha256(weights).hexdigest()[:10]
 
     rc, out, _ = ldm(capsys, "sample", "--model", models / "text", "--prompt", "a red square", "--num", 2,
                      "--seed", 5, "--out", tmp_path / "b", "--batch-size", 1, "--no-progress")
