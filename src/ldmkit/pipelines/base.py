@@ -487,10 +487,11 @@ class Pipeline:
         return results
 
 
-def load(path, device=None, dtype=None) -> Pipeline:
+def load(path, device=None, dtype=None, **options) -> Pipeline:
     """Load a model folder (ours, diffusers' or an original single file) as a ready `Pipeline`.
 
     device: None = CUDA when available, else CPU. dtype: None = float16 on CUDA, float32 on CPU.
+    options go to the foreign-format importers (e.g. variant="fp16", upcast_vae, clip_skip).
     """
     from ldmkit.diffusion.schedules import schedule_from_dict
     from ldmkit.io import load_model, resolve_model_path
@@ -509,7 +510,7 @@ def load(path, device=None, dtype=None) -> Pipeline:
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     p = resolve_model_path(path)
-    index, comps = load_model(p, device=device, dtype=dtype)
+    index, comps = load_model(p, device=device, dtype=dtype, **options)
     for name in ("autoencoder", "denoiser"):
         if comps.get(name) is None:
             raise FileNotFoundError(f"model {p} has no {name} component (expected {p / name}/)")
