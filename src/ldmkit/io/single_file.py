@@ -469,10 +469,15 @@ def single_file_to_parts(path, prediction_type: str | None = None, original_conf
         raise ValueError(f"prediction_type={prediction_type!r}: expected one of {sorted(PREDICTION_TYPES)}")
     state, meta = read_checkpoint(path)
     family = detect_family(state)
+    sidecar = Path(path).with_suffix(".yaml")
+    if original_config is None and sidecar.is_file():  # the usual convention: model.ckpt + model.yaml
+        original_config = sidecar
     facts = _read_original_config(original_config) if original_config else {}
     if ema:
         state = _use_ema(state)
     notes = [f"{Path(path).name}: original Stable Diffusion checkpoint, {'SD 1.x' if family == 'sd1' else 'SD 2.x'} layout"]
+    if original_config:
+        notes.append(f"settings from {original_config}: {facts}")
 
     if prediction_type is None and facts.get("parameterization") in ("v", "eps"):
         prediction_type = facts["parameterization"]
@@ -520,8 +525,10 @@ def single_file_to_parts(path, prediction_type: str | None = None, original_conf
 def load_single_file(path, device="cpu", dtype=None, **opts):
     """Load an original single-file SD checkpoint as an ldmkit model (see `ldmkit.io.load_model`).
 
-    Options: prediction_type ('eps' | 'v'), original_config (CompVis YAML path),
-    tokenizer (folder with vocab.json + merges.txt, or a diffusers model folder),
+    Options: prediction_type ('eps' | 'v'), original_config (CompVis YAML path; default: a .yaml file
+    with the checkpoint's name next to it, if any),
+    tokenizer (folder with vocab.json + merges.txt, or a diffusers model folder; default: CLIP's BPE
+    vocabulary from the clip-anytorch package),
     ema (use the EMA UNet weights), num_heads / num_head_channels, scaling_factor; and those of
     `parts_to_model`: upcast_vae, max_length, clip_skip.
     """
