@@ -178,19 +178,24 @@ def _layout(spec: Spec, size: int, rng: np.random.Generator) -> list[tuple[float
     horizontal = spec.relation in ("to the left of", "to the right of")
     # first object is before (left/above) the second when the relation says so
     first_before = spec.relation in ("to the left of", "above")
-    for _ in range(1000):
+    for _ in range(100):
         sa, sb = rng.uniform(0.24, 0.38, size=2) * size
         # coordinates along the relation axis: the earlier object at u1, the later at u2
         s1, s2 = (sa, sb) if first_before else (sb, sa)
-        u1 = rng.uniform(margin + s1 / 2, size - margin - s1 / 2)
-        u2 = rng.uniform(margin + s2 / 2, size - margin - s2 / 2)
+        lo1, hi1 = margin + s1 / 2, size - margin - s1 / 2
+        lo2, hi2 = margin + s2 / 2, size - margin - s2 / 2
+        d_min = (s1 + s2) / 2 + gap
+        if hi2 - d_min < lo1:
+            continue
+        u1 = rng.uniform(lo1, min(hi1, hi2 - d_min))
+        u2 = rng.uniform(max(lo2, u1 + d_min), hi2)
         d_axis = u2 - u1
-        if d_axis < (s1 + s2) / 2 + gap:
+        # across the axis: offset at most half the distance along it
+        v1 = rng.uniform(lo1, hi1)
+        a2, b2 = max(lo2, v1 - 0.5 * d_axis), min(hi2, v1 + 0.5 * d_axis)
+        if a2 > b2:
             continue
-        v1 = rng.uniform(margin + s1 / 2, size - margin - s1 / 2)
-        v2 = rng.uniform(margin + s2 / 2, size - margin - s2 / 2)
-        if abs(v2 - v1) > 0.5 * d_axis:
-            continue
+        v2 = rng.uniform(a2, b2)
         p1, p2 = ((u1, v1), (u2, v2)) if horizontal else ((v1, u1), (v2, u2))
         pa, pb = (p1, p2) if first_before else (p2, p1)
         return [(pa[0], pa[1], sa), (pb[0], pb[1], sb)]

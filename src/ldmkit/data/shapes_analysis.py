@@ -12,7 +12,7 @@ colours on a white background:
    half-red pixel is nearer to yellow than to red. Threshold 0.5 puts the
    boundary where a symmetric blur puts the original edge.
 2. Blobs: 8-connected components per colour; blobs smaller than
-   ``min(0.6% of the image, ...)`` or than 10% of the largest blob are noise.
+   0.6% of the image (at least 4 pixels) or than 10% of the largest blob are noise.
 3. Shape: analysis by synthesis on the blob's *soft* strength map (strength
    is linear in coverage for a blend with white, and blur preserves its mass,
    centroid and adds sigma^2 to each axis variance). For each ideal shape and
