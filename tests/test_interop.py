@@ -187,11 +187,14 @@ def test_text2img_matches_diffusers_pipeline(models, style, source, sampler):
     settings = dict(seed=seed, sampler=sampler, steps=steps, guidance=7.5, height=16, width=16, progress=False)
     result = ours.text2img(PROMPT, **settings)[0]
     psnr = _psnr(np.asarray(result.image), ref)
+    print(f"{style}/{source}/{sampler}: PSNR {psnr:.1f} dB vs diffusers")
     assert psnr >= 40.0, f"{style}/{source}/{sampler}: PSNR {psnr:.1f} dB vs diffusers"
     # the decoded tiny random VAE hides small differences; the latents do not
     s = ours.settings(sampler=sampler, steps=steps, guidance=7.5, height=16, width=16, progress=False)
     latents = ours.sample_latents(s, [PROMPT], None, [seed])
-    assert (latents - ref_latents).abs().max() <= 1e-4 * ref_latents.abs().max()
+    rel = float((latents - ref_latents).abs().max() / ref_latents.abs().max())
+    print(f"{style}/{source}/{sampler}: latents max relative difference {rel:.1e}")
+    assert rel <= 1e-4
 
 
 def _single_pipeline(models, style):
