@@ -219,6 +219,7 @@ class LDMTrainer:
 
         self.data = (data if data is not None else open_latents(c.latents)).for_conditioning(c.conditioning)
         self.autoencoder = load_frozen_autoencoder(c.autoencoder, self.device)
+        check_cache_matches(self.data, self.autoencoder, c.latents, c.autoencoder)
         self.schedule = make_schedule(c)
         self.conditioner = build_conditioner(c, self.data)
         self.denoiser = build_denoiser(c, self.data, self.conditioner)
@@ -754,3 +755,29 @@ class LatentData:
             if len(seen) == n:
                 break
         return seen
+
+
+def open_latents(path: str) -> LatentData:
+    """A latent cache folder (ldmkit.data.latents.encode_dataset) as LatentData (already scaled)."""
+    from ldmkit.data.latents import CachedLatents
+
+    if not path:
+        raise ValueError("latents: a latent cache folder is required (see ldmkit.data.latents.encode_dataset)")
+    cache = CachedLatents(path, sample=False)
+    data = LatentData(cache.mean, cache.std, captions=cache.captions, labels=cache.labels,
+                      class_names=cache.class_names)
+    data.index = cache.index
+    return data
+
+
+def check_cache_matches(data: LatentData, autoencoder: nn.Module, latents: str, autoencoder_path: str) -> None:
+    """Refuse a cache encoded with other autoencoder weights than the ones samples are decoded with."""
+    index = getattr(data, "index", None)
+    if not index:
+        return
+    from ldmkit.data.latents import weights_sha256
+
+    want = (index.get("autoencoder") or {}).get("weights_sha256")
+    if want and want != weights_sha256(autoencoder):
+        raise ValueError(f"latent cache {latents} was encoded with different autoencoder weights than "
+                         f"{autoencoder_path}; rebuild the cache or pass the autoencoder it was made with")
