@@ -21,7 +21,7 @@ def register(sub) -> None:
     p.add_argument("--to", dest="dest", required=True, metavar="DIR", help="output folder")
     p.add_argument("--format", choices=("ldmkit", "diffusers"), default="ldmkit", help="output format")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
-                   help="store weights in this dtype (default: keep the source's; single files become fp32)")
+                   help="store weights in this dtype (default: float32)")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty folder")
     g = p.add_argument_group("original single files only")
     g.add_argument("--prediction-type", choices=("eps", "v"), default=None,

@@ -390,6 +390,23 @@ def build_text_conditioner(parts: DiffusersParts, max_length: int | None = None,
 
 
 # ----------------------------------------------------------------------------- building our model
+def _build_on_meta(factory, state: dict, what: str, dtype: torch.dtype) -> torch.nn.Module:
+    """Build a network without initialising weights it is about to receive (an SD UNet's random init
+    costs tens of seconds and a second copy in memory), then adopt the checked tensors in `dtype`."""
+    from ldmkit.io.format import check_state_dict
+
+    with torch.device("meta"):
+        module = factory()
+    check_state_dict(module, state, what)
+    if any(name not in state for name, _ in module.named_buffers()):  # non-persistent buffers: build for real
+        module = factory()
+        _load_checked(module, state, what)
+        return module.to(dtype=dtype)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.eval()
+
+
 def _load_checked(module: torch.nn.Module, state: dict, what: str) -> None:
     from ldmkit.io.format import check_state_dict
 
@@ -418,19 +435,15 @@ def parts_to_model(parts: DiffusersParts, device=None, dtype: torch.dtype | None
     if concat == "unsupported":
         raise ValueError(f"UNet with {in_ch} input channels for {latent}-channel latents is not a text-to-image "
                          f"({latent}) or inpainting ({2 * latent + 1}) Stable Diffusion model")
-    unet = UNet(UNetConfig.from_dict(ucfg))
-    _load_checked(unet, dict(parts.unet_state), "UNet (denoiser)")
-    ae = Autoencoder(config_from_dict(AutoencoderConfig, autoencoder_config_from_diffusers(parts.vae_config)))
-    _load_checked(ae, dict(parts.vae_state), "VAE (autoencoder)")
-    text = build_text_conditioner(parts, max_length=max_length, clip_skip=clip_skip)
-
     schedule, sampler, notes = schedule_from_diffusers(parts.scheduler_config)
     upcast = bool(parts.vae_config.get("force_upcast", True)) if upcast_vae is None else bool(upcast_vae)
-    if dtype is not None:
-        unet.to(dtype=dtype)
-        text.to(dtype=dtype)
-        if not (upcast and dtype == torch.float16):
-            ae.to(dtype=dtype)
+    dtype = dtype or torch.float32
+    ae_dtype = torch.float32 if (upcast and dtype == torch.float16) else dtype
+    unet_config = UNetConfig.from_dict(ucfg)
+    unet = _build_on_meta(lambda: UNet(unet_config), parts.unet_state, "UNet (denoiser)", dtype)
+    ae_config = config_from_dict(AutoencoderConfig, autoencoder_config_from_diffusers(parts.vae_config))
+    ae = _build_on_meta(lambda: Autoencoder(ae_config), parts.vae_state, "VAE (autoencoder)", ae_dtype)
+    text = build_text_conditioner(parts, max_length=max_length, clip_skip=clip_skip).to(dtype=dtype)
     if device is not None:
         for m in (unet, ae, text):
             m.to(device=device)
