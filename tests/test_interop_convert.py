@@ -311,3 +311,22 @@ def test_clip_vocabulary_and_sidecar_yaml(sd, tmp_path, monkeypatch):
     single.with_suffix(".yaml").write_text("model:\n  params:\n    parameterization: v\n")
     parts = sf.single_file_to_parts(single, num_head_channels=64)
     assert parts.scheduler_config["prediction_type"] == "v_prediction"
+
+
+def test_fp16_variant_only_folder_loads(sd, tmp_path):
+    """A folder holding only `*.fp16.safetensors` (a common partial download) loads; weights as stored."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "fp16"
+    shutil.copytree(sd["sd1"]["folder"], folder)
+    for sub, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                      ("text_encoder", "model")):
+        w = folder / sub / f"{stem}.safetensors"
+        save_file({k: v.half() for k, v in load_file(str(w)).items()}, str(folder / sub / f"{stem}.fp16.safetensors"))
+        w.unlink()
+    _, comps = load_model(folder, dtype=torch.float16)
+    ref = sd["sd1"]["pipe"].unet.state_dict()
+    ours = comps["denoiser"].state_dict()
+    assert all(torch.equal(ours[k], ref[k].half()) for k in ref)

@@ -69,6 +69,10 @@ def _read_weights(folder: Path, stem: str, variant: str | None = None) -> dict[s
             for shard in sorted(set(read_json(index).get("weight_map", {}).values())):
                 state.update(load_file(str(folder / shard)))
             return state
+    if variant is None:  # only a variant was downloaded (e.g. diffusion_pytorch_model.fp16.safetensors)
+        found = sorted(folder.glob(f"{stem}.*.safetensors"))
+        if len(found) == 1:
+            return load_file(str(found[0]))
     for name in [n for n in names if n]:
         pickled = folder / f"{name}.bin"
         if pickled.is_file():
