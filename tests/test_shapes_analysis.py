@@ -85,6 +85,14 @@ def test_empty_and_crowded_images():
     assert len(an.objects) == 3 and {o.shape for o in an.objects} == {"square"}
     r = adherence(img, "a red square to the left of a blue square")
     assert not r["count_ok"] and not r["match"] and r["binding_ok"]
+    # a faint tinted smudge (60% of red's chroma) is not an object; a saturated one is
+    img = Image.new("RGB", (32, 32), "white")
+    d = ImageDraw.Draw(img)
+    d.ellipse([2, 10, 13, 21], fill=(230, 30, 30))
+    d.rectangle([18, 8, 29, 24], fill=(255, 135, 135))
+    assert [(o.colour, o.shape) for o in analyse(img).objects] == [("red", "circle")]
+    d.rectangle([18, 8, 29, 24], fill=(255, 60, 60))
+    assert len(analyse(img).objects) == 2
 
 
 def test_adherence_catches_each_mistake():

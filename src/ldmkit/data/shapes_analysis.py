@@ -12,7 +12,9 @@ colours on a white background:
    half-red pixel is nearer to yellow than to red. Threshold 0.5 puts the
    boundary where a symmetric blur puts the original edge.
 2. Blobs: 8-connected components per colour; blobs smaller than
-   0.6% of the image (at least 4 pixels) or than 10% of the largest blob are noise.
+   0.6% of the image (at least 4 pixels) or than 10% of the largest blob, and
+   faint blobs (90th-percentile strength < 0.65: tinted smudges in the
+   background) are noise.
 3. Shape: analysis by synthesis on the blob's *soft* strength map (strength
    is linear in coverage for a blend with white, and blur preserves its mass,
    centroid and adds sigma^2 to each axis variance). For each ideal shape and
@@ -37,6 +39,7 @@ HUE_TOLERANCE = 35.0  # degrees
 STRENGTH_THRESHOLD = 0.5
 MIN_BLOB_FRACTION = 0.006  # of the image area
 MIN_BLOB_RELATIVE = 0.10  # of the largest blob
+MIN_BLOB_PEAK = 0.65  # a shape's 90th-percentile strength reaches this; tinted smudges do not
 _PAD = 4  # margin (pixels) around a blob for its blurred fringe and the fitted shape
 
 
@@ -259,6 +262,8 @@ def analyse(image) -> Analysis:
     for ci, pix in blobs:
         if len(pix) < min_area:
             continue
+        if np.percentile(strength[pix[:, 0], pix[:, 1]], 90) < MIN_BLOB_PEAK:
+            continue  # a faint tinted smudge, not a flat-colour shape
         y0, x0 = pix.min(0)
         y1, x1 = pix.max(0) + 1
         # crop with a margin (in padded coordinates the crop starts at y0, x0)
