@@ -254,7 +254,7 @@ def unet_to_diffusers(state: dict, family: str, num_heads=None, num_head_channel
         "layers_per_block": layers,
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in down_attn],
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up_attn],
-        "mid_block_type": "UNetMidBlock2DCrossAttn" if mid_attn else None,
+        "mid_block_type": "UNetMidBlock2DCrossAttn" if mid_attn else "UNetMidBlock2D",
         "cross_attention_dim": out[attn_key].shape[1] if attn_key else 768,
         "attention_head_dim": heads,
         "use_linear_projection": bool(proj_key is not None and out[proj_key].ndim == 2),
