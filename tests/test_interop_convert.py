@@ -241,6 +241,7 @@ def test_scheduler_configs_map_to_schedule_and_sampler():
     s2, d2, notes2 = schedule_from_diffusers({"_class_name": "PNDMScheduler", **base, "steps_offset": 1,
                                               "skip_prk_steps": True})
     assert d2["sampler"] == "ddim" and any("PNDMScheduler" in n for n in notes2) and s2["steps_offset"] == 1
+    assert d2["sampler_options"] == {"set_alpha_to_one": False}  # PNDM's default, as in SD 1.5's config
     _, d3, _ = schedule_from_diffusers({"_class_name": "DDIMScheduler", **base, "clip_sample": False,
                                         "set_alpha_to_one": False})
     assert d3["sampler_options"] == {"set_alpha_to_one": False}

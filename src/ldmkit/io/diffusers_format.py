@@ -265,8 +265,8 @@ def schedule_from_diffusers(cfg: dict) -> tuple[dict, dict, list[str]]:
         steps_offset=int(cfg.get("steps_offset", 0)),
     ).to_dict()
     options = {}
-    if cls == "DDIMScheduler":
-        options["set_alpha_to_one"] = bool(cfg.get("set_alpha_to_one", True))
+    if sampler == "ddim":  # DDIM's own default is True; PNDM (served by DDIM here) defaults to False
+        options["set_alpha_to_one"] = bool(cfg.get("set_alpha_to_one", cls == "DDIMScheduler"))
     if cls in ("DDIMScheduler", "DDPMScheduler") and cfg.get("clip_sample", True):
         options["clip_x0"] = float(cfg.get("clip_sample_range", 1.0))
     if cfg.get("use_karras_sigmas"):
