@@ -249,7 +249,9 @@ def analyse(image) -> Analysis:
     idx, strength, hue_ok = _colour_planes(to_rgb_array(image))
     cmap = np.where(hue_ok & (strength >= STRENGTH_THRESHOLD), idx, -1)
     h, w = cmap.shape
-    blobs = [(ci, pix) for ci in range(len(_NAMES)) for pix in _components(cmap == ci)]
+    blobs = [(ci, pix) for ci in range(len(_NAMES)) for pix in _components(cmap == ci)
+             # a faint tinted smudge is not a flat-colour shape
+             if np.percentile(strength[pix[:, 0], pix[:, 1]], 90) >= MIN_BLOB_PEAK]
     if not blobs:
         return Analysis()
     largest = max(len(p) for _, p in blobs)
@@ -262,8 +264,6 @@ def analyse(image) -> Analysis:
     for ci, pix in blobs:
         if len(pix) < min_area:
             continue
-        if np.percentile(strength[pix[:, 0], pix[:, 1]], 90) < MIN_BLOB_PEAK:
-            continue  # a faint tinted smudge, not a flat-colour shape
         y0, x0 = pix.min(0)
         y1, x1 = pix.max(0) + 1
         # crop with a margin (in padded coordinates the crop starts at y0, x0)
