@@ -167,8 +167,10 @@ def test_ckpt_with_arbitrary_objects_is_refused(tmp_path):
 
 
 # ----------------------------------------------------------------------------- clear errors
-def test_errors_name_the_tensor(sd, tmp_path):
+def test_errors_name_the_tensor(sd, tmp_path, monkeypatch):
     from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("LDMKIT_CACHE", str(tmp_path / "cache"))
 
     # a shape mismatch in a diffusers folder names the tensor
     import shutil
