@@ -410,7 +410,10 @@ class AutoencoderTrainer:
         write_json(self.out / "train_config.json", json.loads(json.dumps(dataclasses.asdict(c))))
         sampler = StepBatchSampler(len(self.train_data), c.batch_size, c.seed, self.step, c.steps)
         loader = torch.utils.data.DataLoader(_SeededItems(self.train_data), batch_sampler=sampler, num_workers=c.num_workers,
-                                             collate_fn=_collate_images, pin_memory=self.device.type == "cuda")
+                                             collate_fn=_collate_images, pin_memory=self.device.type == "cuda",
+                                             # own generator: creating the iterator must not draw from the
+                                             # global RNG (exact resume)
+                                             generator=torch.Generator().manual_seed(c.seed))
         bar = progress(total=c.steps, initial=self.step, desc=f"train-autoencoder {c.preset}",
                        disable=not self.progress_bar)
         t0, first = time.perf_counter(), self.step
