@@ -205,3 +205,58 @@ def _single_pipeline(models, style):
     return Pipeline(comps["autoencoder"], comps["denoiser"], schedule_from_dict(index["schedule"]),
                     comps["conditioner"], conditioning="text", defaults=index["defaults"],
                     latent_size=index["latent_size"])
+
+
+# ----------------------------------------------------------------------------- real Stable Diffusion shapes
+SD_UNETS = {  # diffusers' published unet/config.json values for SD 1.5 and SD 2.1 (768-v)
+    "sd15": dict(block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, cross_attention_dim=768,
+                 use_linear_projection=False, upcast_attention=False),
+    "sd21": dict(block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20),
+                 cross_attention_dim=1024, use_linear_projection=True, upcast_attention=True),
+}
+SD_TEXT = {  # CLIP ViT-L/14 and OpenCLIP ViT-H/14 without its last block, as in diffusers' SD folders
+    "sd15": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 hidden_act="quick_gelu"),
+    "sd21": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                 hidden_act="gelu"),
+}
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd21"])
+def test_full_size_layout_infers_the_published_configs(name, tmp_path):
+    """Full-size SD 1.5 / 2.1 key layouts (tensors on the meta device: shapes only, no memory) give
+    diffusers' published configs and ldmkit's own presets."""
+    import types
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldmkit.denoisers.unet import PRESETS
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD_UNETS[name])
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **SD_TEXT[name]))
+    pipe = types.SimpleNamespace(unet=unet, vae=vae, text_encoder=text)
+    style = "sd1" if name == "sd15" else "sd2"
+    ckpt = im.to_original_checkpoint(pipe, style)
+    family = sf.detect_family(ckpt)
+    ucfg, ustate = sf.unet_to_diffusers(sf._strip(ckpt, sf.UNET_PREFIX), family)
+    assert set(ustate) == set(unet.state_dict())
+    for k, v in {**SD_UNETS[name], "layers_per_block": 2, "in_channels": 4, "out_channels": 4,
+                 "down_block_types": unet.config.down_block_types, "up_block_types": unet.config.up_block_types,
+                 "transformer_layers_per_block": 1}.items():
+        assert _plain(ucfg[k]) == _plain(v), k
+    preset = PRESETS[name]
+    for k in ("block_out_channels", "attention_head_dim", "cross_attention_dim", "use_linear_projection",
+              "down_block_types", "up_block_types", "layers_per_block"):
+        assert _plain(ucfg[k]) == _plain(getattr(preset, k)), k
+    vcfg, vstate = sf.vae_to_diffusers(sf._strip(ckpt, sf.VAE_PREFIX))
+    assert set(vstate) == set(vae.state_dict())
+    assert (vcfg["block_out_channels"], vcfg["layers_per_block"], vcfg["latent_channels"]) == ([128, 256, 512, 512], 2, 4)
+    convert = sf.clip_to_transformers if style == "sd1" else sf.openclip_to_transformers
+    tcfg, tstate, _ = convert(sf._strip(ckpt, sf.CLIP_PREFIX if style == "sd1" else sf.OPENCLIP_PREFIX))
+    for k, v in SD_TEXT[name].items():
+        assert tcfg[k] == v, k
+    assert tcfg["vocab_size"] == 49408
