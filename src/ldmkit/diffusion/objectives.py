@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .forward import _check_same_shape, coefficients
-from .schedules import DiscreteSchedule, FlowSchedule, Schedule
+from .schedules import FlowSchedule, Schedule
 
 OBJECTIVES = ("eps", "v", "x0", "flow")
 WEIGHTINGS = ("uniform", "min_snr")
