@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -420,8 +419,7 @@ def _load_checked(module: torch.nn.Module, state: dict, what: str) -> None:
 
 
 def parts_to_model(parts: DiffusersParts, device=None, dtype: torch.dtype | None = None,
-                   upcast_vae: bool | None = None, max_length: int | None = None, clip_skip: int = 0,
-                   verbose: bool = False):
+                   upcast_vae: bool | None = None, max_length: int | None = None, clip_skip: int = 0):
     """Build ldmkit modules from `DiffusersParts` -> (index, {"autoencoder", "denoiser", "conditioner"}).
 
     dtype: the dtype of the denoiser and text encoder (None keeps float32). With float16 the autoencoder
@@ -459,9 +457,6 @@ def parts_to_model(parts: DiffusersParts, device=None, dtype: torch.dtype | None
         "defaults": {**sampler, "steps": 50, "guidance": 7.5, "upcast_vae": upcast},
         "components": ["autoencoder", "conditioner", "denoiser"],
     }
-    for note in parts.notes + notes:
-        if verbose:
-            print(note)
     index["notes"] = list(parts.notes) + notes
     return index, {"autoencoder": ae, "denoiser": unet, "conditioner": text}
 

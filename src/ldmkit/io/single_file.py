@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -534,5 +533,5 @@ def load_single_file(path, device="cpu", dtype=None, **opts):
     """
     from ldmkit.io.diffusers_format import parts_to_model
 
-    build = {k: opts.pop(k) for k in ("upcast_vae", "max_length", "clip_skip", "verbose") if k in opts}
+    build = {k: opts.pop(k) for k in ("upcast_vae", "max_length", "clip_skip") if k in opts}
     return parts_to_model(single_file_to_parts(path, **opts), device=device, dtype=dtype, **build)
