@@ -354,21 +354,27 @@ def format_report(reports: dict[str, dict]) -> str:
     return "\n".join([line(heads), line(["-" * wd for wd in widths])] + [line(r) for r in rows])
 
 
-def degrade(image: Image.Image, rng: np.random.Generator, noise: float = 0.0, blur: float = 0.0) -> Image.Image:
-    """Gaussian blur (sigma in pixels) then Gaussian pixel noise (std on the [0, 1] scale)."""
+def degrade(image: Image.Image, rng: np.random.Generator, noise: float = 0.0, blur: float = 0.0,
+            cast: float = 0.0) -> Image.Image:
+    """Gaussian blur (sigma in pixels), then a colour cast (per-channel gain in 1 +- cast and
+    offset in +-cast, drawn once per image), then Gaussian pixel noise (std on the [0, 1] scale)."""
     from PIL import ImageFilter
 
     if blur > 0:
         image = image.filter(ImageFilter.GaussianBlur(blur))
     a = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
+    if cast > 0:
+        a = a * rng.uniform(1 - cast, 1 + cast, 3) + rng.uniform(-cast, cast, 3)
     if noise > 0:
         a = a + rng.normal(0.0, noise, a.shape)
     return Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8))
 
 
-def self_test(size: int = 32, n: int = 400, noise: float = 0.0, blur: float = 0.0, seed: int = 0) -> dict:
+def self_test(size: int = 32, n: int = 400, noise: float = 0.0, blur: float = 0.0, seed: int = 0,
+              cast: float = 0.0) -> dict:
     """The analyser's accuracy on ``n`` fresh renders (half train, half held-out prompts),
-    optionally degraded; ``blur`` is in pixels at 32 px and scales with ``size``."""
+    optionally degraded (see :func:`degrade`); ``blur`` is in pixels at 32 px and scales
+    with ``size``."""
     from ldmkit.data.shapes import ShapesDataset, caption, render
 
     rng = np.random.default_rng(seed)
@@ -377,6 +383,6 @@ def self_test(size: int = 32, n: int = 400, noise: float = 0.0, blur: float = 0.
         ds = ShapesDataset(split, size=size, length=max(count, 1), seed=seed + 1000)
         for i in range(count):
             spec, r = ds.spec_at(i)
-            images.append(degrade(render(spec, size, r), rng, noise, blur * size / 32))
+            images.append(degrade(render(spec, size, r), rng, noise, blur * size / 32, cast))
             prompts.append(caption(spec))
     return adherence_report(images, prompts)
