@@ -37,6 +37,12 @@ def _train(args) -> int:
         disc_weight=args.disc_weight, disc_start=args.disc_start, disc_loss=args.disc_loss,
         disc_layers=args.disc_layers, disc_channels=args.disc_channels, model_overrides=overrides or None)
     config = AETrainConfig(**fields)
+    if args.threads:
+        import torch
+
+        if args.threads < 1:
+            raise ValueError(f"--threads {args.threads}: must be >= 1")
+        torch.set_num_threads(args.threads)
     trainer = AutoencoderTrainer(config, resume=args.resume, progress_bar=not args.quiet)
     if args.resume:
         print(f"resuming from {trainer.resumed_from} (step {trainer.step})", file=sys.stderr)
@@ -86,8 +92,6 @@ def _eval(args) -> int:
 
 def register(sub) -> None:
     """Add this package's subcommands to the `ldm` parser."""
-    from ldmkit.autoencoder.model import PRESETS
-
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("train-autoencoder", help="train a stage-1 KL or VQ autoencoder", formatter_class=fmt,
                        description="Train a perceptual autoencoder (L1 + LPIPS + PatchGAN; KL or VQ bottleneck). "
@@ -96,7 +100,8 @@ def register(sub) -> None:
     a = p.add_argument
     a("--data", required=True, help=DATA_HELP)
     a("--out", required=True, help="run folder")
-    a("--preset", default="tiny-kl-f4", choices=sorted(PRESETS))
+    a("--preset", default="tiny-kl-f4", help="kl-f4, kl-f8 (SD VAE shape), vq-f4, vq-f8, tiny-kl-f4, tiny-kl-f8, "
+                                               "tiny-vq-f4 (ldmkit.autoencoder.model.PRESETS)")
     a("--steps", type=int, default=1000, help="total optimiser steps (a resumed run continues to this)")
     a("--batch-size", type=int, default=16)
     a("--lr", type=float, default=1e-4)
@@ -129,6 +134,8 @@ def register(sub) -> None:
     a("--disc-layers", type=int, default=3, help="PatchGAN stride-2 stages")
     a("--disc-channels", type=int, default=64, help="PatchGAN base width")
     a("--num-codes", type=int, default=None, help="VQ codebook size (overrides the preset)")
+    a("--threads", type=int, default=None,
+      help="torch CPU threads (on a busy machine 1 thread can be much faster than several)")
     a("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
 
