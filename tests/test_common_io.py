@@ -117,3 +117,20 @@ def test_loss_log_resume_truncates_and_plots(tmp_path):
     assert LossLog(tmp_path / "loss.csv", resume_step=100).rows[-1] == {"step": 6.0, "loss": 0.2, "kl": 0.01}
     png = resumed.plot(tmp_path / "loss.png")
     assert png.stat().st_size > 1000
+
+
+def test_model_folder_keeps_autoencoder_float32_when_index_asks(tmp_path):
+    from ldmkit.autoencoder.model import PRESETS, Autoencoder
+    from ldmkit.io.format import load_model, save_model
+
+    torch.manual_seed(0)
+    ae = Autoencoder(PRESETS["tiny-kl-f4"])
+    save_model(tmp_path / "m", {"autoencoder": ae}, {"schedule": {}, "defaults": {"upcast_vae": True}})
+    _, comps = load_model(tmp_path / "m", dtype=torch.float16)
+    assert next(comps["autoencoder"].parameters()).dtype == torch.float32
+    save_model(tmp_path / "n", {"autoencoder": ae}, {"schedule": {}, "defaults": {}})
+    _, comps = load_model(tmp_path / "n", dtype=torch.float16)
+    assert next(comps["autoencoder"].parameters()).dtype == torch.float16
+    _, again = load_model(tmp_path / "m")  # exact round trip in float32
+    loaded = again["autoencoder"].state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in ae.state_dict().items())

@@ -257,5 +257,11 @@ def load_model(folder: str | os.PathLike, device: str | torch.device | None = No
     if index.get("format") != FORMAT_NAME:
         raise ValueError(f"{folder / INDEX_FILE} is not an ldmkit model index (format={index.get('format')!r})")
     names = index.get("components") or [p.name for p in sorted(folder.iterdir()) if (p / CONFIG_FILE).is_file()]
-    components = {name: load_component(folder / name, device=device, dtype=dtype) for name in names}
+    components = {}
+    for name in names:
+        component_dtype = dtype
+        # SD's VAE overflows in float16: a model that says so keeps its autoencoder in float32
+        if name == "autoencoder" and dtype == torch.float16 and (index.get("defaults") or {}).get("upcast_vae"):
+            component_dtype = torch.float32
+        components[name] = load_component(folder / name, device=device, dtype=component_dtype)
     return index, components

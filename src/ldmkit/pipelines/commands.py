@@ -46,6 +46,11 @@ def _common(p, sizes: bool = True) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: float16 on CUDA)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    single = p.add_argument_group("original single-file checkpoints (.safetensors / .ckpt)")
+    single.add_argument("--prediction-type", choices=("eps", "v"), default=None,
+                        help="what the UNet predicts (SD 2.x 768 models: v); not stored in the weights")
+    single.add_argument("--original-config", default=None, help="the checkpoint's CompVis YAML (default: NAME.yaml beside it)")
+    single.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder to use with the checkpoint")
 
 
 def register(sub) -> None:
@@ -135,7 +140,10 @@ def run(args) -> int:
     from ldmkit.io.images import make_grid, save_png
     from ldmkit.pipelines.base import load
 
-    pipe = load(args.model, device=args.device, dtype=args.dtype)
+    importer_options = {k: v for k, v in (("prediction_type", args.prediction_type),
+                                           ("original_config", args.original_config),
+                                           ("tokenizer", args.tokenizer)) if v is not None}
+    pipe = load(args.model, device=args.device, dtype=args.dtype, **importer_options)
     common = dict(negative_prompt=args.negative_prompt, class_label=args.class_label, seed=args.seed,
                   sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                   guidance_rescale=args.guidance_rescale, batch_size=args.batch_size,
