@@ -1,7 +1,6 @@
 """Stage-1 training: overfit on real photo crops, exact resume after interruption, the CLI end to end."""
 import json
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
