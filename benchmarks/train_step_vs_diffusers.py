@@ -1,0 +1,178 @@
+"""Training throughput of our LDM training step vs the same loop over diffusers' UNet2DConditionModel.
+
+Both models get identical weights (diffusers' state dict loads into ours unchanged) and identical
+batches; the loop around them is the same code (LDMTrainer's math: q_sample, model, weighted MSE
+against the eps target, backward, grad clipping, AdamW), so the numbers compare the networks as
+trained, not two different loops.
+
+Cases (CPU, fp32):
+  demo-text:      the demo's text UNet shape (`small` preset), 8x8x4 latents, batch 64, 16x128 context
+  reduced-sd15:   SD1.5 layout with reduced widths (64, 128, 256, 256), 32x32x4 latents, batch 4, 77x768
+Timing alternates ours / diffusers step by step (so machine load hits both alike) and reports the
+median; peak memory is measured in a fresh subprocess per model as peak RSS during training steps
+minus RSS before the first step (on CUDA: torch.cuda.max_memory_allocated).
+
+    python benchmarks/train_step_vs_diffusers.py [--repeats 6] [--out benchmarks/results/train_step.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from ldmkit.denoisers.unet import PRESETS, UNet, UNetConfig  # noqa: E402
+
+CASES = {
+    "demo-text": dict(preset="small", overrides={}, size=8, batch=64, ctx=(16, 128)),
+    "reduced-sd15": dict(preset="sd15", overrides=dict(block_out_channels=(64, 128, 256, 256)), size=32, batch=4,
+                         ctx=(77, 768)),
+}
+
+
+def build(case: str, which: str, device: str):
+    import diffusers
+
+    spec = CASES[case]
+    cfg = UNetConfig(**{**PRESETS[spec["preset"]].to_dict(), **spec["overrides"]})
+    theirs = dict(in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+                  block_out_channels=cfg.block_out_channels, down_block_types=cfg.down_block_types,
+                  up_block_types=cfg.up_block_types, mid_block_type=cfg.mid_block_type,
+                  layers_per_block=cfg.layers_per_block, attention_head_dim=cfg.attention_head_dim,
+                  cross_attention_dim=cfg.cross_attention_dim, norm_num_groups=cfg.norm_num_groups,
+                  use_linear_projection=cfg.use_linear_projection, sample_size=spec["size"])
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DConditionModel(**theirs)
+    if which == "diffusers":
+        model = ref
+    else:
+        model = UNet(cfg)
+        model.load_state_dict(ref.state_dict(), strict=True)
+    return model.to(device).train()
+
+
+def make_step(model, which: str, case: str, device: str):
+    """One training step closure over a fixed batch (same batch, schedule and loss for both models)."""
+    from ldmkit.diffusion.forward import q_sample
+    from ldmkit.diffusion.objectives import training_loss
+    from ldmkit.diffusion.schedules import DiscreteSchedule
+
+    spec = CASES[case]
+    g = torch.Generator().manual_seed(0)
+    b, s = spec["batch"], spec["size"]
+    z0 = torch.randn(b, 4, s, s, generator=g).to(device)
+    noise = torch.randn(b, 4, s, s, generator=g).to(device)
+    t = torch.randint(0, 1000, (b,), generator=g)
+    ctx = torch.randn(b, *spec["ctx"], generator=g).to(device)
+    schedule = DiscreteSchedule("linear")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        x_t = q_sample(schedule, z0, noise, t)
+        tt = t.to(device, torch.float32)
+        out = model(x_t, tt, encoder_hidden_states=ctx, return_dict=False)[0] if which == "diffusers" \
+            else model(x_t, tt, context=ctx)
+        loss = training_loss(schedule, out, z0, noise, t).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return float(loss)
+
+    return step
+
+
+def time_case(case: str, repeats: int, device: str) -> dict:
+    models = {w: build(case, w, device) for w in ("ours", "diffusers")}
+    steps = {w: make_step(m, w, case, device) for w, m in models.items()}
+    for w in steps:  # warm-up (allocator, oneDNN primitive caches)
+        steps[w]()
+    times = {w: [] for w in steps}
+    for _ in range(repeats):
+        for w in ("ours", "diffusers"):
+            t0 = time.perf_counter()
+            steps[w]()
+            times[w].append(time.perf_counter() - t0)
+    batch = CASES[case]["batch"]
+    med = {w: statistics.median(v) for w, v in times.items()}
+    return {w: {"step_s_median": med[w], "step_s_all": times[w], "latents_per_s": batch / med[w]} for w in med}
+
+
+def memory_child(case: str, which: str, device: str) -> None:
+    model = build(case, which, device)
+    step = make_step(model, which, case, device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_kb()
+    for _ in range(2):
+        step()
+    if device == "cuda":
+        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    print(json.dumps({"peak_mb": peak_mb}))
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def memory(case: str, which: str, device: str) -> float:
+    out = subprocess.run([sys.executable, __file__, "--memory-child", case, which, "--device", device],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=6)
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_step.json"))
+    p.add_argument("--memory-child", nargs=2, metavar=("CASE", "WHICH"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.memory_child:
+        memory_child(*args.memory_child, args.device)
+        return 0
+    import diffusers
+
+    results = {"device": args.device, "torch": torch.__version__, "diffusers": diffusers.__version__,
+               "threads": torch.get_num_threads(), "machine": platform.machine(), "cases": {}}
+    for case in args.cases:
+        r = time_case(case, args.repeats, args.device)
+        for w in r:
+            r[w]["peak_mb"] = memory(case, w, args.device)
+        r["throughput_ratio"] = r["ours"]["latents_per_s"] / r["diffusers"]["latents_per_s"]
+        r["memory_ratio"] = r["ours"]["peak_mb"] / r["diffusers"]["peak_mb"] if r["diffusers"]["peak_mb"] > 0 else None
+        results["cases"][case] = r
+        print(f"{case}: ours {r['ours']['latents_per_s']:.1f} latents/s, diffusers "
+              f"{r['diffusers']['latents_per_s']:.1f} latents/s -> throughput ratio {r['throughput_ratio']:.2f}x; "
+              f"peak memory ours {r['ours']['peak_mb']:.0f} MB vs {r['diffusers']['peak_mb']:.0f} MB -> "
+              f"ratio {r['memory_ratio']:.2f}" if r["memory_ratio"] else "", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
