@@ -29,6 +29,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -355,7 +356,9 @@ class LDMTrainer:
             self.bad_streak = 0
             skipped = False
         lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
         self.step += 1
         loss_value = float(self.ctx.all_reduce_mean(total))
         return {"loss": loss_value, "grad_norm": grad_norm, "skipped": skipped, "lr": lr}
