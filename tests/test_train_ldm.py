@@ -193,3 +193,14 @@ def test_fp16_needs_cuda(tmp_path, ae_dir):
         pytest.skip("CUDA present")
     with pytest.raises(ValueError, match="fp16"):
         LDMTrainer(config(tmp_path, precision="fp16"), data=make_data())
+
+
+def test_bf16_autocast_on_cpu(tmp_path, ae_dir):
+    cfg = config(tmp_path, precision="bf16", steps=2)
+    trainer = LDMTrainer(cfg, data=make_data())
+    before = weights(trainer)
+    info = trainer.train_step()
+    assert math.isfinite(info["loss"]) and not info["skipped"]
+    after = weights(trainer)
+    assert all(v.dtype == torch.float32 for v in after.values() if v.is_floating_point())  # master weights fp32
+    assert any(not torch.equal(before[k], after[k]) for k in before)
