@@ -329,7 +329,9 @@ def plot(result: dict, out: Path) -> list[Path]:
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle(f"Fashion-MNIST 32x32 class-conditional, equal FLOPs per model ({result['mode']} run)")
+    prm = result["params"]
+    fig.suptitle(f"Fashion-MNIST 32x32 class-conditional, equal FLOPs per model ({result['mode']} sizes, "
+                 f"{prm['steps']} steps, {prm['num_eval']} samples per point)")
     fig.tight_layout()
     paths.append(out / "fsweep.png")
     fig.savefig(paths[-1], dpi=110)
