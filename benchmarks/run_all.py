@@ -123,7 +123,8 @@ def write_summary(out: Path, runs: list[dict]) -> Path:
     lines = ["# Benchmark summary", "",
              f"Written by `benchmarks/run_all.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
              "Ratios are measured side by side in one process by each script (see its JSON for the set-up); "
-             "for times, ours/diffusers < 1 means ldmkit is faster.", ""]
+             "for times, ours/diffusers < 1 means ldmkit is faster. A result file older than this run "
+             "comes from an earlier run (e.g. when its script failed or timed out now).", ""]
     if runs:
         lines += ["## Runs", "", "| script | status | seconds | log |", "|---|---|---|---|"]
         lines += [f"| {r['script']} | {r['status']} | {r['seconds']} | {r['log'] or '-'} |" for r in runs]
@@ -134,7 +135,7 @@ def write_summary(out: Path, runs: list[dict]) -> Path:
     files = sorted(p for p in out.glob("*.json"))
     if not files:
         lines += ["No result files in this folder yet.", ""]
-    lines += ["## Ratios", "", "| result file | quantity | value |", "|---|---|---|"]
+    lines += ["## Ratios", "", "| result file (written, UTC) | quantity | value |", "|---|---|---|"]
     other: list[str] = []
     bad: list[str] = []
     for f in files:
@@ -144,7 +145,8 @@ def write_summary(out: Path, runs: list[dict]) -> Path:
             bad.append(f"- `{f.name}`: unreadable ({exc})")
             continue
         rs = ratios(data)
-        lines += [f"| {f.name} | {k} | {_fmt(v)} |" for k, v in rs]
+        written = time.strftime("%m-%d %H:%M", time.gmtime(f.stat().st_mtime))
+        lines += [f"| {f.name} ({written}) | {k} | {_fmt(v)} |" for k, v in rs]
         device = data.get("device") if isinstance(data, dict) else None
         nums = list(_numbers(data))
         other.append(f"### {f.name}" + (f" (device: {device})" if device else ""))
@@ -192,6 +194,10 @@ def main(argv=None) -> int:
             r = run_one(name, out, args.device, args.timeout, logs)
             print(f"[bench] {name}: {r['status']} ({r['seconds']} s)", flush=True)
             runs.append(r)
+        (logs / "runs.json").write_text(json.dumps({"written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                                    "device": args.device, "runs": runs}, indent=2))
+    elif (out / "logs" / "runs.json").is_file():  # keep the table of the last real run
+        runs = json.loads((out / "logs" / "runs.json").read_text())["runs"]
     path = write_summary(out, runs)
     print(f"[bench] wrote {path}")
     return 0

@@ -50,5 +50,5 @@ def test_summary_reports_missing_failed_and_tables(tmp_path, run_all, monkeypatc
     assert "no --device option" in run_all.run_one("failing", out, "cuda", 60, logs)["status"]
     text = run_all.write_summary(out, runs).read_text()
     assert "| failing | failed (exit 3) |" in text and "| sampler_nfe | missing |" in text
-    assert "| unet_vs_diffusers.json | time_ratio | 0.9 |" in text
+    assert "| unet_vs_diffusers.json (" in text and "| time_ratio | 0.9 |" in text
     assert "broken.json" in text and "unreadable" in text
