@@ -338,12 +338,17 @@ def plot(result: dict, out: Path) -> list[Path]:
     plt.close(fig)
     if result.get("nfe"):
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        styles = {"ddim": "o-", "dpmpp_2m": "s-", "euler": "x--"}  # euler == ddim here: dashed on top
+        steps = sorted({r["nfe"] for r in result["nfe"]["rows"]})
         for sampler in ("ddim", "dpmpp_2m", "euler"):
             rows = [r for r in result["nfe"]["rows"] if r["sampler"] == sampler]
-            axes[0].plot([r["nfe"] for r in rows], [r["fid"] for r in rows], "o-", label=sampler)
-            axes[1].plot([r["nfe"] for r in rows], [r["class_accuracy"] for r in rows], "o-", label=sampler)
+            axes[0].plot([r["nfe"] for r in rows], [r["fid"] for r in rows], styles[sampler], label=sampler)
+            axes[1].plot([r["nfe"] for r in rows], [r["class_accuracy"] for r in rows], styles[sampler],
+                         label=sampler)
         for ax, name in zip(axes, ("FID (own features)", "class accuracy")):
             ax.set_xscale("log")
+            ax.set_xticks(steps, [str(v) for v in steps])
+            ax.minorticks_off()
             ax.set_xlabel("sampling steps (model evaluations per image, x2 with CFG)")
             ax.set_title(f"{name}, LDM-{result['nfe']['f']}", fontsize=10)
             ax.grid(alpha=0.3)
