@@ -213,7 +213,9 @@ def test_generator_and_discriminator_losses_logged_separately():
     x_rec, aux = model(x)
     loss, logs = crit.generator_loss(x, x_rec, aux, step=0, last_layer=model.last_layer)
     assert set(logs) == {"rec", "kl", "total"}  # before disc_start, no LPIPS network given
-    assert loss.item() == pytest.approx((logs["rec"] + 1e-6 * logs["kl"] / x[0].numel()).item(), rel=1e-5)
+    kl_sum = aux["kl"].mean()  # KL summed over the latent, batch mean
+    assert loss.item() == pytest.approx((logs["rec"] + 1e-6 * kl_sum / x[0].numel()).item(), rel=1e-5)
+    assert logs["kl"].item() == pytest.approx(kl_sum.item() / aux["posterior"].mean[0].numel(), rel=1e-5)
     loss, logs = crit.generator_loss(x, x_rec, aux, step=2, last_layer=model.last_layer)
     assert {"g", "d_weight"} <= set(logs)
     loss.backward()

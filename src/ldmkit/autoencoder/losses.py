@@ -292,7 +292,8 @@ class AutoencoderLoss(nn.Module):
         loss = nll
         if "kl" in aux:
             kl = aux["kl"].mean() / x[0].numel()
-            logs["kl"] = aux["kl"].mean().detach()
+            # logged per latent element (nats), a scale comparable to the other terms
+            logs["kl"] = (aux["kl"].mean() / aux["posterior"].mean[0].numel()).detach()
             loss = loss + c.kl_weight * kl
         if "vq_loss" in aux:
             logs.update(vq=aux["vq_loss"].detach(), perplexity=aux["perplexity"].detach(),

@@ -265,6 +265,11 @@ def evaluate(model: Autoencoder, dataset, num_images: int | None = None, batch_s
 # ----------------------------------------------------------------------------- training
 
 
+# Logged to loss.csv / loss.png; everything else (grad_norm, d_weight, logits, perplexity,
+# usage) goes to diagnostics.csv / diagnostics.png so the scales do not crush each other.
+LOSS_TERMS = ("rec", "lpips", "kl", "vq", "g", "d", "total")
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -314,7 +319,9 @@ class AutoencoderTrainer:
         self.step = 0
         if state is not None:
             self._load_state(state)
-        self.log = LossLog(self.out / "loss.csv", resume_step=self.step if state is not None else None)
+        resume_step = self.step if state is not None else None
+        self.log = LossLog(self.out / "loss.csv", resume_step=resume_step)
+        self.diag = LossLog(self.out / "diagnostics.csv", resume_step=resume_step)
         use_bf16 = c.amp == "bf16" or (c.amp == "auto" and self.device.type == "cuda")
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
         n_show = min(8, len(self.heldout))
@@ -400,6 +407,10 @@ class AutoencoderTrainer:
         return save_png(grid, self.out / "samples" / f"step-{self.step}.png",
                         metadata={"step": self.step, "rows": "originals over reconstructions (held-out)"})
 
+    def _plot(self) -> None:
+        self.log.plot(self.out / "loss.png", title=f"autoencoder {self.c.preset}: loss terms")
+        self.diag.plot(self.out / "diagnostics.png", title=f"autoencoder {self.c.preset}: diagnostics")
+
     # ---- the loop
     def run(self) -> dict:
         from ldmkit.io.format import save_component, write_json
@@ -422,18 +433,19 @@ class AutoencoderTrainer:
                 logs = self.train_step(x)
                 bar.update(1)
                 if c.log_every and (self.step % c.log_every == 0 or self.step == c.steps):
-                    self.log.append(self.step, **logs)
+                    self.log.append(self.step, **{k: v for k, v in logs.items() if k in LOSS_TERMS})
+                    self.diag.append(self.step, **{k: v for k, v in logs.items() if k not in LOSS_TERMS})
                     bar.set_postfix({k: f"{logs[k]:.4g}" for k in ("rec", "lpips", "kl", "vq", "g", "d") if k in logs})
                 if c.sample_every and self.step % c.sample_every == 0:
                     self.save_samples()
                 if c.ckpt_every and self.step % c.ckpt_every == 0 and self.step < c.steps:
                     self.save_checkpoint()
-                    self.log.plot(self.out / "loss.png", title=f"autoencoder {c.preset}")
+                    self._plot()
         finally:
             bar.close()
         seconds = time.perf_counter() - t0
         self.save_checkpoint()
-        self.log.plot(self.out / "loss.png", title=f"autoencoder {c.preset}")
+        self._plot()
         self.save_samples()
         model = self.eval_model()
         stats = latent_statistics(model, self.train_data, c.stats_samples, seed=c.seed, device=self.device)
