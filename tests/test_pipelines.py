@@ -367,10 +367,16 @@ def test_sliced_and_tiled_decode():
     torch.testing.assert_close(vae_decode.decode_tiled(ae, z, tile_size=32, overlap=4), full, atol=1e-6, rtol=1e-6)
     tiled = vae_decode.decode(ae, z, tile_size=8, overlap=4)
     assert tiled.shape == full.shape and torch.isfinite(tiled).all()
-    # tiles see only part of the picture (group norms, mid attention): close, not equal
-    assert (tiled - full).abs().mean() < 0.5 * full.abs().mean()
     with pytest.raises(ValueError, match="overlap"):
         vae_decode.decode_tiled(ae, z, tile_size=8, overlap=8)
+    # A real decoder's tiles see only part of the picture (group norms, mid attention), so tiled and
+    # full decodes differ; for a pixel-local decoder tiling is exact: every tile lands where it belongs
+    # and the overlap blend weights sum to one.
+    local = LocalAutoencoder()
+    torch.testing.assert_close(vae_decode.decode(local, z, tile_size=8, overlap=4), local.decode_latents(z),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(vae_decode.decode(local, z, tile_size=5, overlap=2), local.decode_latents(z),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_pipeline_uses_tiled_decode_for_large_latents(tpipe, monkeypatch):
