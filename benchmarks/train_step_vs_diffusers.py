@@ -89,7 +89,7 @@ def make_step(model, which: str, case: str, device: str):
         opt.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
