@@ -71,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--budget", type=float, default=540.0,
                    help="wall-clock seconds the whole demo aims to fit in (LDM steps are fitted to it)")
-    p.add_argument("--ae-steps", type=int, default=500)
+    p.add_argument("--ae-steps", type=int, default=1000)
     p.add_argument("--ldm-steps", type=int, default=0, help="fixed LDM steps (0: fit to the budget)")
-    p.add_argument("--max-ldm-steps", type=int, default=3000)
+    p.add_argument("--max-ldm-steps", type=int, default=1500)
     p.add_argument("--latents", type=int, default=8000, help="training images encoded into the cache")
     p.add_argument("--samples", type=int, default=200, help="samples per prompt set and guidance scale")
     p.add_argument("--guidance", type=float, default=3.0, help="guidance of the headline numbers and grids")
@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                            seed=args.seed, device="cpu", amp="none")
     ae_summary = AutoencoderTrainer(ae_cfg, progress_bar=True).run()
     ae_dir = ae_run / "autoencoder"
+    phases = {"autoencoder_s": round(time.time() - t0, 1)}
     shutil.copy(ae_run / "loss.png", out / "loss_autoencoder.png")
     _log(t0, f"autoencoder: held-out {json.dumps(ae_summary.get('heldout', {}))[:160]}")
 
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                    batch_size=256, source={"dataset": "shapes", "split": "train", "seed": args.seed + 1},
                    overwrite=True, progress=False)
     _log(t0, f"latent cache: {args.latents} items in {cache}")
+    phases["latent_cache_s"] = round(time.time() - t0 - sum(phases.values()), 1)
 
     # ---- 3. LDM ------------------------------------------------------------------------------
     from ldmkit.training.ldm import LDMTrainer, TrainConfig
@@ -163,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(final)
     shutil.copytree(model_dir, final)
     _log(t0, f"LDM trained ({steps} steps); model folder {final}")
+    phases["ldm_s"] = round(time.time() - t0 - sum(phases.values()), 1)
 
     # ---- 4. samples + adherence ---------------------------------------------------------------
     from ldmkit import pipelines
@@ -182,13 +185,14 @@ def main(argv: list[str] | None = None) -> int:
             f.write("\n".join(sets[name][:64]) + "\n")
     headline = {name: table[name][str(args.guidance)] for name in sets}
     elapsed = time.time() - t0
+    phases["evaluation_s"] = round(elapsed - sum(phases.values()), 1)
     report = {
         "guidance": args.guidance, "sampler": args.sampler, "steps": args.steps, "samples_per_set": args.samples,
         "headline": {k: v["match_rate"] for k, v in headline.items()},
         "target": {"train": 0.95, "heldout": 0.85},
         "by_guidance": table,
         "ldm_steps": steps, "ae_steps": args.ae_steps, "latents": args.latents,
-        "seconds": round(elapsed, 1), "threads": torch.get_num_threads(),
+        "seconds": round(elapsed, 1), "phases": phases, "threads": torch.get_num_threads(),
     }
     from ldmkit.io.format import write_json
 
