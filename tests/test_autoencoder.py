@@ -13,15 +13,6 @@ from ldmkit.autoencoder.losses import (LPIPS, AutoencoderLoss, LossConfig, Patch
 from ldmkit.autoencoder.model import PRESETS, Autoencoder, AutoencoderConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two OpenMP threads on a shared 2-core machine spin far more than they compute.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(kind="kl", ch_mult=(1, 2, 2), **kw):
     return AutoencoderConfig(kind=kind, channels=8, ch_mult=ch_mult, num_res_blocks=1, latent_channels=4,
                              norm_groups=4, num_codes=16, **kw)

@@ -16,15 +16,6 @@ CROPS = [("astronaut", 60, 200), ("coffee", 150, 250), ("chelsea", 100, 150), ("
          ("astronaut", 300, 100), ("coffee", 50, 400)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two OpenMP threads on a shared 2-core machine spin far more than they compute.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _crop(name, top, left, size=32):
     return getattr(skimage_data, name)()[top:top + size, left:left + size]
 

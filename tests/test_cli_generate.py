@@ -27,14 +27,6 @@ CAPTIONS = ["a red square", "a blue circle", "a green triangle on grey"]
 CLASSES = ("circle", "square", "triangle")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _index(conditioning, concat=None, **defaults):
     return {"schedule": make_schedule("sd15").to_dict(), "objective": "eps", "conditioning": conditioning,
             "concat": concat, "latent_size": [8, 8],

@@ -1,5 +1,4 @@
 """Our format, atomic writes, images with metadata, and the shared training utilities."""
-import os
 import random
 
 import numpy as np

@@ -16,13 +16,6 @@ from ldmkit.denoisers.unet import UNet
 from ldmkit.io.format import load_component, save_component
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread avoids OpenMP oversubscription on the shared 2-core machine (100x slower)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 CAPTIONS = ["a red circle on a blue background", "a green square", "two yellow triangles, small",
             "a red square on a green background"]

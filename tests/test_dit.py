@@ -10,15 +10,6 @@ from ldmkit.denoisers.dit import (PRESETS, DiT, DiTConfig, pos_embed_2d, state_d
                                   state_dict_to_diffusers)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread avoids OpenMP oversubscription on the shared 2-core machine (100x slower)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _randomise(model):
     with torch.no_grad():
         for p in model.parameters():

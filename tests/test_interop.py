@@ -24,15 +24,6 @@ PROMPT = "the red cat on a street"
 STYLES = ("sd1", "sd2")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and far faster on a shared, oversubscribed CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, one_thread):
     """style -> dict(pipe, diffusers folder, single file, tokenizer folder)."""

@@ -19,14 +19,6 @@ from ldmkit.io import single_file as sf  # noqa: E402
 from ldmkit.io.diffusers_format import schedule_from_diffusers, schedule_to_diffusers  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory, one_thread):
     from safetensors.torch import save_file

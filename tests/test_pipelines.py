@@ -106,15 +106,6 @@ def make_image(seed: int = 5, size: int = 32) -> torch.Tensor:
     return torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~20x faster on one thread than on two contended ones (CI shares 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tpipe(one_thread):
     return text_pipeline()

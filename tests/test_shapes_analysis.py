@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from ldmkit.data.shapes import ShapesDataset, caption, pil_to_tensor, render, parse_caption

@@ -11,15 +11,6 @@ from ldmkit.denoisers.unet import PRESETS, UNet, UNetConfig
 diffusers = pytest.importorskip("diffusers")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread avoids OpenMP oversubscription on the shared 2-core machine (100x slower)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _diffusers_unet(**kw):
     base = dict(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,

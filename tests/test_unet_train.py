@@ -13,15 +13,6 @@ from ldmkit.denoisers.unet import PRESETS as UNET
 from ldmkit.denoisers.unet import UNet
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread avoids OpenMP oversubscription on the shared 2-core machine (100x slower)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a red square"]
 
 
