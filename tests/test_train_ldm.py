@@ -204,3 +204,12 @@ def test_bf16_autocast_on_cpu(tmp_path, ae_dir):
     after = weights(trainer)
     assert all(v.dtype == torch.float32 for v in after.values() if v.is_floating_point())  # master weights fp32
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_bundled_demo_model_samples():
+    from ldmkit import pipelines
+
+    pipe = pipelines.load("demo-shapes", device="cpu")
+    assert pipe.conditioning == "text" and pipe.latent_size == (8, 8)
+    out = pipe.text2img("a blue triangle above a red circle", num=1, seed=0, steps=2, progress=False)
+    assert out[0].image.size == (32, 32)

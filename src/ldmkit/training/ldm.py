@@ -521,7 +521,7 @@ class LDMTrainer:
             "concat": None,
             "latent_size": list(self.data.latent_shape[1:]),
             "defaults": {"sampler": c.sample_sampler, "steps": c.sample_steps, "guidance": c.guidance},
-            "training": {"steps": self.step, "config": "../config.json"},
+            "training": {"steps": self.step, "world_size": self.ctx.world_size, "config": c.to_dict()},
         }
         components = {"autoencoder": self.autoencoder.to("cpu"), "denoiser": model.denoiser,
                       "conditioner": model.conditioner}
