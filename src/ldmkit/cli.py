@@ -18,6 +18,7 @@ class UserError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     from ldmkit.autoencoder import commands as autoencoder_commands
+    from ldmkit.data import commands as data_commands
     from ldmkit.io import commands as io_commands
     from ldmkit.metrics import commands as metrics_commands
     from ldmkit.pipelines import commands as pipeline_commands
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm", description="ldmkit: latent diffusion end to end")
     parser.add_argument("--version", action="version", version=f"ldmkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (autoencoder_commands, training_commands, pipeline_commands, io_commands, metrics_commands):
+    for module in (autoencoder_commands, data_commands, training_commands, pipeline_commands, io_commands, metrics_commands):
         module.register(sub)
     return parser
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (UserError, ValueError, FileNotFoundError) as exc:
+    except (UserError, ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"ldm {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
