@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="wall-clock seconds the whole demo aims to fit in (LDM steps are fitted to it)")
     p.add_argument("--ae-steps", type=int, default=1000)
     p.add_argument("--ldm-steps", type=int, default=0, help="fixed LDM steps (0: fit to the budget)")
-    p.add_argument("--max-ldm-steps", type=int, default=1500)
+    p.add_argument("--max-ldm-steps", type=int, default=3000)
     p.add_argument("--latents", type=int, default=8000, help="training images encoded into the cache")
     p.add_argument("--samples", type=int, default=200, help="samples per prompt set and guidance scale")
     p.add_argument("--guidance", type=float, default=3.0, help="guidance of the headline numbers and grids")
