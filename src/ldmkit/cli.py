@@ -2,11 +2,13 @@
 
 Each area of the library registers its own subcommands through a
 `register(subparsers)` function in its `commands.py`; this file only wires them
-and turns user errors into one-line messages with exit code 2.
+and turns user errors into one-line messages with exit code 2 (set LDM_DEBUG=1
+to see the traceback instead).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ldmkit import __version__
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (UserError, ValueError, FileNotFoundError, FileExistsError) as exc:
+        if os.environ.get("LDM_DEBUG"):  # developers: the full traceback
+            raise
         print(f"ldm {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
