@@ -46,10 +46,8 @@ Writes `OUT/fsweep.json`, `OUT/fsweep.png` (quality vs training compute),
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path

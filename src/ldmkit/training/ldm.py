@@ -27,13 +27,11 @@ import dataclasses
 import json
 import math
 import os
-import random
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
