@@ -487,6 +487,14 @@ class Pipeline:
         return results
 
 
+def image_count(prompt, num: int | None) -> int:
+    """Images one call makes: `num` if given, else one per prompt of a list, else 1."""
+    n = num if num is not None else (len(prompt) if isinstance(prompt, (list, tuple)) and prompt else 1)
+    if n < 1:
+        raise ValueError(f"num={n} must be >= 1")
+    return n
+
+
 def load(path, device=None, dtype=None, **options) -> Pipeline:
     """Load a model folder (ours, diffusers' or an original single file) as a ready `Pipeline`.
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ldmkit.pipelines.base import Pipeline, Result
+from ldmkit.pipelines.base import Pipeline, Result, image_count
 
 
 def check_strength(strength) -> float:
@@ -55,10 +55,7 @@ def img2img(pipe: Pipeline, image, prompt=None, *, strength: float = 0.75, negat
     pipe.require_task("img2img")
     strength = check_strength(strength)
     x, h, w = image_tensor(pipe, image, height, width)
-    prompts = prompt if isinstance(prompt, (list, tuple)) else None
-    n = num if num is not None else (len(prompts) if prompts else 1)
-    if n < 1:
-        raise ValueError(f"num={n} must be >= 1")
+    n = image_count(prompt, num)
     s = pipe.settings(height=h, width=w, **settings)
     conditions = pipe.conditions(prompt, class_label, n)
     z0 = pipe.encode(x)

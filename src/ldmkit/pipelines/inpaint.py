@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ldmkit.pipelines.base import Pipeline, Result, latent_mask
+from ldmkit.pipelines.base import Pipeline, Result, image_count, latent_mask
 from ldmkit.pipelines.img2img import check_strength, image_tensor
 
 
@@ -69,10 +69,7 @@ def inpaint(pipe: Pipeline, image, mask, prompt=None, *, strength: float = 1.0, 
     x, h, w = image_tensor(pipe, image, height, width)
     if (m.shape[-2], m.shape[-1]) != (h, w):
         m = (F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False) >= 0.5).float()
-    prompts = prompt if isinstance(prompt, (list, tuple)) else None
-    n = num if num is not None else (len(prompts) if prompts else 1)
-    if n < 1:
-        raise ValueError(f"num={n} must be >= 1")
+    n = image_count(prompt, num)
     s = pipe.settings(height=h, width=w, **settings)
     conditions = pipe.conditions(prompt, class_label, n)
     z0 = pipe.encode(x)

@@ -11,16 +11,13 @@ ldmkit.denoisers.dit.pos_embed_2d); quality away from the training size is the m
 """
 from __future__ import annotations
 
-from ldmkit.pipelines.base import Pipeline, Result
+from ldmkit.pipelines.base import Pipeline, Result, image_count
 
 
 def text2img(pipe: Pipeline, prompt=None, *, negative_prompt=None, class_label=None, num: int | None = None,
              seed: int = 0, **settings) -> list[Result]:
     pipe.require_task("text2img")
-    prompts = prompt if isinstance(prompt, (list, tuple)) else None
-    n = num if num is not None else (len(prompts) if prompts else 1)
-    if n < 1:
-        raise ValueError(f"num={n} must be >= 1")
+    n = image_count(prompt, num)
     s = pipe.settings(**settings)
     conditions = pipe.conditions(prompt, class_label, n)
     return pipe.generate("text2img", s, conditions, negative_prompt, int(seed), lambda idx: {})
