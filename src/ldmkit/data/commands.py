@@ -6,12 +6,17 @@ from pathlib import Path
 DATA_HELP = "'shapes' (bundled synthetic set), 'fashion-mnist' (Debian dataset-fashion-mnist) or an image folder"
 
 
-def dataset_for_cache(data: str, size: int, length: int, seed: int, class_folders: bool):
-    """The training images to cache, unaugmented: shapes (train split), Fashion-MNIST (train) or a folder."""
+def dataset_for_cache(data: str, size: int, length: int, seed: int, class_folders: bool,
+                      segmentation: bool = False):
+    """The training images to cache, unaugmented: shapes (train split), Fashion-MNIST (train) or a folder.
+    With ``segmentation`` the items also carry a per-pixel class map (shapes only)."""
+    if segmentation and data != "shapes":
+        raise ValueError(f"--segmentation: the data set {data!r} has no segmentation maps; of the bundled "
+                         "sets only 'shapes' provides them")
     if data == "shapes":
         from ldmkit.data.shapes import ShapesDataset
 
-        return ShapesDataset("train", size=size, length=length, seed=seed), None
+        return ShapesDataset("train", size=size, length=length, seed=seed, segmentation=segmentation), None
     if data == "fashion-mnist":
         from ldmkit.data.fashion_mnist import FashionMNIST
 
@@ -52,13 +57,22 @@ def _cache(args) -> int:
     f = autoencoder.downsample_factor
     if args.size % f:
         raise ValueError(f"--size {args.size} is not a multiple of the autoencoder's downsampling factor {f}")
-    dataset, class_names = dataset_for_cache(args.data, args.size, args.length, args.seed, args.class_folders)
+    dataset, class_names = dataset_for_cache(args.data, args.size, args.length, args.seed, args.class_folders,
+                                             segmentation=args.segmentation)
+    seg_classes = None
+    if args.segmentation:
+        from ldmkit.data.shapes import SEGMENTATION_CLASSES
+
+        seg_classes = list(SEGMENTATION_CLASSES)
     out = encode_dataset(autoencoder, dataset, args.out, batch_size=args.batch_size, dtype=args.dtype,
                          class_names=class_names, overwrite=args.overwrite,
-                         source={"dataset": args.data, "size": args.size, "seed": args.seed})
+                         source={"dataset": args.data, "size": args.size, "seed": args.seed},
+                         store_images=args.store_images, store_segmentation=args.segmentation,
+                         segmentation_classes=seg_classes)
     skipped = getattr(dataset, "skipped", 0)
-    print(f"cached {len(dataset)} latents of {args.data} in {out}"
-          + (f" ({skipped} unreadable image(s) skipped)" if skipped else ""))
+    extras = [w for w, on in (("images", args.store_images), ("segmentation maps", args.segmentation)) if on]
+    print(f"cached {len(dataset)} latents of {args.data}" + (f" with {' and '.join(extras)}" if extras else "")
+          + f" in {out}" + (f" ({skipped} unreadable image(s) skipped)" if skipped else ""))
     return 0
 
 
@@ -78,4 +92,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache in --out")
+    p.add_argument("--store-images", action="store_true",
+                   help="also keep each image (uint8): needed by `ldm train --spatial inpaint|upscale`")
+    p.add_argument("--segmentation", action="store_true",
+                   help="also keep a per-pixel class map per image (shapes: background/circle/square/triangle): "
+                        "needed by `ldm train --spatial semantic`")
     p.set_defaults(func=_cache)

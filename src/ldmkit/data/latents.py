@@ -4,7 +4,9 @@ Layout of a cache folder::
 
     CACHE/
       index.json                  written last: its presence marks a complete cache
-      shard-00000.safetensors     {"mean": [n, c, h, w], "std": [n, c, h, w]}
+      shard-00000.safetensors     {"mean": [n, c, h, w], "std": [n, c, h, w],
+                                   "image": uint8 [n, 3, H, W]        (optional, store_images)
+                                   "segmentation": uint8 [n, H, W]}   (optional, store_segmentation)
       shard-00000.json            {"captions": [...] | null, "labels": [...] | null}
       shard-00001.safetensors ...
 
@@ -16,6 +18,14 @@ further scaling. The factors used are recorded in ``index.json``
 (``"scaled": true``, ``scaling_factor``, ``shift_factor``) together with the
 autoencoder's config and a SHA-256 of its weights, so a trainer can check that
 it decodes with the same autoencoder. For a VQ autoencoder ``std`` is 0.
+
+Spatially conditioned training (``ldm train --spatial``) also needs per item what
+the spatial input is made from: the source image (uint8, exactly the pixels that
+were encoded: inpainting masks it, super-resolution downsamples it) and/or an
+integer segmentation map (semantic synthesis). Format version 2 adds them as
+optional tensors; ``index.json`` says which are present (``has_images``,
+``image_shape``, ``has_segmentation``, ``segmentation_classes``). Version-1 caches
+(no such fields) still load, as caches without images or maps.
 """
 from __future__ import annotations
 
@@ -31,7 +41,8 @@ from safetensors.torch import load_file, save_file
 from ldmkit.io.format import atomic_write, write_json
 
 FORMAT = "ldmkit-latents"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 2 adds the optional image / segmentation tensors
 INDEX_FILE = "index.json"
 _SHARD_RE = re.compile(r"^shard-\d{5}\.(safetensors|json)$")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -50,6 +61,27 @@ def _split_item(item) -> tuple[torch.Tensor, str | None, int | None]:
         return item, None, None
     raise ValueError(f"data set item of type {type(item).__name__}: expected a dict with 'image' "
                      "(+ 'caption', 'label'), an (image, label) pair or an image tensor")
+
+
+def _segmentation_of(item) -> torch.Tensor | None:
+    seg = item.get("segmentation") if isinstance(item, dict) else None
+    if seg is None:
+        return None
+    seg = torch.as_tensor(seg)
+    if seg.dim() != 2 or seg.is_floating_point():
+        raise ValueError(f"a segmentation map must be an integer [H, W] tensor, got {seg.dtype} "
+                         f"{tuple(seg.shape)}")
+    return seg
+
+
+def image_to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[..., 3, H, W] in [-1, 1] -> uint8 (as an image file stores it)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def uint8_to_image(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float in [-1, 1]."""
+    return x.float() / 127.5 - 1.0
 
 
 def weights_sha256(module: torch.nn.Module) -> str:
@@ -73,7 +105,9 @@ def _config_dict(autoencoder) -> dict | None:
 def encode_dataset(autoencoder: torch.nn.Module, dataset, out: str | Path, batch_size: int = 64,
                    shard_size: int = 4096, device: str | torch.device | None = None,
                    dtype: str = "float32", class_names: list[str] | None = None,
-                   source: dict | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+                   source: dict | None = None, overwrite: bool = False, progress: bool = True,
+                   store_images: bool = False, store_segmentation: bool = False,
+                   segmentation_classes: list[str] | None = None) -> Path:
     """Encode every item of ``dataset`` with the frozen ``autoencoder`` into a cache at ``out``.
 
     ``dataset[i]`` may be a dict with "image" ([C, H, W] in [-1, 1]) and optional
@@ -81,6 +115,12 @@ def encode_dataset(autoencoder: torch.nn.Module, dataset, out: str | Path, batch
     ``shard_size`` items go in each safetensors shard; ``dtype`` ("float32", "float16",
     "bfloat16") is the storage type. ``source`` is free-form provenance stored in the
     index (e.g. ``{"dataset": "shapes", "split": "train", "seed": 0}``). Returns ``out``.
+
+    ``store_images`` keeps each encoded image as uint8 [3, H, W] beside its latent (what
+    inpainting and super-resolution training build their spatial input from).
+    ``store_segmentation`` keeps each item's ``"segmentation"`` (an integer [H, W] map of the
+    image's size, values in [0, 255]; the data set must give one per item), with the class
+    names ``segmentation_classes`` (their count is the number of map classes).
     """
     out = Path(out)
     if batch_size < 1:
@@ -92,6 +132,8 @@ def encode_dataset(autoencoder: torch.nn.Module, dataset, out: str | Path, batch
     n = len(dataset)
     if n == 0:
         raise ValueError("the data set is empty; nothing to cache")
+    if store_segmentation and not segmentation_classes:
+        raise ValueError("store_segmentation needs segmentation_classes (the names of the map's classes)")
     if (out / INDEX_FILE).exists() and not overwrite:
         raise FileExistsError(f"{out} already holds a latent cache; pass overwrite=True to replace it")
     out.mkdir(parents=True, exist_ok=True)
@@ -114,17 +156,23 @@ def encode_dataset(autoencoder: torch.nn.Module, dataset, out: str | Path, batch
 
     from ldmkit.training.common import progress as progress_bar  # tqdm wrapper
 
-    shards, latent_shape = [], None
+    shards, latent_shape, image_shape = [], None, None
     has_caption = has_label = None
     starts = range(0, n, shard_size)
     bar = progress_bar(total=n, desc="encoding latents", disable=not progress, unit="img")
     try:
         for si, s0 in enumerate(starts):
             s1 = min(n, s0 + shard_size)
-            means, stds, captions, labels = [], [], [], []
+            means, stds, captions, labels, images, segs = [], [], [], [], [], []
             for b0 in range(s0, s1, batch_size):
-                items = [_split_item(dataset[i]) for i in range(b0, min(s1, b0 + batch_size))]
-                x = torch.stack([torch.as_tensor(im) for im, _, _ in items]).to(device=device, dtype=in_dtype)
+                raw = [dataset[i] for i in range(b0, min(s1, b0 + batch_size))]
+                items = [_split_item(r) for r in raw]
+                pixels = torch.stack([torch.as_tensor(im) for im, _, _ in items])
+                if store_images:
+                    images.append(image_to_uint8(pixels))
+                if store_segmentation:
+                    segs.append(_segmentation_batch(raw, b0, pixels.shape[-2:], len(segmentation_classes)))
+                x = pixels.to(device=device, dtype=in_dtype)
                 post = autoencoder.encode(x)
                 means.append(((post.mean.float() - shift) * scale).cpu())
                 stds.append((post.std.float() * scale).cpu())
@@ -145,6 +193,11 @@ def encode_dataset(autoencoder: torch.nn.Module, dataset, out: str | Path, batch
                 raise ValueError("some items have a caption/label and some do not; a cache needs all or none")
             name = f"shard-{si:05d}"
             tensors = {"mean": mean.to(_DTYPES[dtype]).contiguous(), "std": std.to(_DTYPES[dtype]).contiguous()}
+            if store_images:
+                tensors["image"] = torch.cat(images).contiguous()
+                image_shape = list(tensors["image"].shape[1:])
+            if store_segmentation:
+                tensors["segmentation"] = torch.cat(segs).contiguous()
             atomic_write(out / f"{name}.safetensors", lambda tmp: save_file(tensors, tmp))
             write_json(out / f"{name}.json", {"captions": captions if has_caption else None,
                                                "labels": labels if has_label else None})
@@ -159,12 +212,34 @@ def encode_dataset(autoencoder: torch.nn.Module, dataset, out: str | Path, batch
         "scaled": True, "scaling_factor": scale, "shift_factor": shift,
         "has_captions": bool(has_caption), "has_labels": bool(has_label),
         "class_names": list(class_names) if class_names is not None else None,
+        "has_images": bool(store_images), "image_shape": image_shape,
+        "has_segmentation": bool(store_segmentation),
+        "segmentation_classes": list(segmentation_classes) if store_segmentation else None,
         "autoencoder": {"config": _config_dict(autoencoder), "weights_sha256": weights_sha256(autoencoder)},
         "source": source or {},
         "shards": shards,
     }
     write_json(out / INDEX_FILE, index)
     return out
+
+
+def _segmentation_batch(raw: list, start: int, size, num_classes: int) -> torch.Tensor:
+    """The items' segmentation maps as uint8 [b, H, W], checked against the image size and classes."""
+    out = []
+    for j, item in enumerate(raw):
+        seg = _segmentation_of(item)
+        if seg is None:
+            raise ValueError(f"item {start + j} has no 'segmentation' map; store_segmentation needs one per "
+                             "item (e.g. ShapesDataset(segmentation=True))")
+        if tuple(seg.shape) != tuple(size):
+            raise ValueError(f"item {start + j}: segmentation map {tuple(seg.shape)} does not match the image "
+                             f"size {tuple(size)}")
+        lo, hi = int(seg.min()), int(seg.max())
+        if lo < 0 or hi >= num_classes or hi > 255:
+            raise ValueError(f"item {start + j}: segmentation labels span [{lo}, {hi}]; allowed "
+                             f"[0, {min(num_classes, 256) - 1}] ({num_classes} segmentation classes)")
+        out.append(seg.to(torch.uint8))
+    return torch.stack(out)
 
 
 def read_index(folder: str | Path) -> dict:
@@ -174,9 +249,13 @@ def read_index(folder: str | Path) -> dict:
         raise FileNotFoundError(f"{folder} is not a latent cache (no {INDEX_FILE}); "
                                 "write one with ldmkit.data.latents.encode_dataset")
     index = json.loads(path.read_text(encoding="utf-8"))
-    if index.get("format") != FORMAT or index.get("format_version") != FORMAT_VERSION:
+    if index.get("format") != FORMAT or index.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(f"{path}: format {index.get('format')!r} version {index.get('format_version')!r}; "
-                         f"expected {FORMAT!r} version {FORMAT_VERSION}")
+                         f"expected {FORMAT!r} version {' or '.join(map(str, READABLE_VERSIONS))}")
+    # fields a version-1 cache lacks: it holds no images and no segmentation maps
+    for key, default in (("has_images", False), ("image_shape", None), ("has_segmentation", False),
+                         ("segmentation_classes", None)):
+        index.setdefault(key, default)
     return index
 
 
@@ -189,19 +268,28 @@ class CachedLatents(torch.utils.data.Dataset):
     seeded by ``(seed, epoch, index)`` -- reproducible, different each epoch (call
     :meth:`set_epoch`); with ``sample=False`` it is the posterior mean. Whole tensors are
     available as ``.mean`` / ``.std`` ([N, c, h, w]), plus ``.captions``, ``.labels``
-    (LongTensor or None), ``.class_names``, ``.index`` (the parsed index.json).
+    (LongTensor or None), ``.class_names``, ``.index`` (the parsed index.json), and, when the
+    cache stores them, ``.images`` (uint8 [N, 3, H, W]) and ``.segmentation`` (uint8 [N, H, W])
+    with ``.segmentation_classes`` (else None); items then also carry ``"image"`` ([-1, 1]) and
+    ``"segmentation"`` (long).
     """
 
     def __init__(self, folder: str | Path, sample: bool = True, seed: int = 0):
         self.folder = Path(folder)
         self.index = read_index(self.folder)
-        means, stds, captions, labels = [], [], [], []
+        means, stds, captions, labels, images, segs = [], [], [], [], [], []
         for shard in self.index["shards"]:
             tensors = load_file(str(self.folder / f"{shard['name']}.safetensors"))
             side = json.loads((self.folder / f"{shard['name']}.json").read_text(encoding="utf-8"))
             if tensors["mean"].shape[0] != shard["count"] or tensors["std"].shape != tensors["mean"].shape:
                 raise ValueError(f"{self.folder}/{shard['name']}.safetensors holds {tensors['mean'].shape[0]} "
                                  f"latents; index.json says {shard['count']}: the cache is damaged, rebuild it")
+            for key, flag, store in (("image", "has_images", images), ("segmentation", "has_segmentation", segs)):
+                if self.index[flag]:
+                    if key not in tensors or tensors[key].shape[0] != shard["count"]:
+                        raise ValueError(f"{self.folder}/{shard['name']}.safetensors: index.json says the cache "
+                                         f"stores '{key}' for every item, the shard does not: rebuild the cache")
+                    store.append(tensors[key])
             means.append(tensors["mean"].float())
             stds.append(tensors["std"].float())
             captions.extend(side["captions"] or [])
@@ -214,6 +302,9 @@ class CachedLatents(torch.utils.data.Dataset):
         self.captions = captions if self.index["has_captions"] else None
         self.labels = torch.tensor(labels, dtype=torch.long) if self.index["has_labels"] else None
         self.class_names = self.index.get("class_names")
+        self.images = torch.cat(images) if self.index["has_images"] else None
+        self.segmentation = torch.cat(segs) if self.index["has_segmentation"] else None
+        self.segmentation_classes = self.index["segmentation_classes"] if self.segmentation is not None else None
         self.sample, self.seed, self.epoch = bool(sample), int(seed), 0
 
     def __len__(self) -> int:
@@ -249,4 +340,8 @@ class CachedLatents(torch.utils.data.Dataset):
             item["caption"] = self.captions[i]
         if self.labels is not None:
             item["label"] = int(self.labels[i])
+        if self.images is not None:
+            item["image"] = uint8_to_image(self.images[i])
+        if self.segmentation is not None:
+            item["segmentation"] = self.segmentation[i].long()
         return item

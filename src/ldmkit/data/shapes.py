@@ -237,6 +237,39 @@ def render(spec: Spec, size: int = 32, rng: np.random.Generator | int | None = N
     return img
 
 
+# Per-pixel classes of segmentation maps (render_segmentation, ShapesDataset(segmentation=True)).
+SEGMENTATION_CLASSES: tuple[str, ...] = ("background",) + SHAPES
+
+
+def render_segmentation(spec: Spec, boxes, size: int = 32) -> np.ndarray:
+    """The per-pixel class map of an image drawn by :func:`render`: ``[size, size]`` uint8,
+    index into ``SEGMENTATION_CLASSES`` (0 = background, then circle, square, triangle).
+
+    ``boxes`` is what ``render(spec, size, rng, return_layout=True)`` returns with the image,
+    so the map is drawn from the very layout of that image (and no random numbers are used).
+    A pixel gets the class covering most of its 4x4 supersamples (the drawing the image's
+    anti-aliased pixels are averaged from).
+    """
+    size = _check_size(size)
+    if len(boxes) != len(spec.objects):
+        raise ValueError(f"{len(boxes)} boxes for {len(spec.objects)} objects")
+    k = _SUPERSAMPLE
+    big = Image.new("L", (size * k, size * k), 0)
+    draw = ImageDraw.Draw(big)
+    for obj, (x0, y0, x1, y1) in zip(spec.objects, boxes):
+        x0, y0, x1, y1 = x0 * k, y0 * k, x1 * k, y1 * k
+        fill = 1 + SHAPES.index(obj.shape)
+        if obj.shape == "circle":
+            draw.ellipse([x0, y0, x1, y1], fill=fill)
+        elif obj.shape == "square":
+            draw.rectangle([x0, y0, x1, y1], fill=fill)
+        else:
+            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    cells = np.asarray(big, dtype=np.uint8).reshape(size, k, size, k).transpose(0, 2, 1, 3).reshape(size, size, -1)
+    counts = np.stack([(cells == c).sum(-1) for c in range(len(SEGMENTATION_CLASSES))], axis=-1)
+    return counts.argmax(-1).astype(np.uint8)  # ties go to the lower class (background first)
+
+
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL -> float tensor [3, H, W] in [-1, 1]."""
     arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
@@ -256,10 +289,13 @@ class ShapesDataset(torch.utils.data.Dataset):
     :func:`collate` in a DataLoader (``Spec`` is not a tensor).
 
     ``p_single``: probability that a sample shows a single object (else two).
+    ``segmentation=True`` adds ``"segmentation"``: long [size, size], the per-pixel class
+    (index into ``SEGMENTATION_CLASSES``) of the same image; images, captions and labels are
+    the same either way.
     """
 
     def __init__(self, split: str = "train", size: int = 32, length: int = 10000, seed: int = 0,
-                 p_single: float = 0.3):
+                 p_single: float = 0.3, segmentation: bool = False):
         if split not in SPLITS:
             raise ValueError(f"split {split!r} is not one of {list(SPLITS)}")
         self.size = _check_size(size)
@@ -268,6 +304,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         if not 0.0 <= p_single <= 1.0:
             raise ValueError(f"p_single {p_single!r} must be in [0, 1]")
         self.split, self.length, self.seed, self.p_single = split, int(length), int(seed), float(p_single)
+        self.segmentation = bool(segmentation)
         specs = split_specs(split)
         self.singles = [s for s in specs if len(s.objects) == 1]
         self.pairs = [s for s in specs if len(s.objects) == 2]
@@ -287,6 +324,11 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         spec, rng = self.spec_at(int(index))
         text = caption(spec)
+        if self.segmentation:
+            img, boxes = render(spec, self.size, rng, return_layout=True)
+            seg = torch.from_numpy(render_segmentation(spec, boxes, self.size)).long()
+            return {"image": pil_to_tensor(img), "caption": text, "label": self._label[text], "spec": spec,
+                    "segmentation": seg}
         return {"image": pil_to_tensor(render(spec, self.size, rng)), "caption": text,
                 "label": self._label[text], "spec": spec}
 
