@@ -6,6 +6,22 @@ the rendezvous variables, `init()` reads them and joins the process group
 (gloo on CPU, nccl on CUDA). Models are wrapped in DistributedDataParallel, or
 in FullyShardedDataParallel (`strategy="fsdp"`) when a model does not fit on
 one GPU. Only rank 0 writes checkpoints, logs and images (`DistContext.is_main`).
+
+FSDP notes (torch 2.13, FSDP1 with `use_orig_params=True`):
+* FSDP refuses a CPU-only process unless `device_id` names the CPU explicitly
+  ("FSDP needs a non-CPU accelerator device, but no accelerator device is
+  detected"), so `wrap` always passes `device_id=ctx.device`; that is what lets
+  the 2-process gloo test run it on CPU.
+* After wrapping, the original Parameter objects stay the optimiser's
+  parameters but hold this rank's flat shard (1-D, often empty): anything that
+  looks at shapes (weight-decay groups) must be decided before `wrap`, and
+  anything that needs the whole tensors (EMA, export) goes through
+  `full_params` or `full_state_dict`.
+* Checkpoints use torch.distributed.checkpoint.state_dict with
+  full_state_dict=True: unsharded model weights under the plain module's names
+  and an optimiser state keyed by parameter name. CPU offload of the gathered
+  state (rank 0 only) is used on CUDA; on CPU it crashes the gloo ranks in this
+  torch version and is pointless anyway, so every rank gathers the full dict.
 """
 from __future__ import annotations
 
@@ -115,8 +131,8 @@ def wrap(model: nn.Module, ctx: DistContext, strategy: str = "ddp") -> nn.Module
     if strategy == "fsdp":
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        kwargs = {"device_id": ctx.device} if ctx.device.type == "cuda" else {}
-        return FSDP(model, use_orig_params=True, **kwargs)
+        # device_id also on CPU: without it FSDP looks for an accelerator and refuses to run
+        return FSDP(model, use_orig_params=True, device_id=ctx.device)
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     # find_unused_parameters: conditioners may not use every parameter (e.g. a null
     # embedding only reached through condition dropout).
@@ -143,32 +159,102 @@ def no_sync(model: nn.Module, active: bool):
     return contextlib.nullcontext()
 
 
-def full_state_dict(model: nn.Module, ctx: DistContext) -> dict[str, torch.Tensor]:
-    """The unsharded state dict of the plain module (gathered to rank 0 under FSDP)."""
+def _fsdp(model: nn.Module) -> nn.Module | None:
+    """The FullyShardedDataParallel root under an optional torch.compile wrapper, or None."""
     inner = model._orig_mod if hasattr(model, "_orig_mod") else model
-    if type(inner).__name__ == "FullyShardedDataParallel":
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    return inner if type(inner).__name__ == "FullyShardedDataParallel" else None
 
-        cfg = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
-        with FSDP.state_dict_type(inner, StateDictType.FULL_STATE_DICT, cfg):
-            return inner.state_dict()
+
+def is_sharded(model: nn.Module) -> bool:
+    return _fsdp(model) is not None
+
+
+def _options(model: nn.Module):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    return StateDictOptions(full_state_dict=True, cpu_offload=not on_cpu)
+
+
+def full_params(model: nn.Module):
+    """Context in which the plain module inside `model` holds whole (unsharded) parameters.
+
+    Under FSDP every rank gathers the full tensors (read-only: changes are not written
+    back); for DDP / a single process it is a null context.
+    """
+    fsdp = _fsdp(model)
+    if fsdp is None:
+        return contextlib.nullcontext()
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return FSDP.summon_full_params(fsdp, writeback=False, rank0_only=False)
+
+
+def full_state_dict(model: nn.Module, ctx: DistContext) -> dict[str, torch.Tensor]:
+    """The unsharded state dict of the plain module, under its own names (no `module.`,
+    `_orig_mod.` or FSDP prefixes). Collective under FSDP: every rank must call it; on CUDA
+    only rank 0 receives the tensors (offloaded to CPU), other ranks get an empty dict."""
+    fsdp = _fsdp(model)
+    if fsdp is not None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(fsdp, options=_options(fsdp))
     return unwrap(model).state_dict()
 
 
-def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    inner = model._orig_mod if hasattr(model, "_orig_mod") else model
-    if type(inner).__name__ == "FullyShardedDataParallel":
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a `full_state_dict` into `model` (each FSDP rank keeps its shard of it)."""
+    fsdp = _fsdp(model)
+    if fsdp is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        return FSDP.optim_state_dict(inner, optimizer)
+        set_model_state_dict(fsdp, state, options=StateDictOptions(full_state_dict=True))
+        return
+    unwrap(model).load_state_dict(state)
+
+
+def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimiser state to checkpoint: `optimizer.state_dict()`, or under FSDP the
+    unsharded state keyed by parameter name (collective: every rank must call it)."""
+    fsdp = _fsdp(model)
+    if fsdp is not None:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(fsdp, optimizer, options=_options(fsdp))
     return optimizer.state_dict()
 
 
-def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    inner = model._orig_mod if hasattr(model, "_orig_mod") else model
-    if type(inner).__name__ == "FullyShardedDataParallel":
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Names of the optimiser's parameters in the order optimizer.state_dict() numbers them."""
+    name_of = {id(p): n for n, p in unwrap(model).named_parameters()}
+    return [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
 
-        state = FSDP.optim_state_dict_to_load(inner, optimizer, state)
+
+def _renumber(state: dict, key_of) -> dict:
+    return {"state": {key_of(k): v for k, v in state["state"].items()},
+            "param_groups": [{**g, "params": [key_of(k) for k in g["params"]]} for g in state["param_groups"]]}
+
+
+def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a state from `optimizer_state_dict`, whichever strategy wrote it: a DDP /
+    single-process state (numbered parameters) and an FSDP state (named parameters) are
+    converted into each other through the parameter order of the optimiser's groups, which
+    the trainer builds the same way under every strategy."""
+    names = _param_names(model, optimizer)
+    by_name = any(isinstance(p, str) for g in state.get("param_groups", []) for p in g.get("params", []))
+    fsdp = _fsdp(model)
+    if fsdp is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        if not by_name:
+            state = _renumber(state, lambda i: names[i])
+        set_optimizer_state_dict(fsdp, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        return
+    if by_name:
+        index = {n: i for i, n in enumerate(names)}
+        unknown = sorted({k for g in state["param_groups"] for k in g["params"]} - set(index))
+        if unknown:
+            raise ValueError(f"the checkpoint's optimiser state names parameters this model does not have: "
+                             f"{unknown[:5]}")
+        state = _renumber(state, lambda n: index[n])
     optimizer.load_state_dict(state)
