@@ -20,6 +20,19 @@ The loop, top to bottom (nanoGPT style, nothing hidden in a framework):
   RNG states and the data position.
 * At the end `OUT/model/` is a model folder (docs/internals.md) holding the
   EMA weights, loadable by `ldm sample --model OUT/model`.
+* Spatial conditioning (`spatial`: the LDM paper's concatenation, as SD's inpainting and x4
+  upscaler models) appends a spatially aligned input to z_t, built per step from the
+  images / segmentation maps stored in the latent cache, exactly as the pipelines build it:
+    inpaint   [z_t, mask, latents of the masked image]  masks drawn per step (rectangles and
+              strokes, some samples fully masked, some unmasked); the masked image is encoded
+              by the frozen autoencoder (posterior mode) as `ldm inpaint` does
+    upscale   [z_t, low-res image]  the image downsampled to the latent size; UNets without
+              class conditioning also get a noise augmentation level as class label (x4-upscaler
+              contract of `ldm upscale`)
+    semantic  [z_t, one-hot segmentation map at latent size]
+  Condition dropout drops only the text / class condition: the spatial input stays in both
+  CFG branches, as the pipelines sample. Mask and noise-level draws come from the step
+  generator, so resume stays exact.
 """
 from __future__ import annotations
 
@@ -41,6 +54,8 @@ from ldmkit.training import distributed as distrib
 OBJECTIVES = ("eps", "v", "x0", "flow")
 DENOISERS = ("unet", "dit")
 CONDITIONINGS = ("text", "class", "none")
+SPATIAL_KINDS = ("inpaint", "upscale", "semantic")
+NOISE_LEVELS = 1000  # upscale noise-augmentation levels (class table size, as SD's x4 upscaler)
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("no", "bf16", "fp16")
 
@@ -65,6 +80,8 @@ class TrainConfig:
     num_train_timesteps: int = 1000
     loss_weighting: str = "uniform"  # "uniform" | "min_snr"
     sample_posterior: bool = True  # z0 = mean + std * eps (else the posterior mean)
+    spatial: str | None = None  # None | "inpaint" | "upscale" | "semantic": input concatenated to z_t
+    noise_level_max: int = 350  # upscale with a UNet: low-res input noised to a level in [0, this]
     # optimisation
     steps: int = 1000
     batch_size: int = 32  # global batch per optimiser step
@@ -107,6 +124,10 @@ class TrainConfig:
         one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         one_of("precision", self.precision, PRECISIONS)
         one_of("strategy", self.strategy, distrib.STRATEGIES)
+        if self.spatial is not None:
+            one_of("spatial", self.spatial, SPATIAL_KINDS)
+        if not 0 <= self.noise_level_max < NOISE_LEVELS:
+            raise ValueError(f"noise_level_max must be in [0, {NOISE_LEVELS - 1}], got {self.noise_level_max}")
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "sample_every", "log_every",
                      "max_bad_steps", "num_train_timesteps", "sample_steps"):
             if int(getattr(self, name)) < 1:
@@ -171,8 +192,16 @@ class Stage2(nn.Module):
             return self.denoiser(x, t)
         return self.denoiser(cond.denoiser_input(x), t, **cond.denoiser_kwargs())
 
-    def forward(self, x, t, conditions=None, drop=None):
-        return self.predict(x, t, self.encode(conditions, drop) if conditions is not None else None)
+    def forward(self, x, t, conditions=None, drop=None, concat=None, labels=None):
+        """`concat` [B, C, h, w]: spatial input appended to x; `labels` [B]: noise levels given as class
+        labels (upscale). Both stay as they are where `drop` nulls the text / class condition."""
+        cond = self.encode(conditions, drop) if conditions is not None else None
+        if concat is not None or labels is not None:
+            from ldmkit.conditioning.base import Conditioning
+
+            extra = Conditioning(concat=concat, class_labels=labels)
+            cond = extra if cond is None else cond.merge(extra)
+        return self.predict(x, t, cond)
 
 
 def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
@@ -219,9 +248,11 @@ class LDMTrainer:
         self.data = (data if data is not None else open_latents(c.latents)).for_conditioning(c.conditioning)
         self.autoencoder = load_frozen_autoencoder(c.autoencoder, self.device)
         check_cache_matches(self.data, self.autoencoder, c.latents, c.autoencoder)
+        self.spatial = build_spatial(c, self.data, self.autoencoder)
+        self.noise_labels = uses_noise_labels(c)
         self.schedule = make_schedule(c)
         self.conditioner = build_conditioner(c, self.data)
-        self.denoiser = build_denoiser(c, self.data, self.conditioner)
+        self.denoiser = build_denoiser(c, self.data, self.conditioner, self.spatial)
         torch.manual_seed(c.seed)  # nothing below draws; kept so model init order changes stay seeded
         self.model = Stage2(self.denoiser, self.conditioner).to(self.device)
 
@@ -293,7 +324,34 @@ class LDMTrainer:
         noise = torch.randn(shape, generator=g)
         t = sample_timesteps(self.schedule, c, c.batch_size, g)
         drop = torch.rand(c.batch_size, generator=g) < c.cond_drop
-        return {"post": post, "noise": noise, "t": t, "drop": drop}
+        out = {"post": post, "noise": noise, "t": t, "drop": drop}
+        if c.spatial == "inpaint":
+            out["mask"] = random_masks(c.batch_size, *self.data.image_shape[1:], generator=g)
+        if self.noise_labels:
+            out["level"] = torch.randint(0, c.noise_level_max + 1, (c.batch_size,), generator=g)
+            out["lr_noise"] = torch.randn(c.batch_size, 3, *self.data.latent_shape[1:], generator=g)
+        return out
+
+    @torch.no_grad()
+    def spatial_input(self, batch: dict, draws: dict, rows: torch.Tensor):
+        """(concat [b, C, h, w], labels [b] or None) of a micro-batch: what the pipelines concatenate."""
+        c, size = self.config, self.data.latent_shape[1:]
+        if c.spatial == "semantic":
+            seg = batch["segmentation"].long()
+            return self.spatial.encode([{"segmentation": m} for m in seg], size).concat.to(self.device), None
+        from ldmkit.data.latents import uint8_to_image
+
+        image = uint8_to_image(batch["image"]).to(self.device)
+        if c.spatial == "inpaint":
+            mask = draws["mask"][rows].to(self.device)
+            masked = self.autoencoder.encode_latents(image * (1 - mask), sample=False).float()
+            return self.spatial.encode([{"mask": m, "masked_latents": z} for m, z in zip(mask, masked)]).concat, None
+        low = low_res_input(image, size)
+        labels = None
+        if self.noise_labels:
+            labels = draws["level"][rows].to(self.device)
+            low = augment_low_res(low, labels, draws["lr_noise"][rows].to(self.device))
+        return self.spatial.encode([{"image": x} for x in low], size).concat, labels
 
     def micro_loss(self, step: int, micro: int, draws: dict) -> torch.Tensor:
         c = self.config
@@ -309,9 +367,12 @@ class LDMTrainer:
         t = draws["t"][rows]
         conditions = batch.get("conditions") if self.conditioner is not None else None
         drop = draws["drop"][rows].to(self.device) if conditions is not None and c.cond_drop > 0 else None
+        concat, labels = self.spatial_input(batch, draws, rows) if self.spatial is not None else (None, None)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             def model_fn(x, tt):
-                return self.wrapped(x, tt, conditions, drop)
+                if concat is None and labels is None:
+                    return self.wrapped(x, tt, conditions, drop)
+                return self.wrapped(x, tt, conditions, drop, concat=concat, labels=labels)
             loss = diffusion_loss(model_fn, z0, t, noise, self.schedule, c)
         return loss.float()
 
@@ -442,6 +503,7 @@ class LDMTrainer:
                                                    "schedule": self.schedule.to_dict(),
                                                    "denoiser": dataclasses.asdict(self.denoiser.config),
                                                    "conditioner": _config_dict(self.conditioner),
+                                                   "spatial": _config_dict(self.spatial),
                                                    "latent_shape": list(self.data.latent_shape),
                                                    "num_items": len(self.data)})
         log = LossLog(self.out / "loss.csv", resume_step=self.step) if self.ctx.is_main else None
@@ -490,21 +552,73 @@ class LDMTrainer:
         from ldmkit.io.images import make_grid, save_png
 
         c = self.config
-        prompts = list(c.sample_prompts) or self.data.default_prompts(4)
-        pipe = make_pipeline(self.ema_model(), self.autoencoder, self.schedule, c, self.data.latent_shape)
-        images = []
-        for seed in c.sample_seeds:
-            kw = {"class_label": prompts} if c.conditioning == "class" else {"prompt": prompts or None}
-            if c.conditioning == "none":
-                kw = {}
-            res = pipe.text2img(num=len(prompts) or 1, seed=seed, batch_size=max(1, len(prompts)),
-                                progress=False, **kw)
-            # text2img gives image i the seed `seed + i`; a row shares one seed base per row
-            images += [r.image for r in res]
+        if c.spatial is not None:
+            images, prompts = self.spatial_samples()
+        else:
+            prompts = list(c.sample_prompts) or self.data.default_prompts(4)
+            pipe = make_pipeline(self.ema_model(), self.autoencoder, self.schedule, c, self.data.latent_shape)
+            images = []
+            for seed in c.sample_seeds:
+                kw = {"class_label": prompts} if c.conditioning == "class" else {"prompt": prompts or None}
+                if c.conditioning == "none":
+                    kw = {}
+                res = pipe.text2img(num=len(prompts) or 1, seed=seed, batch_size=max(1, len(prompts)),
+                                    progress=False, **kw)
+                # text2img gives image i the seed `seed + i`; a row shares one seed base per row
+                images += [r.image for r in res]
         save_png(make_grid(images, nrow=max(1, len(prompts))), path,
                  {"step": self.step, "prompts": json.dumps([str(p) for p in prompts]),
                   "seeds": json.dumps(list(c.sample_seeds)), "guidance": c.guidance,
                   "sampler": c.sample_sampler, "steps": c.sample_steps})
+
+    def spatial_samples(self, n: int = 4) -> tuple[list, list]:
+        """Sample-grid images of a spatial run: the first `n` cached items regenerated from their
+        spatial input with their own caption / label (first row: the inputs -- masked image,
+        low-res image, coloured map -- then a row per sample seed). Inpainting repaints the middle
+        of each image and upscaling runs through the pipeline tasks `ldm inpaint` / `ldm upscale`
+        run; semantic runs through `sample_semantic`."""
+        from ldmkit.data.latents import uint8_to_image
+        from ldmkit.io.images import tensor_to_pil
+
+        c = self.config
+        n = min(n, len(self.data))
+        batch = self.data.get(list(range(n)))
+        conds = batch.get("conditions") or [None] * n
+        model = self.ema_model()
+        settings = dict(sampler=c.sample_sampler, steps=c.sample_steps, progress=False)
+
+        def kw(cond):
+            return {"class_label": cond} if c.conditioning == "class" else (
+                {"prompt": cond} if c.conditioning == "text" else {})
+
+        if c.spatial == "semantic":
+            seg = batch["segmentation"].long()
+            inputs = [tensor_to_pil(x) for x in segmentation_colours(seg)]
+            outputs = []
+            for seed in c.sample_seeds:
+                x = sample_semantic(model, self.autoencoder, self.schedule, self.spatial, seg,
+                                    conds if c.conditioning != "none" else None, seed=seed,
+                                    sampler=c.sample_sampler, steps=c.sample_steps, guidance=c.guidance)
+                outputs += [tensor_to_pil(im) for im in x]
+            return inputs + outputs, conds
+        pipe = make_pipeline(model, self.autoencoder, self.schedule, c, self.data.latent_shape)
+        images = uint8_to_image(batch["image"])
+        inputs, outputs = [], [[] for _ in c.sample_seeds]
+        for k in range(n):
+            if c.spatial == "inpaint":
+                mask = centre_mask(*images.shape[-2:])
+                inputs.append(tensor_to_pil(images[k] * (1 - mask[0])))
+                for r, seed in enumerate(c.sample_seeds):
+                    res = pipe.inpaint(images[k], mask, seed=seed + k, **kw(conds[k]), **settings)
+                    outputs[r].append(res[0].image)
+            else:
+                low = low_res_input(images[k:k + 1], self.data.latent_shape[1:])[0]
+                f = self.autoencoder.downsample_factor
+                inputs.append(tensor_to_pil(torch.nn.functional.interpolate(low[None], scale_factor=f)[0]))
+                for r, seed in enumerate(c.sample_seeds):
+                    res = pipe.upscale(low, seed=seed + k, **kw(conds[k]), **settings)
+                    outputs[r].append(res[0].image)
+        return inputs + [im for row in outputs for im in row], conds
 
     def export(self, folder: Path) -> Path:
         """The EMA weights as a model folder that `ldm sample --model` loads."""
@@ -516,13 +630,13 @@ class LDMTrainer:
             "schedule": self.schedule.to_dict(),
             "objective": c.objective,
             "conditioning": c.conditioning,
-            "concat": None,
+            "concat": c.spatial,
             "latent_size": list(self.data.latent_shape[1:]),
-            "defaults": {"sampler": c.sample_sampler, "steps": c.sample_steps, "guidance": c.guidance},
+            "defaults": model_defaults(c),
             "training": {"steps": self.step, "world_size": self.ctx.world_size, "config": c.to_dict()},
         }
         components = {"autoencoder": self.autoencoder.to("cpu"), "denoiser": model.denoiser,
-                      "conditioner": model.conditioner}
+                      "conditioner": model.conditioner, "spatial": self.spatial}
         save_model(folder, components, index)
         self.autoencoder.to(self.device)
         return folder
@@ -532,7 +646,7 @@ class LDMTrainer:
 NUMERIC_FIELDS = ("latents", "autoencoder", "denoiser", "preset", "conditioning", "text_encoder", "objective",
                   "schedule", "num_train_timesteps", "loss_weighting", "sample_posterior", "batch_size",
                   "grad_accum", "lr", "lr_schedule", "warmup_steps", "weight_decay", "adam_betas", "grad_clip",
-                  "ema_decay", "ema_warmup", "cond_drop", "precision", "seed")
+                  "ema_decay", "ema_warmup", "cond_drop", "precision", "seed", "spatial", "noise_level_max")
 
 
 class _Len(torch.utils.data.Dataset):
@@ -647,17 +761,21 @@ def _denoiser_preset(c: TrainConfig):
     return PRESETS[c.preset]
 
 
-def build_denoiser(c: TrainConfig, data, conditioner) -> nn.Module:
-    """The preset, fitted to the latents (channels, size) and the conditioning."""
+def build_denoiser(c: TrainConfig, data, conditioner, spatial=None) -> nn.Module:
+    """The preset, fitted to the latents (channels, size), the conditioning and the spatial input
+    (in_channels = latent channels + spatial channels)."""
     cfg = _denoiser_preset(c)
     ch, h, w = data.latent_shape
+    extra = spatial.channels if spatial is not None else 0
     torch.manual_seed(c.seed)
     if c.denoiser == "unet":
         from ldmkit.denoisers.unet import UNet
 
-        changes = dict(in_channels=ch, out_channels=ch, sample_size=h)
+        changes = dict(in_channels=ch + extra, out_channels=ch, sample_size=h)
         if c.conditioning == "class":
             changes["num_class_embeds"] = data.num_classes + 1
+        elif uses_noise_labels(c):  # the x4 upscaler's noise level enters as a class label
+            changes["num_class_embeds"] = NOISE_LEVELS
         if c.conditioning == "none":  # no context: the same levels without cross-attention
             changes.update(down_block_types=tuple("DownBlock2D" for _ in cfg.down_block_types),
                            up_block_types=tuple("UpBlock2D" for _ in cfg.up_block_types),
@@ -665,7 +783,7 @@ def build_denoiser(c: TrainConfig, data, conditioner) -> nn.Module:
         return UNet(dataclasses.replace(cfg, **changes))
     from ldmkit.denoisers.dit import DiT
 
-    changes = dict(in_channels=ch, out_channels=None, learn_sigma=False, sample_size=h,
+    changes = dict(in_channels=ch + extra, out_channels=ch, learn_sigma=False, sample_size=h,
                    num_classes=data.num_classes if c.conditioning == "class" else None,
                    cross_attention_dim=_cross_dim(c) if c.conditioning == "text" else None)
     return DiT(dataclasses.replace(cfg, **changes))
@@ -679,25 +797,211 @@ def _cross_dim(c: TrainConfig) -> int:
     return cfg.cross_attention_dim or cfg.hidden_size
 
 
+def model_defaults(c: TrainConfig) -> dict:
+    """model_index.json "defaults" of an exported run."""
+    d = {"sampler": c.sample_sampler, "steps": c.sample_steps, "guidance": c.guidance}
+    if uses_noise_labels(c):
+        d["noise_level"] = min(20, c.noise_level_max)  # the x4 upscaler's default, within the trained range
+    return d
+
+
 def make_pipeline(model: Stage2, autoencoder: nn.Module, schedule, c: TrainConfig, latent_shape):
-    """A sampling Pipeline (ldmkit.pipelines) over the given weights: what `ldm sample` will run."""
+    """A sampling Pipeline (ldmkit.pipelines) over the given weights: what `ldm sample`, `ldm inpaint`
+    or `ldm upscale` will run (not for semantic runs: see `sample_semantic`)."""
     from ldmkit.pipelines import Pipeline
 
     return Pipeline(autoencoder, model.denoiser, schedule, model.conditioner, conditioning=c.conditioning,
-                    latent_size=list(latent_shape[1:]),
-                    defaults={"sampler": c.sample_sampler, "steps": c.sample_steps, "guidance": c.guidance})
+                    concat=c.spatial, latent_size=list(latent_shape[1:]), defaults=model_defaults(c))
+
+
+# --------------------------------------------------------------------------- spatial conditioning
+
+MASK_FULL = 0.25  # share of inpainting samples with everything masked (also learns plain generation)
+MASK_NONE = 0.10  # share with nothing masked
+
+
+def uses_noise_labels(c: TrainConfig) -> bool:
+    """Upscale runs whose denoiser takes the low-res noise level as class label: what `ldm upscale`
+    assumes of a UNet with a class embedding and no class conditioning."""
+    return c.spatial == "upscale" and c.denoiser == "unet" and c.conditioning != "class" and c.noise_level_max > 0
+
+
+def build_spatial(c: TrainConfig, data, autoencoder: nn.Module):
+    """The SpatialConditioner of a run (None without `spatial`), after checking that the latent cache
+    holds what it is built from, at the size the autoencoder encodes to the cached latents."""
+    if c.spatial is None:
+        return None
+    from ldmkit.conditioning import SpatialConditioner, SpatialConfig
+
+    ch, h, w = data.latent_shape
+    where = f"the latent cache {c.latents}" if c.latents and c.latents != "memory" else "the latent data"
+    if c.spatial == "semantic":
+        if data.segmentation is None:
+            raise ValueError(f"spatial 'semantic' needs segmentation maps, but {where} has none; rebuild it "
+                             "with `ldm cache-latents --segmentation ...` (data sets with maps: shapes)")
+        size = tuple(data.segmentation.shape[-2:])
+        num_classes = len(data.segmentation_classes or ()) or int(data.segmentation.max()) + 1
+    else:
+        if data.images is None:
+            raise ValueError(f"spatial {c.spatial!r} needs the source images, but {where} stores none; rebuild "
+                             "it with `ldm cache-latents --store-images ...`")
+        size = tuple(data.images.shape[-2:])
+        num_classes = 0
+    f = autoencoder.downsample_factor
+    if size != (h * f, w * f):
+        raise ValueError(f"{where} holds {size[0]}x{size[1]} images/maps but {h}x{w} latents; with the "
+                         f"autoencoder's factor {f} they must be {h * f}x{w * f}")
+    if c.spatial == "inpaint" and autoencoder.latent_channels != ch:
+        raise ValueError(f"the autoencoder makes {autoencoder.latent_channels}-channel latents, the cache holds {ch}")
+    return SpatialConditioner(SpatialConfig(c.spatial, latent_channels=ch, num_classes=num_classes,
+                                            latent_size=(h, w)))
+
+
+def random_masks(n: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    """SD-inpainting-style training masks [n, 1, H, W] in {0, 1} (1 = repaint): a share MASK_FULL
+    fully masked, MASK_NONE unmasked, the rest 1-3 random rectangles and thick polyline strokes."""
+    masks = torch.zeros(n, 1, height, width)
+    yy, xx = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
+    side = min(height, width)
+
+    def uniform(lo, hi):
+        return lo + (hi - lo) * float(torch.rand((), generator=generator))
+
+    for i in range(n):
+        u = uniform(0, 1)
+        if u < MASK_FULL:
+            masks[i] = 1
+            continue
+        if u < MASK_FULL + MASK_NONE:
+            continue
+        m = masks[i, 0]
+        for _ in range(int(torch.randint(1, 4, (), generator=generator))):
+            if uniform(0, 1) < 0.5:  # rectangle covering 10-60 % of each side
+                rh, rw = uniform(0.1, 0.6) * height, uniform(0.1, 0.6) * width
+                y0, x0 = uniform(0, height - rh), uniform(0, width - rw)
+                m[(yy >= y0) & (yy < y0 + rh) & (xx >= x0) & (xx < x0 + rw)] = 1
+                continue
+            # stroke: 1-4 segments of a random walk, 5-15 % of the side thick
+            r = uniform(0.025, 0.075) * side
+            y, x = uniform(0, height), uniform(0, width)
+            for _ in range(int(torch.randint(1, 5, (), generator=generator))):
+                angle, length = uniform(0, 2 * math.pi), uniform(0.1, 0.5) * side
+                y1 = min(max(y + length * math.sin(angle), 0.0), float(height))
+                x1 = min(max(x + length * math.cos(angle), 0.0), float(width))
+                dy, dx = y1 - y, x1 - x
+                # distance of every pixel centre to the segment (y, x) -> (y1, x1)
+                s = ((yy - y) * dy + (xx - x) * dx) / max(dy * dy + dx * dx, 1e-8)
+                s = s.clamp(0, 1)
+                m[(yy - y - s * dy) ** 2 + (xx - x - s * dx) ** 2 <= r * r] = 1
+                y, x = y1, x1
+    return masks
+
+
+def centre_mask(height: int, width: int) -> torch.Tensor:
+    """[1, 1, H, W]: the middle half of the image masked (sample grids of inpainting runs)."""
+    m = torch.zeros(1, 1, height, width)
+    m[..., height // 4: height - height // 4, width // 4: width - width // 4] = 1
+    return m
+
+
+def low_res_input(images: torch.Tensor, latent_size) -> torch.Tensor:
+    """[B, 3, H, W] in [-1, 1] -> the low-resolution input `ldm upscale` gets: downsampled to the
+    latent size (SpatialConditioner's bicubic with antialiasing), rounded to 8 bits like an image file."""
+    from ldmkit.conditioning.spatial import resize_image
+    from ldmkit.data.latents import image_to_uint8, uint8_to_image
+
+    return uint8_to_image(image_to_uint8(resize_image(images, tuple(latent_size))))
+
+
+def augment_low_res(low: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The x4 upscaler's noise augmentation, as `ldm upscale` applies it: the low-res image put at
+    level `levels[i]` of a linear DDPM schedule with NOISE_LEVELS steps (level 0 = unchanged)."""
+    from ldmkit.diffusion.forward import q_sample
+    from ldmkit.diffusion.schedules import make_schedule as named_schedule
+
+    noisy = q_sample(named_schedule("linear", num_train_timesteps=NOISE_LEVELS), low, noise, levels)
+    return torch.where((levels > 0).view(-1, 1, 1, 1), noisy.to(low.dtype), low)
+
+
+def load_semantic(folder, device="cpu") -> tuple:
+    """A semantic-synthesis model folder (model_index.json concat "semantic", written by `ldm train
+    --spatial semantic`) as (Stage2, autoencoder, schedule, spatial conditioner) for `sample_semantic`."""
+    from ldmkit.diffusion.schedules import schedule_from_dict
+    from ldmkit.io.format import load_model
+
+    index, comps = load_model(folder, device=device)
+    if index.get("concat") != "semantic" or comps.get("spatial") is None:
+        raise ValueError(f"{folder} is not a semantic-synthesis model (concat={index.get('concat')!r}); "
+                         "load it with ldmkit.pipelines.load")
+    model = Stage2(comps["denoiser"], comps.get("conditioner")).eval()
+    return model, comps["autoencoder"], schedule_from_dict(index["schedule"]), comps["spatial"]
+
+
+# a colour per segmentation class for sample grids (background white)
+_SEG_PALETTE = torch.tensor([[255, 255, 255], [230, 30, 30], [40, 70, 220], [30, 170, 50], [240, 220, 20],
+                             [150, 60, 200], [20, 200, 200], [250, 140, 20], [0, 0, 0]], dtype=torch.float32)
+
+
+def segmentation_colours(seg: torch.Tensor) -> torch.Tensor:
+    """[B, H, W] class map -> [B, 3, H, W] in [-1, 1] with a fixed colour per class (sample grids)."""
+    colours = _SEG_PALETTE[seg.long() % len(_SEG_PALETTE)]
+    return colours.permute(0, 3, 1, 2) / 127.5 - 1
+
+
+@torch.no_grad()
+def sample_semantic(model: Stage2, autoencoder: nn.Module, schedule, spatial, segmentation: torch.Tensor,
+                    conditions: list | None = None, *, seed: int = 0, sampler: str = "ddim", steps: int = 20,
+                    guidance: float = 4.0) -> torch.Tensor:
+    """Images [B, 3, H, W] in [-1, 1] from integer maps [B, H, W] (H, W = latent size x factor) with a
+    semantic-synthesis model: the one-hot map is concatenated to the latents in both CFG branches
+    (guidance applies to `conditions`, the captions / labels; None for an unconditional model).
+    Image i starts from CPU float32 noise seeded with seed + i, as the pipelines do."""
+    from ldmkit.conditioning.base import Conditioning
+    from ldmkit.diffusion.guidance import cfg_denoiser
+    from ldmkit.diffusion.samplers import DETERMINISTIC, get_sampler
+
+    seg = torch.as_tensor(segmentation)
+    seg = seg[None] if seg.dim() == 2 else seg
+    f, ch = autoencoder.downsample_factor, autoencoder.latent_channels
+    if seg.dim() != 3 or seg.shape[-2] % f or seg.shape[-1] % f:
+        raise ValueError(f"segmentation maps have shape {tuple(seg.shape)}; expected [B, H, W] with H, W "
+                         f"multiples of the autoencoder factor {f}")
+    b, size = seg.shape[0], (seg.shape[-2] // f, seg.shape[-1] // f)
+    device = next(model.denoiser.parameters()).device
+    concat = spatial.encode([{"segmentation": m} for m in seg], size).concat.to(device)
+    x = torch.stack([torch.randn(ch, *size, generator=torch.Generator().manual_seed(seed + i))
+                     for i in range(b)]).to(device)
+    if (conditions is None) != (model.conditioner is None):
+        raise ValueError("pass conditions exactly when the model has a conditioner (text / class)")
+
+    def fn(x, t, cond):
+        extra = Conditioning(concat=concat.repeat(x.shape[0] // b, 1, 1, 1))
+        return model.predict(x, t, extra if cond is None else cond.merge(extra))[:, :ch].float()
+
+    if conditions is None:
+        def denoise(x, t):
+            return fn(x, t, None)
+    else:
+        denoise = cfg_denoiser(fn, model.encode(list(conditions)), model.conditioner.null(b), guidance)
+    generator = None if sampler in DETERMINISTIC else torch.Generator().manual_seed(seed)
+    z = get_sampler(sampler)(denoise, x, schedule, steps, generator=generator)
+    return autoencoder.decode_latents(z.to(next(autoencoder.parameters()).dtype)).float().clamp(-1, 1)
 
 
 class LatentData:
     """Cached latents as the trainer reads them: posterior mean/std [N, c, h, w] plus the
-    condition of each item (captions for text runs, integer labels for class runs).
+    condition of each item (captions for text runs, integer labels for class runs) and what
+    spatial inputs are built from (`images` uint8 [N, 3, H, W], `segmentation` [N, H, W] with
+    `segmentation_classes`), when the cache stores them.
 
     `open_latents(path)` builds one from a latent cache folder (ldmkit.data.latents); tests and
     scripts can also build one from tensors.
     """
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor | None = None, captions: list[str] | None = None,
-                 labels: torch.Tensor | None = None, class_names: list[str] | None = None):
+                 labels: torch.Tensor | None = None, class_names: list[str] | None = None,
+                 images: torch.Tensor | None = None, segmentation: torch.Tensor | None = None,
+                 segmentation_classes: list[str] | None = None):
         if mean.dim() != 4:
             raise ValueError(f"latent means have shape {tuple(mean.shape)}; expected [N, c, h, w]")
         self.mean = mean.float()
@@ -713,6 +1017,15 @@ class LatentData:
         self.labels = torch.as_tensor(labels, dtype=torch.long) if labels is not None else None
         self.class_names = list(class_names) if class_names else None
         self.condition_kind = "text" if captions is not None else ("class" if labels is not None else "none")
+        if images is not None and (images.dtype != torch.uint8 or images.dim() != 4 or len(images) != n):
+            raise ValueError(f"images must be uint8 [{n}, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+        if segmentation is not None and (segmentation.is_floating_point() or segmentation.dim() != 3
+                                         or len(segmentation) != n):
+            raise ValueError(f"segmentation maps must be integer [{n}, H, W], got {segmentation.dtype} "
+                             f"{tuple(segmentation.shape)}")
+        self.images = images
+        self.segmentation = segmentation
+        self.segmentation_classes = list(segmentation_classes) if segmentation_classes else None
 
     def __len__(self) -> int:
         return self.mean.shape[0]
@@ -720,6 +1033,15 @@ class LatentData:
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         return tuple(self.mean.shape[1:])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """[3, H, W] of the stored images (or [1, H, W] of the maps)."""
+        if self.images is not None:
+            return tuple(self.images.shape[1:])
+        if self.segmentation is not None:
+            return (1, *self.segmentation.shape[1:])
+        raise ValueError("the latent data stores no images or segmentation maps")
 
     @property
     def num_classes(self) -> int | None:
@@ -742,6 +1064,10 @@ class LatentData:
             out["conditions"] = [self.captions[i] for i in indices]
         elif self.condition_kind == "class":
             out["conditions"] = self.labels[idx].tolist()
+        if self.images is not None:
+            out["image"] = self.images[idx]
+        if self.segmentation is not None:
+            out["segmentation"] = self.segmentation[idx]
         return out
 
     def default_prompts(self, n: int) -> list:
@@ -766,7 +1092,8 @@ def open_latents(path: str) -> LatentData:
         raise ValueError("latents: a latent cache folder is required (see ldmkit.data.latents.encode_dataset)")
     cache = CachedLatents(path, sample=False)
     data = LatentData(cache.mean, cache.std, captions=cache.captions, labels=cache.labels,
-                      class_names=cache.class_names)
+                      class_names=cache.class_names, images=cache.images, segmentation=cache.segmentation,
+                      segmentation_classes=cache.segmentation_classes)
     data.index = cache.index
     return data
 
