@@ -35,6 +35,11 @@ def register(sub) -> None:
     a("--objective", choices=("eps", "v", "x0", "flow"))
     a("--schedule", choices=("linear", "scaled_linear", "cosine"))
     a("--loss-weighting", choices=("uniform", "min_snr"))
+    a("--spatial", choices=("inpaint", "upscale", "semantic"),
+      help="spatially aligned input concatenated to the noisy latent (the cache needs `ldm cache-latents "
+           "--store-images` for inpaint/upscale, `--segmentation` for semantic); see docs/training.md")
+    a("--noise-level-max", type=int, help="upscale: highest noise augmentation level of the low-res input "
+                                            "(0 = none; UNets without class conditioning)")
     a("--steps", type=int)
     a("--batch-size", type=int, help="global batch per optimiser step (all processes, all accumulation steps)")
     a("--grad-accum", type=int)
@@ -84,8 +89,10 @@ def _train(args) -> int:
         if not resume.is_file():
             raise UserError(f"--resume: checkpoint {resume} does not exist")
         saved = read_json(out / "config.json")["training"]
+        # fields newer than the run's config.json take their defaults (what the run used)
         changed = sorted(k for k, v in given.items()
-                         if k not in RUNTIME_FIELDS and TrainConfig.from_dict({k: saved[k]}).__dict__[k] != v)
+                         if k not in RUNTIME_FIELDS and TrainConfig.from_dict({k: saved[k]} if k in saved else {})
+                         .__dict__[k] != v)
         if changed:
             raise UserError(f"--resume keeps the run's settings; these options differ from {out}/config.json: "
                             f"{changed} (only {list(RUNTIME_FIELDS)} may change)")
