@@ -272,16 +272,16 @@ class LDMTrainer:
         self.bad_streak = 0  # consecutive skipped steps
         self._epoch_cache: tuple[int, list[int]] | None = None
 
-        self.wrapped = distrib.wrap(self.model, self.ctx, c.strategy)
-        if c.compile:
-            self.wrapped = torch.compile(self.wrapped)
+        # weight-decay groups from the real shapes, before FSDP turns parameters into flat shards
+        # (it keeps the Parameter objects, so the same groups serve every strategy)
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or "norm" in name or "embedding" in name.split(".")[-2:] else decay).append(p)
-        params = self.wrapped.parameters() if c.strategy == "fsdp" and self.ctx.distributed else None
-        groups = ([{"params": list(params), "weight_decay": c.weight_decay}] if params is not None else
-                  [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}])
+        groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.wrapped = distrib.wrap(self.model, self.ctx, c.strategy)
+        if c.compile:
+            self.wrapped = torch.compile(self.wrapped)
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.adam_betas), fused=fused or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -411,7 +411,8 @@ class LDMTrainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
-            self.ema.update(self.model)
+            with distrib.full_params(self.wrapped):  # whole tensors under FSDP
+                self.ema.update(self.model)
             self.bad_streak = 0
             skipped = False
         lr = self.scheduler.get_last_lr()[0]
@@ -475,7 +476,7 @@ class LDMTrainer:
         if changed:
             raise ValueError(f"cannot resume from {path}: the run was started with different {changed} "
                              f"(saved: {[getattr(saved, k) for k in changed]})")
-        distrib.unwrap(self.wrapped).load_state_dict(state["model"])
+        distrib.load_full_state_dict(self.wrapped, state["model"])
         self.ema.load_state_dict(state["ema"])
         distrib.load_optimizer_state_dict(self.wrapped, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -539,8 +540,7 @@ class LDMTrainer:
         """A copy of the Stage2 module holding the EMA weights (eval mode, CPU-safe)."""
         import copy
 
-        m = copy.deepcopy(self.model)
-        self.ema.copy_to(m)
+        m = copy.deepcopy(self.ema.module)  # not self.model: under FSDP it holds only this rank's shard
         return m.eval()
 
     @torch.no_grad()
