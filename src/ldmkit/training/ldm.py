@@ -279,9 +279,12 @@ class LDMTrainer:
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or "norm" in name or "embedding" in name.split(".")[-2:] else decay).append(p)
         groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        self.wrapped = distrib.wrap(self.model, self.ctx, c.strategy)
         if c.compile:
-            self.wrapped = torch.compile(self.wrapped)
+            # the denoiser only, compiled in place: tokenisation and condition dropout stay eager
+            # Python (compiling Stage2 whole recompiled for every new batch of captions), and the
+            # state-dict names stay those of the plain module (no `_orig_mod.`)
+            self.model.denoiser.compile()
+        self.wrapped = distrib.wrap(self.model, self.ctx, c.strategy)
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.adam_betas), fused=fused or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
