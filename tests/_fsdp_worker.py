@@ -6,7 +6,8 @@
 `steps`: 3 optimiser steps, then the full (gathered) weights and the losses.
 `resume`: run A trains 4 steps with a checkpoint every 2 (`run()`, as `ldm train` does); run B
 starts fresh and resumes from A's step-2 checkpoint to step 4; run C resumes the same checkpoint
-under DDP. Writes the runs' final gathered weights and the training-state files this rank wrote. Output: PREFIX-rankR.pt per rank.
+under DDP. Writes the runs' final gathered weights and the training-state files this rank wrote.
+Output: PREFIX-rankR.pt per rank.
 """
 import sys
 

@@ -137,9 +137,7 @@ def test_fsdp_two_gloo_processes_match_one(tmp_path):
 
 def test_fsdp_checkpoints_and_exact_resume(tmp_path):
     from ldmkit.training.common import load_training_state
-    from ldmkit.training.ldm import LDMTrainer
 
-    w = _fsdp_helpers()
     _make_ae(tmp_path / "ae")
     multi = _torchrun(FSDP_WORKER, "resume", tmp_path / "ae", tmp_path / "run")
     assert multi.returncode == 0, multi.stderr[-3000:]

@@ -28,7 +28,7 @@ def _cxx() -> str | None:
 pytestmark = [
     pytest.mark.skipif(_cxx() is None, reason="torch.compile (inductor) on CPU needs a C++ compiler "
                                              "(g++/c++/clang++ or $CXX) and none is on PATH"),
-    pytest.mark.slow,  # inductor builds the forward + backward C++ kernels: 250 s cold, 15 s with a warm cache (2 shared cores)
+    pytest.mark.slow,  # inductor builds forward + backward C++ kernels: 250 s cold, 15 s warm (2 shared cores)
 ]
 
 # Tolerance: inductor picks other kernels and reorders float reductions, so gradients differ by
