@@ -285,7 +285,9 @@ class LDMTrainer:
             # state-dict names stay those of the plain module (no `_orig_mod.`)
             self.model.denoiser.compile()
         self.wrapped = distrib.wrap(self.model, self.ctx, c.strategy)
-        fused = self.device.type == "cuda"
+        # fused AdamW (one kernel over all tensors) on CUDA and CPU: on CPU it cut the demo-shape
+        # step (tiny UNet, batch 64) from 0.41-0.43 s to 0.36 s against the per-tensor loop
+        fused = self.device.type in ("cuda", "cpu")
         self.optimizer = torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.adam_betas), fused=fused or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_lambda(s, c.warmup_steps, c.steps, c.lr_schedule))
