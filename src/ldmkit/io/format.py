@@ -13,6 +13,7 @@ Nothing here imports arbitrary paths named in a file.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -176,12 +177,25 @@ def save_component(module: torch.nn.Module, folder: str | os.PathLike, extra_con
     folder.mkdir(parents=True, exist_ok=True)
     kind = component_type_of(module)
     config = config_to_dict(module.config)
-    save_tensors(folder / WEIGHTS_FILE, module.state_dict(), metadata={"format": FORMAT_NAME, "type": kind})
+    if getattr(module, "weights_external", False):  # frozen weights from an installed package: config names them
+        (folder / WEIGHTS_FILE).unlink(missing_ok=True)
+    else:
+        save_tensors(folder / WEIGHTS_FILE, module.state_dict(), metadata={"format": FORMAT_NAME, "type": kind})
     save_extra = getattr(module, "save_extra_files", None)
     if callable(save_extra):
         save_extra(folder)
     write_json(folder / CONFIG_FILE, {"type": kind, "config": config, **(extra_config or {})})
     return folder
+
+
+def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over a state dict (names, dtypes, shapes and bytes, in name order)."""
+    h = hashlib.sha256()
+    for name, t in sorted(state.items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def check_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str, strict: bool = True) -> None:
@@ -213,12 +227,13 @@ def load_component(folder: str | os.PathLike, device: str | torch.device | None 
     if kind not in COMPONENT_TYPES:
         raise ValueError(f"{folder / CONFIG_FILE}: unknown component type {kind!r}; known: {sorted(COMPONENT_TYPES)}")
     weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} is missing")
     module = COMPONENT_TYPES[kind](meta.get("config", {}), folder)
-    state = load_file(str(weights))
-    check_state_dict(module, state, str(weights))
-    module.load_state_dict(state, strict=True)
+    if not getattr(module, "weights_external", False):  # else from_component loaded and checked them
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} is missing")
+        state = load_file(str(weights))
+        check_state_dict(module, state, str(weights))
+        module.load_state_dict(state, strict=True)
     module.eval()
     if device is not None or dtype is not None:
         module.to(device=device, dtype=dtype)

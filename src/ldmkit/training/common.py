@@ -41,7 +41,10 @@ class EMA:
         self.decay = decay
         self.warmup = warmup
         self.num_updates = 0
-        self.module = copy.deepcopy(unwrap(model)).eval()
+        source = unwrap(model)
+        # frozen parts (e.g. a pretrained text encoder) never change: not averaged every step
+        self.frozen = {name for name, p in source.named_parameters() if not p.requires_grad}
+        self.module = copy.deepcopy(source).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
 
@@ -55,6 +58,8 @@ class EMA:
         d = self.current_decay()
         src = unwrap(model).state_dict()
         for name, shadow in self.module.state_dict().items():
+            if name in self.frozen:
+                continue
             value = src[name].detach()
             if shadow.dtype.is_floating_point:
                 shadow.lerp_(value.to(shadow.dtype), 1.0 - d)

@@ -74,7 +74,7 @@ class TrainConfig:
     denoiser: str = "unet"  # "unet" | "dit"
     preset: str = "tiny"  # a key of ldmkit.denoisers.{unet,dit}.PRESETS
     conditioning: str = "text"  # "text" | "class" | "none"
-    text_encoder: str = "tiny"  # preset of the trainable text transformer
+    text_encoder: str = "tiny"  # preset of the trainable text transformer, or "minilm" (frozen, pretrained)
     objective: str = "eps"  # "eps" | "v" | "x0" | "flow"
     schedule: str = "scaled_linear"  # noise schedule name (ignored for "flow")
     num_train_timesteps: int = 1000
@@ -726,6 +726,8 @@ TEXT_ENCODERS: dict[str, dict] = {
     "small": dict(depth=2, heads=4),
     "base": dict(depth=4, heads=8),
 }
+# frozen pretrained encoders (weights from an installed package; the denoiser attends to their width)
+FROZEN_TEXT_ENCODERS = ("minilm",)
 
 
 def build_conditioner(c: TrainConfig, data) -> nn.Module | None:
@@ -746,12 +748,18 @@ def build_conditioner(c: TrainConfig, data) -> nn.Module | None:
                                             class_names=tuple(data.class_names or ())))
     from ldmkit.conditioning import TransformerTextEncoder
 
-    if c.text_encoder not in TEXT_ENCODERS:
-        raise ValueError(f"text_encoder {c.text_encoder!r} is not one of {sorted(TEXT_ENCODERS)}")
+    if c.text_encoder not in TEXT_ENCODERS and c.text_encoder not in FROZEN_TEXT_ENCODERS:
+        raise ValueError(f"text_encoder {c.text_encoder!r} is not one of "
+                         f"{sorted(TEXT_ENCODERS) + list(FROZEN_TEXT_ENCODERS)}")
     captions = data.captions
     if not captions:
         raise ValueError(f"conditioning 'text' needs captions in the latent cache {c.latents}")
     longest = max(len(str(t).split()) for t in set(captions))
+    if c.text_encoder == "minilm":
+        from ldmkit.conditioning import BertTextEncoder
+
+        # word pieces ~ 1.3 per word, plus [CLS]/[SEP]; room for longer prompts at sampling time
+        return BertTextEncoder.from_pretrained(max_length=max(16, 2 * longest + 8), use_mask=True)
     return TransformerTextEncoder.from_captions(sorted(set(captions)), width=cross_dim,
                                                 max_length=max(8, longest + 4), **TEXT_ENCODERS[c.text_encoder])
 
@@ -777,6 +785,8 @@ def build_denoiser(c: TrainConfig, data, conditioner, spatial=None) -> nn.Module
         from ldmkit.denoisers.unet import UNet
 
         changes = dict(in_channels=ch + extra, out_channels=ch, sample_size=h)
+        if c.conditioning == "text":  # a frozen encoder sets the width the cross-attention reads
+            changes["cross_attention_dim"] = _cross_dim(c)
         if c.conditioning == "class":
             changes["num_class_embeds"] = data.num_classes + 1
         elif uses_noise_labels(c):  # the x4 upscaler's noise level enters as a class label
@@ -796,6 +806,8 @@ def build_denoiser(c: TrainConfig, data, conditioner, spatial=None) -> nn.Module
 
 def _cross_dim(c: TrainConfig) -> int:
     """Width of the conditioning sequence the denoiser attends to."""
+    if c.conditioning == "text" and c.text_encoder == "minilm":
+        return 384  # all-MiniLM-L6-v2 hidden size
     cfg = _denoiser_preset(c)
     if c.denoiser == "unet":
         return cfg.cross_attention_dim
