@@ -31,7 +31,7 @@ def register(sub) -> None:
     a("--denoiser", choices=("unet", "dit"))
     a("--preset", help="denoiser preset (ldmkit.denoisers.unet/dit PRESETS)")
     a("--conditioning", choices=("text", "class", "none"))
-    a("--text-encoder", help="trainable text transformer preset")
+    a("--text-encoder", help="trainable text transformer preset (tiny, small, base) or minilm (frozen, pretrained)")
     a("--objective", choices=("eps", "v", "x0", "flow"))
     a("--schedule", choices=("linear", "scaled_linear", "cosine"))
     a("--loss-weighting", choices=("uniform", "min_snr"))
@@ -112,5 +112,8 @@ def _train(args) -> int:
     finally:
         distributed.shutdown(ctx)
     if ctx.is_main:
-        print(f"model written to {folder} (load with: ldm sample --model {folder} ...)")
+        task = {"inpaint": "inpaint --image IMG --mask MASK", "upscale": "upscale --image LOWRES",
+                "semantic": None}.get(config.spatial, "sample")
+        print(f"model written to {folder} " + (f"(load with: ldm {task} --model {folder} ...)" if task else
+                                               "(sample with ldmkit.training.ldm.load_semantic / sample_semantic)"))
     return 0
