@@ -264,3 +264,33 @@ def test_cli_spatial_training_and_errors(root, tmp_path, capsys):
     assert main([*args[:1], "--out", str(out), "--resume", "--steps", "3", "--no-progress"]) == 0
     assert main([*args[:1], "--out", str(out), "--resume", "--spatial", "inpaint"]) == 2
     assert "['spatial']" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two Python start-ups + torchrun: about 18 s on 2 shared cores
+def test_two_gloo_processes_match_one_with_inpaint_masks(root, tmp_path):
+    """Masks are drawn for the global batch and each rank takes its rows: 2 DDP processes make the
+    same update as one process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("_ddp_spatial_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    ae = str(root / "ae")
+    single = subprocess.run([sys.executable, str(worker), ae, str(tmp_path / "single")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                            "--master_port", "0", "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
+                            str(worker), ae, str(tmp_path / "ddp")], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    one = torch.load(tmp_path / "single-rank0.pt", weights_only=True)
+    r0 = torch.load(tmp_path / "ddp-rank0.pt", weights_only=True)
+    assert r0["world_size"] == 2
+    assert torch.allclose(r0["losses"], one["losses"], rtol=1e-4, atol=1e-5), (r0["losses"], one["losses"])
+    for k, v in one["weights"].items():
+        assert torch.allclose(r0["weights"][k], v, rtol=1e-3, atol=1e-5), k
