@@ -247,6 +247,21 @@ def test_missing_cache_inputs_name_the_fix(root, tmp_path):
     assert trainer.data.images is None and math.isfinite(trainer.train_step()["loss"])
 
 
+def test_image_size_must_fit_the_latents(root, tmp_path):
+    from ldmkit.training.ldm import LatentData
+
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(4, 4, 8, 8, generator=g)
+    wrong = LatentData(mean, captions=["a red circle"] * 4,
+                       images=torch.zeros(4, 3, 16, 16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"16x16 images/maps but 8x8 latents.*must be 32x32"):
+        LDMTrainer(config(root, tmp_path, latents="memory", spatial="inpaint"), data=wrong)
+    with pytest.raises(ValueError, match="images must be uint8"):
+        LatentData(mean, images=torch.zeros(4, 3, 32, 32))
+    with pytest.raises(ValueError, match="segmentation maps must be integer"):
+        LatentData(mean, segmentation=torch.zeros(4, 32, 32))
+
+
 def test_cli_spatial_training_and_errors(root, tmp_path, capsys):
     from ldmkit.cli import main
 
