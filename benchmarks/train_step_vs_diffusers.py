@@ -2,8 +2,8 @@
 
 Both models get identical weights (diffusers' state dict loads into ours unchanged) and identical
 batches; the loop around them is the same code (LDMTrainer's math: q_sample, model, weighted MSE
-against the eps target, backward, grad clipping, AdamW), so the numbers compare the networks as
-trained, not two different loops.
+against the eps target, backward, grad clipping, AdamW fused as LDMTrainer uses it on CPU and CUDA,
+zero_grad(set_to_none=True)), so the numbers compare the networks as trained, not two different loops.
 
 Cases (CPU, fp32):
   demo-text:      the demo's text UNet shape (`small` preset), 8x8x4 latents, batch 64, 16x128 context
@@ -12,12 +12,20 @@ Timing alternates ours / diffusers step by step (so machine load hits both alike
 median; peak memory is measured in a fresh subprocess per model as peak RSS during training steps
 minus RSS before the first step (on CUDA: torch.cuda.max_memory_allocated).
 
-    python benchmarks/train_step_vs_diffusers.py [--repeats 6] [--out benchmarks/results/train_step.json]
+`--compile` adds a second mode in which BOTH models are compiled in place (nn.Module.compile, as
+`ldm train --compile` compiles its denoiser; inductor) and timed the same way after a compiling
+warm-up step. The JSON keeps the modes apart: `throughput_ratio` (eager ours / eager diffusers),
+`compiled.throughput_ratio` (compiled ours / compiled diffusers) and `compiled.ours_speedup_vs_eager`
+(compiled ours / eager ours). Peak memory is measured for the eager mode only (the compiling
+warm-up inflates peak RSS with compiler memory that is not training memory).
+
+    python benchmarks/train_step_vs_diffusers.py [--repeats 6] [--compile] [--out benchmarks/results/train_step.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -40,7 +48,7 @@ CASES = {
 }
 
 
-def build(case: str, which: str, device: str):
+def build(case: str, which: str, device: str, compile: bool = False):
     import diffusers
 
     spec = CASES[case]
@@ -58,7 +66,10 @@ def build(case: str, which: str, device: str):
     else:
         model = UNet(cfg)
         model.load_state_dict(ref.state_dict(), strict=True)
-    return model.to(device).train()
+    model = model.to(device).train()
+    if compile:
+        model.compile()
+    return model
 
 
 def make_step(model, which: str, case: str, device: str):
@@ -75,7 +86,8 @@ def make_step(model, which: str, case: str, device: str):
     t = torch.randint(0, 1000, (b,), generator=g)
     ctx = torch.randn(b, *spec["ctx"], generator=g).to(device)
     schedule = DiscreteSchedule("linear")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # as LDMTrainer: fused AdamW on CPU and CUDA (same optimiser, same numerics on both sides)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device in ("cpu", "cuda") or None)
 
     def step():
         x_t = q_sample(schedule, z0, noise, t)
@@ -94,11 +106,15 @@ def make_step(model, which: str, case: str, device: str):
     return step
 
 
-def time_case(case: str, repeats: int, device: str) -> dict:
-    models = {w: build(case, w, device) for w in ("ours", "diffusers")}
+def time_case(case: str, repeats: int, device: str, compile: bool = False) -> dict:
+    models = {w: build(case, w, device, compile) for w in ("ours", "diffusers")}
     steps = {w: make_step(m, w, case, device) for w, m in models.items()}
-    for w in steps:  # warm-up (allocator, oneDNN primitive caches)
+    warmup_s = {}
+    for w in steps:  # warm-up (allocator, oneDNN primitive caches; compilation in compile mode)
+        t0 = time.perf_counter()
         steps[w]()
+        steps[w]()
+        warmup_s[w] = time.perf_counter() - t0
     times = {w: [] for w in steps}
     for _ in range(repeats):
         for w in ("ours", "diffusers"):
@@ -107,7 +123,8 @@ def time_case(case: str, repeats: int, device: str) -> dict:
             times[w].append(time.perf_counter() - t0)
     batch = CASES[case]["batch"]
     med = {w: statistics.median(v) for w, v in times.items()}
-    return {w: {"step_s_median": med[w], "step_s_all": times[w], "latents_per_s": batch / med[w]} for w in med}
+    return {w: {"step_s_median": med[w], "step_s_all": times[w], "latents_per_s": batch / med[w],
+                "warmup_s": warmup_s[w]} for w in med}
 
 
 def memory_child(case: str, which: str, device: str) -> None:
@@ -146,6 +163,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true", help="also time both models compiled (inductor)")
+    p.add_argument("--no-eager", action="store_true", help="with --compile: skip the eager mode")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_step.json"))
     p.add_argument("--memory-child", nargs=2, metavar=("CASE", "WHICH"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -154,19 +173,36 @@ def main() -> int:
         return 0
     import diffusers
 
+    if args.no_eager and not args.compile:
+        p.error("--no-eager needs --compile")
     results = {"device": args.device, "torch": torch.__version__, "diffusers": diffusers.__version__,
-               "threads": torch.get_num_threads(), "machine": platform.machine(), "cases": {}}
+               "threads": torch.get_num_threads(), "machine": platform.machine(),
+               "load_average_at_start": list(os.getloadavg()), "repeats": args.repeats,
+               "optimizer": "AdamW(fused)" if args.device in ("cpu", "cuda") else "AdamW", "cases": {}}
     for case in args.cases:
-        r = time_case(case, args.repeats, args.device)
-        for w in r:
-            r[w]["peak_mb"] = memory(case, w, args.device)
-        r["throughput_ratio"] = r["ours"]["latents_per_s"] / r["diffusers"]["latents_per_s"]
-        r["memory_ratio"] = r["ours"]["peak_mb"] / r["diffusers"]["peak_mb"] if r["diffusers"]["peak_mb"] > 0 else None
+        r = {}
+        if not args.no_eager:
+            r = time_case(case, args.repeats, args.device)
+            for w in ("ours", "diffusers"):
+                r[w]["peak_mb"] = memory(case, w, args.device)
+            r["throughput_ratio"] = r["ours"]["latents_per_s"] / r["diffusers"]["latents_per_s"]
+            r["memory_ratio"] = (r["ours"]["peak_mb"] / r["diffusers"]["peak_mb"]
+                                 if r["diffusers"]["peak_mb"] > 0 else None)
+            print(f"{case} eager: ours {r['ours']['latents_per_s']:.1f} latents/s, diffusers "
+                  f"{r['diffusers']['latents_per_s']:.1f} latents/s -> throughput ratio "
+                  f"{r['throughput_ratio']:.2f}x; peak memory ours {r['ours']['peak_mb']:.0f} MB vs "
+                  f"{r['diffusers']['peak_mb']:.0f} MB -> ratio {r['memory_ratio'] or float('nan'):.2f}", flush=True)
+        if args.compile:
+            c = time_case(case, args.repeats, args.device, compile=True)
+            c["throughput_ratio"] = c["ours"]["latents_per_s"] / c["diffusers"]["latents_per_s"]
+            if "ours" in r:
+                c["ours_speedup_vs_eager"] = c["ours"]["latents_per_s"] / r["ours"]["latents_per_s"]
+                c["diffusers_speedup_vs_eager"] = c["diffusers"]["latents_per_s"] / r["diffusers"]["latents_per_s"]
+            r["compiled"] = c
+            print(f"{case} compiled (both sides): ours {c['ours']['latents_per_s']:.1f} latents/s, diffusers "
+                  f"{c['diffusers']['latents_per_s']:.1f} latents/s -> throughput ratio "
+                  f"{c['throughput_ratio']:.2f}x", flush=True)
         results["cases"][case] = r
-        print(f"{case}: ours {r['ours']['latents_per_s']:.1f} latents/s, diffusers "
-              f"{r['diffusers']['latents_per_s']:.1f} latents/s -> throughput ratio {r['throughput_ratio']:.2f}x; "
-              f"peak memory ours {r['ours']['peak_mb']:.0f} MB vs {r['diffusers']['peak_mb']:.0f} MB -> "
-              f"ratio {r['memory_ratio']:.2f}" if r["memory_ratio"] else "", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
