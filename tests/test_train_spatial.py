@@ -150,6 +150,7 @@ def test_upscale_without_noise_labels(root, tmp_path, denoiser, conditioning):
 
 @pytest.mark.parametrize("denoiser,conditioning", [("unet", "text"), ("dit", "none")])
 def test_semantic_trains_and_samples_from_maps(root, tmp_path, denoiser, conditioning):
+    from ldmkit import pipelines
     from ldmkit.training.ldm import load_semantic, sample_semantic
 
     trainer = LDMTrainer(config(root, tmp_path, spatial="semantic", denoiser=denoiser, conditioning=conditioning))
@@ -157,6 +158,8 @@ def test_semantic_trains_and_samples_from_maps(root, tmp_path, denoiser, conditi
     assert math.isfinite(trainer.train_step()["loss"])
     folder = trainer.run()
     assert (tmp_path / "run" / "samples" / "step_0000003.png").is_file()
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["concat"] == "semantic" and "spatial" in index["components"]
     model, ae, schedule, spatial = load_semantic(folder)
     assert spatial.config.num_classes == 4
     seg = trainer.data.segmentation[:2].long()
@@ -168,6 +171,16 @@ def test_semantic_trains_and_samples_from_maps(root, tmp_path, denoiser, conditi
     # the map drives the sample: another map, another image
     other = sample_semantic(model, ae, schedule, spatial, seg.flip(-1), conds, seed=1, steps=2)
     assert not torch.equal(x, other)
+    # the helpers are the pipeline: the same images as loading the folder and calling semantic2img
+    pipe = pipelines.load(folder, device="cpu")
+    assert pipe.tasks == ["semantic2img"] and pipe.num_classes == 4
+    res = pipe.semantic2img(seg, conds, num=2, seed=1, steps=2, sampler="ddim", batch_size=2, progress=False,
+                            **({"guidance": 4.0} if conds else {}))
+    from ldmkit.io.images import pil_to_tensor
+
+    assert torch.equal(torch.stack([pil_to_tensor(r.image) for r in res]), x)
+    with pytest.raises(ValueError, match="pass conditions exactly when"):
+        sample_semantic(model, ae, schedule, spatial, seg, None if conds else ["a red circle"] * 2, steps=2)
 
 
 def test_semantic_input_is_the_resized_one_hot_map(root, tmp_path):

@@ -7,7 +7,7 @@ A `Pipeline` holds the four pieces of a latent diffusion model
 and owns no math: noise comes from seeded generators, the sampler and the
 classifier-free-guidance wrapper come from `ldmkit.diffusion`, the forward
 process (`noise_to`) puts known latents at a noise level. The task modules
-(text2img, img2img, inpaint, upscale) only say what the latents start from and
+(text2img, img2img, inpaint, upscale, semantic) only say what the latents start from and
 what is concatenated to the denoiser's input; `Pipeline.generate` does the rest:
 
     for each batch of images:
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ldmkit.pipelines import vae_decode
 
 CONDITIONINGS = ("text", "class", "none")
-CONCAT_KINDS = (None, "inpaint", "upscale")
+CONCAT_KINDS = (None, "inpaint", "upscale", "semantic")
 
 
 @dataclass
@@ -138,7 +138,8 @@ class Pipeline:
     def __init__(self, autoencoder: torch.nn.Module, denoiser: torch.nn.Module, schedule,
                  conditioner: torch.nn.Module | None = None, *, conditioning: str | None = None,
                  concat: str | None = None, defaults: dict | None = None, latent_size: Sequence[int] | None = None,
-                 model_hash: str | None = None, model_name: str | None = None):
+                 model_hash: str | None = None, model_name: str | None = None,
+                 spatial: torch.nn.Module | None = None):
         self.autoencoder = autoencoder.eval()
         self.denoiser = denoiser.eval()
         self.conditioner = conditioner.eval() if conditioner is not None else None
@@ -153,6 +154,7 @@ class Pipeline:
             raise ValueError(f"concat={concat!r} must be one of {CONCAT_KINDS}")
         self.conditioning = conditioning
         self.concat = concat
+        self.spatial = spatial  # the model folder's `spatial` component (records the concat input)
         self.defaults = dict(defaults or {})
         cfg = denoiser.config
         self.latent_channels = autoencoder.latent_channels
@@ -162,7 +164,7 @@ class Pipeline:
         self.model_name = model_name
         self._model_hash = model_hash
         extra = cfg.in_channels - self.latent_channels
-        want = {None: 0, "inpaint": self.latent_channels + 1, "upscale": None}[concat]
+        want = {None: 0, "inpaint": self.latent_channels + 1, "upscale": None, "semantic": None}[concat]
         if concat is None and extra != 0:
             raise ValueError(f"denoiser takes {cfg.in_channels} input channels but the autoencoder makes "
                              f"{self.latent_channels}-channel latents and model_index.json says concat=null")
@@ -172,6 +174,17 @@ class Pipeline:
         if concat == "upscale" and extra < 1:
             raise ValueError(f"concat='upscale' needs extra input channels for the low-resolution image; "
                              f"the denoiser takes {cfg.in_channels} = latent channels")
+        # semantic synthesis: in_channels = latent channels + one one-hot channel per map class
+        self.num_classes = extra if concat == "semantic" else 0
+        if concat == "semantic":
+            if extra < 1:
+                raise ValueError(f"concat='semantic' needs one extra input channel per map class; the denoiser "
+                                 f"takes {cfg.in_channels} = latent channels")
+            sc = getattr(spatial, "config", None)
+            if sc is not None and (sc.kind != "semantic" or sc.num_classes != extra):
+                raise ValueError(f"the spatial component ({sc.kind!r}, {sc.num_classes} classes) does not fit a "
+                                 f"semantic denoiser with {cfg.in_channels} = {self.latent_channels} latent + "
+                                 f"{extra} map-class input channels")
 
     # ------------------------------------------------------------------ properties
     @property
@@ -204,6 +217,8 @@ class Pipeline:
             return ["upscale"]
         if self.concat == "inpaint":
             return ["inpaint"]
+        if self.concat == "semantic":
+            return ["semantic2img"]
         return ["text2img", "img2img", "inpaint"]
 
     def to(self, device=None, dtype=None) -> "Pipeline":
@@ -233,11 +248,18 @@ class Pipeline:
 
         return upscale(self, image, prompt, **kw)
 
+    def semantic2img(self, seg_map, prompt=None, **kw) -> list[Result]:
+        from ldmkit.pipelines.semantic import semantic2img
+
+        return semantic2img(self, seg_map, prompt, **kw)
+
     def require_task(self, task: str) -> None:
         if task not in self.tasks:
-            kind = {"upscale": "a super-resolution", "inpaint": "an inpainting"}.get(self.concat, "a generation")
+            kind = {"upscale": "a super-resolution", "inpaint": "an inpainting",
+                    "semantic": "a semantic-synthesis"}.get(self.concat, "a generation")
+            hint = " (give it a class map: `ldm semantic --map MAP.png`)" if self.concat == "semantic" else ""
             raise ValueError(f"this is {kind} model (concat={self.concat!r}); it supports {', '.join(self.tasks)}, "
-                             f"not {task}")
+                             f"not {task}{hint}")
 
     # ------------------------------------------------------------------ settings
     def settings(self, *, sampler=None, steps=None, guidance=None, guidance_rescale=None, height=None,
@@ -461,9 +483,11 @@ class Pipeline:
         return meta
 
     def generate(self, task: str, s: Settings, conditions: list, negative, seed: int,
-                 batch_inputs: Callable[[list[int]], dict], meta_extra: dict | None = None) -> list[Result]:
+                 batch_inputs: Callable[[list[int]], dict], meta_extra: dict | None = None,
+                 meta_of: Callable[[int], dict] | None = None) -> list[Result]:
         """Run all images in batches of `s.batch_size`: image i gets seed + i and conditions[i];
-        `batch_inputs(indices)` gives the task's per-batch tensors (z0, strength, mask, concat, labels)."""
+        `batch_inputs(indices)` gives the task's per-batch tensors (z0, strength, mask, concat, labels);
+        `meta_extra` is metadata of every image, `meta_of(i)` that of image i only."""
         from ldmkit.io.images import tensor_to_pil
 
         n = len(conditions)
@@ -482,7 +506,7 @@ class Pipeline:
             images = self.decode(z, s)
             for j, i in enumerate(idx):
                 meta = self.metadata(task, s, conditions[i], negatives[i] if negatives else None, seed + i,
-                                     **(meta_extra or {}))
+                                     **(meta_extra or {}), **(meta_of(i) if meta_of else {}))
                 results.append(Result(tensor_to_pil(images[j]), meta))
         return results
 
@@ -534,7 +558,8 @@ def load(path, device=None, dtype=None, **options) -> Pipeline:
     conditioning = index.get("conditioning") or ("none" if comps.get("conditioner") is None else "text")
     return Pipeline(comps["autoencoder"], comps["denoiser"], schedule, comps.get("conditioner"),
                     conditioning=conditioning, concat=index.get("concat"), defaults=index.get("defaults"),
-                    latent_size=index.get("latent_size"), model_hash=model_hash, model_name=p.name)
+                    latent_size=index.get("latent_size"), model_hash=model_hash, model_name=p.name,
+                    spatial=comps.get("spatial"))
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,

@@ -1,4 +1,4 @@
-"""`ldm sample`, `ldm img2img`, `ldm inpaint`, `ldm upscale` (registered by ldmkit.cli).
+"""`ldm sample`, `ldm img2img`, `ldm inpaint`, `ldm upscale`, `ldm semantic` (registered by ldmkit.cli).
 
 Every command loads the model once, runs the task for every prompt (`--prompt` or
 one per line of `--prompts-file`) `--num` times, and writes PNGs whose text chunks hold
@@ -13,7 +13,8 @@ import sys
 import warnings
 from pathlib import Path
 
-TASKS = {"sample": "text2img", "img2img": "img2img", "inpaint": "inpaint", "upscale": "upscale"}
+TASKS = {"sample": "text2img", "img2img": "img2img", "inpaint": "inpaint", "upscale": "upscale",
+         "semantic": "semantic2img"}
 
 
 def _common(p, sizes: bool = True) -> None:
@@ -81,6 +82,13 @@ def register(sub) -> None:
     p.add_argument("--noise-level", type=int, default=None, help="noise augmentation level (x4-upscaler-style models)")
     p.set_defaults(func=run)
 
+    p = sub.add_parser("semantic", help="semantic synthesis: an image from a class map (models trained with "
+                       "`ldm train --spatial semantic`; output size = map size)")
+    _common(p, sizes=False)
+    p.add_argument("--map", dest="seg_map", required=True, metavar="MAP.png",
+                   help="class map: a grey or palette PNG whose pixel values are the class ids")
+    p.set_defaults(func=run)
+
 
 def _prompts(args) -> list | None:
     if args.prompts_file:
@@ -121,6 +129,10 @@ def _check_args(args) -> None:
             from ldmkit.io.images import load_image
 
             load_image(args.__dict__[name], mode="L" if name == "mask" else "RGB")
+    if getattr(args, "seg_map", None):
+        from ldmkit.pipelines.semantic import class_maps
+
+        class_maps(args.seg_map)
 
 
 def _out_paths(out: str, n: int, metas: list[dict]) -> tuple[list[Path], Path]:
@@ -149,7 +161,7 @@ def run(args) -> int:
                   guidance_rescale=args.guidance_rescale, batch_size=args.batch_size,
                   max_model_batch=args.max_model_batch, decode_batch=args.decode_batch, vae_tile=args.vae_tile,
                   progress=not args.no_progress)
-    if task != "upscale":
+    if task not in ("upscale", "semantic2img"):
         common.update(height=args.height, width=args.width)
     prompt = None
     if prompts is not None:
@@ -164,6 +176,8 @@ def run(args) -> int:
         elif task == "inpaint":
             results = pipe.inpaint(args.image, args.mask, prompt, num=n, strength=args.strength,
                                    blend=args.blend, **common)
+        elif task == "semantic2img":
+            results = pipe.semantic2img(args.seg_map, prompt, num=n, **common)
         else:
             results = pipe.upscale(args.image, prompt, num=n, noise_level=args.noise_level, **common)
     shown = (UserWarning, RuntimeWarning)  # truncated prompts, float16 decode retried in float32

@@ -580,8 +580,8 @@ class LDMTrainer:
         """Sample-grid images of a spatial run: the first `n` cached items regenerated from their
         spatial input with their own caption / label (first row: the inputs -- masked image,
         low-res image, coloured map -- then a row per sample seed). Inpainting repaints the middle
-        of each image and upscaling runs through the pipeline tasks `ldm inpaint` / `ldm upscale`
-        run; semantic runs through `sample_semantic`."""
+        of each image; all kinds run through the pipeline tasks `ldm inpaint` / `ldm upscale` /
+        `ldm semantic` run."""
         from ldmkit.data.latents import uint8_to_image
         from ldmkit.io.images import tensor_to_pil
 
@@ -596,17 +596,15 @@ class LDMTrainer:
             return {"class_label": cond} if c.conditioning == "class" else (
                 {"prompt": cond} if c.conditioning == "text" else {})
 
+        pipe = make_pipeline(model, self.autoencoder, self.schedule, c, self.data.latent_shape)
         if c.spatial == "semantic":
             seg = batch["segmentation"].long()
             inputs = [tensor_to_pil(x) for x in segmentation_colours(seg)]
             outputs = []
-            for seed in c.sample_seeds:
-                x = sample_semantic(model, self.autoencoder, self.schedule, self.spatial, seg,
-                                    conds if c.conditioning != "none" else None, seed=seed,
-                                    sampler=c.sample_sampler, steps=c.sample_steps, guidance=c.guidance)
-                outputs += [tensor_to_pil(im) for im in x]
+            for seed in c.sample_seeds:  # image k: map k, condition k, seed + k
+                res = pipe.semantic2img(seg, num=n, seed=seed, batch_size=n, **kw(conds), **settings)
+                outputs += [r.image for r in res]
             return inputs + outputs, conds
-        pipe = make_pipeline(model, self.autoencoder, self.schedule, c, self.data.latent_shape)
         images = uint8_to_image(batch["image"])
         inputs, outputs = [], [[] for _ in c.sample_seeds]
         for k in range(n):
@@ -823,8 +821,8 @@ def model_defaults(c: TrainConfig) -> dict:
 
 
 def make_pipeline(model: Stage2, autoencoder: nn.Module, schedule, c: TrainConfig, latent_shape):
-    """A sampling Pipeline (ldmkit.pipelines) over the given weights: what `ldm sample`, `ldm inpaint`
-    or `ldm upscale` will run (not for semantic runs: see `sample_semantic`)."""
+    """A sampling Pipeline (ldmkit.pipelines) over the given weights: what `ldm sample`, `ldm inpaint`,
+    `ldm upscale` or `ldm semantic` will run."""
     from ldmkit.pipelines import Pipeline
 
     return Pipeline(autoencoder, model.denoiser, schedule, model.conditioner, conditioning=c.conditioning,
@@ -942,16 +940,15 @@ def augment_low_res(low: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor
 
 def load_semantic(folder, device="cpu") -> tuple:
     """A semantic-synthesis model folder (model_index.json concat "semantic", written by `ldm train
-    --spatial semantic`) as (Stage2, autoencoder, schedule, spatial conditioner) for `sample_semantic`."""
-    from ldmkit.diffusion.schedules import schedule_from_dict
-    from ldmkit.io.format import load_model
+    --spatial semantic`) as (Stage2, autoencoder, schedule, spatial conditioner) for `sample_semantic`.
+    Loads through `ldmkit.pipelines.load`; `load(folder).semantic2img(...)` is the direct way."""
+    from ldmkit.pipelines import load
 
-    index, comps = load_model(folder, device=device)
-    if index.get("concat") != "semantic" or comps.get("spatial") is None:
-        raise ValueError(f"{folder} is not a semantic-synthesis model (concat={index.get('concat')!r}); "
+    pipe = load(folder, device=device, dtype=torch.float32)
+    if pipe.concat != "semantic":
+        raise ValueError(f"{folder} is not a semantic-synthesis model (concat={pipe.concat!r}); "
                          "load it with ldmkit.pipelines.load")
-    model = Stage2(comps["denoiser"], comps.get("conditioner")).eval()
-    return model, comps["autoencoder"], schedule_from_dict(index["schedule"]), comps["spatial"]
+    return Stage2(pipe.denoiser, pipe.conditioner).eval(), pipe.autoencoder, pipe.schedule, pipe.spatial
 
 
 # a colour per segmentation class for sample grids (background white)
@@ -969,40 +966,25 @@ def segmentation_colours(seg: torch.Tensor) -> torch.Tensor:
 def sample_semantic(model: Stage2, autoencoder: nn.Module, schedule, spatial, segmentation: torch.Tensor,
                     conditions: list | None = None, *, seed: int = 0, sampler: str = "ddim", steps: int = 20,
                     guidance: float = 4.0) -> torch.Tensor:
-    """Images [B, 3, H, W] in [-1, 1] from integer maps [B, H, W] (H, W = latent size x factor) with a
-    semantic-synthesis model: the one-hot map is concatenated to the latents in both CFG branches
-    (guidance applies to `conditions`, the captions / labels; None for an unconditional model).
-    Image i starts from CPU float32 noise seeded with seed + i, as the pipelines do."""
-    from ldmkit.conditioning.base import Conditioning
-    from ldmkit.diffusion.guidance import cfg_denoiser
-    from ldmkit.diffusion.samplers import DETERMINISTIC, get_sampler
+    """Images [B, 3, H, W] in [-1, 1] (8-bit values) from integer maps [B, H, W]: `Pipeline.semantic2img`
+    (`ldm semantic`) over these modules. Image i gets map i, conditions[i] (captions / labels; None for
+    an unconditional model) and seed + i; the map stays in both CFG branches."""
+    from ldmkit.io.images import pil_to_tensor
+    from ldmkit.pipelines import Pipeline
 
     seg = torch.as_tensor(segmentation)
     seg = seg[None] if seg.dim() == 2 else seg
-    f, ch = autoencoder.downsample_factor, autoencoder.latent_channels
-    if seg.dim() != 3 or seg.shape[-2] % f or seg.shape[-1] % f:
-        raise ValueError(f"segmentation maps have shape {tuple(seg.shape)}; expected [B, H, W] with H, W "
-                         f"multiples of the autoencoder factor {f}")
-    b, size = seg.shape[0], (seg.shape[-2] // f, seg.shape[-1] // f)
-    device = next(model.denoiser.parameters()).device
-    concat = spatial.encode([{"segmentation": m} for m in seg], size).concat.to(device)
-    x = torch.stack([torch.randn(ch, *size, generator=torch.Generator().manual_seed(seed + i))
-                     for i in range(b)]).to(device)
     if (conditions is None) != (model.conditioner is None):
         raise ValueError("pass conditions exactly when the model has a conditioner (text / class)")
-
-    def fn(x, t, cond):
-        extra = Conditioning(concat=concat.repeat(x.shape[0] // b, 1, 1, 1))
-        return model.predict(x, t, extra if cond is None else cond.merge(extra))[:, :ch].float()
-
-    if conditions is None:
-        def denoise(x, t):
-            return fn(x, t, None)
-    else:
-        denoise = cfg_denoiser(fn, model.encode(list(conditions)), model.conditioner.null(b), guidance)
-    generator = None if sampler in DETERMINISTIC else torch.Generator().manual_seed(seed)
-    z = get_sampler(sampler)(denoise, x, schedule, steps, generator=generator)
-    return autoencoder.decode_latents(z.to(next(autoencoder.parameters()).dtype)).float().clamp(-1, 1)
+    kind = "none" if model.conditioner is None else (
+        "class" if model.conditioner.component_type == "class" else "text")
+    pipe = Pipeline(autoencoder, model.denoiser, schedule, model.conditioner, conditioning=kind, concat="semantic",
+                    spatial=spatial)
+    kw = {"class_label": list(conditions)} if kind == "class" else (
+        {"prompt": list(conditions)} if kind == "text" else {})
+    res = pipe.semantic2img(seg, num=len(seg), seed=seed, sampler=sampler, steps=steps, guidance=guidance,
+                            batch_size=len(seg), progress=False, **kw)
+    return torch.stack([pil_to_tensor(r.image) for r in res])
 
 
 class LatentData:
