@@ -265,3 +265,35 @@ def test_sample_semantic_helper_is_the_pipeline(run, pipe):
     res = pipe.semantic2img(seg, ["a red circle", "a blue square"], seed=5, sampler="euler_a", steps=2,
                             guidance=2.0, batch_size=2, progress=False)
     assert torch.equal(x, torch.stack([pil_to_tensor(r.image) for r in res]))
+
+
+def test_class_conditional_map_model_trains_grids_and_samples(run, tmp_path):
+    """A class-conditional semantic run: its sample grid and the loaded folder go through semantic2img
+    with class labels; the label is dropped in the unconditional branch, the map is not."""
+    from ldmkit.training.ldm import Stage2, sample_semantic
+
+    trainer, _, root = run
+    cfg = TrainConfig(latents=str(root / "cache"), autoencoder=str(root / "ae"), out=str(tmp_path / "cls"),
+                      preset="tiny", conditioning="class", spatial="semantic", steps=2, batch_size=4, lr=1e-3,
+                      warmup_steps=1, checkpoint_every=100, sample_every=2, sample_steps=2, sample_sampler="ddim",
+                      sample_seeds=(0,), progress=False, seed=2)
+    folder = LDMTrainer(cfg).run()
+    assert (tmp_path / "cls" / "samples" / "step_0000002.png").is_file()
+    pipe = pipelines.load(folder, device="cpu")
+    assert pipe.conditioning == "class" and pipe.tasks == ["semantic2img"]
+    seg = _maps(run)
+    labels = trainer.data.labels[:2].tolist()
+    seen = []
+    pipe.denoiser.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append((args[0].clone(), kwargs["class_labels"].clone())), with_kwargs=True)
+    res = pipe.semantic2img(seg, class_label=labels, steps=2, guidance=2.0, batch_size=2, progress=False)
+    assert [r.metadata["class"] for r in res] == labels
+    x, cls = seen[0]
+    null = pipe.conditioner.config.num_classes
+    assert cls.tolist() == [null, null, *labels]  # [uncond; cond]: only the label is dropped
+    torch.testing.assert_close(x[:2, 4:], x[2:, 4:], rtol=0, atol=0)
+    x2 = sample_semantic(Stage2(pipe.denoiser, pipe.conditioner), pipe.autoencoder, pipe.schedule, pipe.spatial,
+                         seg, labels, steps=2, guidance=2.0, sampler="ddim")
+    assert torch.equal(x2, torch.stack([pil_to_tensor(r.image) for r in res]))
+    with pytest.raises(ValueError, match="class-conditional; pass a class"):
+        pipe.semantic2img(seg, "a red circle", steps=2, progress=False)
