@@ -16,10 +16,12 @@ minus RSS before the first step (on CUDA: torch.cuda.max_memory_allocated).
 `ldm train --compile` compiles its denoiser; inductor) and timed the same way after a compiling
 warm-up step. The JSON keeps the modes apart: `throughput_ratio` (eager ours / eager diffusers),
 `compiled.throughput_ratio` (compiled ours / compiled diffusers) and `compiled.ours_speedup_vs_eager`
-(compiled ours / eager ours). Peak memory is measured for the eager mode only (the compiling
-warm-up inflates peak RSS with compiler memory that is not training memory).
+(compiled ours / eager ours); all four variants are timed interleaved in one loop. Peak memory is
+measured for the eager mode only (the compiling warm-up inflates peak RSS with compiler memory that
+is not training memory).
 
-    python benchmarks/train_step_vs_diffusers.py [--repeats 6] [--compile] [--out benchmarks/results/train_step.json]
+    python benchmarks/train_step_vs_diffusers.py [--repeats 6] [--compile [--no-eager]] [--cases ...]
+                                                 [--out benchmarks/results/train_step.json]
 """
 from __future__ import annotations
 
@@ -106,25 +108,30 @@ def make_step(model, which: str, case: str, device: str):
     return step
 
 
-def time_case(case: str, repeats: int, device: str, compile: bool = False) -> dict:
-    models = {w: build(case, w, device, compile) for w in ("ours", "diffusers")}
-    steps = {w: make_step(m, w, case, device) for w, m in models.items()}
+def time_case(case: str, repeats: int, device: str, modes=("eager",)) -> dict:
+    """Median step time of ours and diffusers in each mode ("eager", "compiled"). All variants are
+    timed in one interleaved loop (ours/diffusers, eager/compiled step by step), so a change of
+    machine load during the run hits every variant alike and the ratios stay comparable."""
+    variants = [(m, w) for m in modes for w in ("ours", "diffusers")]
+    steps = {v: make_step(build(case, v[1], device, v[0] == "compiled"), v[1], case, device) for v in variants}
     warmup_s = {}
-    for w in steps:  # warm-up (allocator, oneDNN primitive caches; compilation in compile mode)
+    for v in variants:  # warm-up (allocator, oneDNN primitive caches; compilation in compile mode)
         t0 = time.perf_counter()
-        steps[w]()
-        steps[w]()
-        warmup_s[w] = time.perf_counter() - t0
-    times = {w: [] for w in steps}
+        steps[v]()
+        steps[v]()
+        warmup_s[v] = time.perf_counter() - t0
+    times = {v: [] for v in variants}
     for _ in range(repeats):
-        for w in ("ours", "diffusers"):
+        for v in variants:
             t0 = time.perf_counter()
-            steps[w]()
-            times[w].append(time.perf_counter() - t0)
+            steps[v]()
+            times[v].append(time.perf_counter() - t0)
     batch = CASES[case]["batch"]
-    med = {w: statistics.median(v) for w, v in times.items()}
-    return {w: {"step_s_median": med[w], "step_s_all": times[w], "latents_per_s": batch / med[w],
-                "warmup_s": warmup_s[w]} for w in med}
+    out: dict = {m: {} for m in modes}
+    for (m, w), ts in times.items():
+        med = statistics.median(ts)
+        out[m][w] = {"step_s_median": med, "step_s_all": ts, "latents_per_s": batch / med, "warmup_s": warmup_s[(m, w)]}
+    return out
 
 
 def memory_child(case: str, which: str, device: str) -> None:
@@ -181,8 +188,10 @@ def main() -> int:
                "optimizer": "AdamW(fused)" if args.device in ("cpu", "cuda") else "AdamW", "cases": {}}
     for case in args.cases:
         r = {}
-        if not args.no_eager:
-            r = time_case(case, args.repeats, args.device)
+        modes = (() if args.no_eager else ("eager",)) + (("compiled",) if args.compile else ())
+        timed = time_case(case, args.repeats, args.device, modes)
+        r = timed.get("eager", {})
+        if r:
             for w in ("ours", "diffusers"):
                 r[w]["peak_mb"] = memory(case, w, args.device)
             r["throughput_ratio"] = r["ours"]["latents_per_s"] / r["diffusers"]["latents_per_s"]
@@ -192,16 +201,18 @@ def main() -> int:
                   f"{r['diffusers']['latents_per_s']:.1f} latents/s -> throughput ratio "
                   f"{r['throughput_ratio']:.2f}x; peak memory ours {r['ours']['peak_mb']:.0f} MB vs "
                   f"{r['diffusers']['peak_mb']:.0f} MB -> ratio {r['memory_ratio'] or float('nan'):.2f}", flush=True)
-        if args.compile:
-            c = time_case(case, args.repeats, args.device, compile=True)
+        if "compiled" in timed:
+            c = timed["compiled"]
             c["throughput_ratio"] = c["ours"]["latents_per_s"] / c["diffusers"]["latents_per_s"]
-            if "ours" in r:
+            if r:
                 c["ours_speedup_vs_eager"] = c["ours"]["latents_per_s"] / r["ours"]["latents_per_s"]
                 c["diffusers_speedup_vs_eager"] = c["diffusers"]["latents_per_s"] / r["diffusers"]["latents_per_s"]
             r["compiled"] = c
             print(f"{case} compiled (both sides): ours {c['ours']['latents_per_s']:.1f} latents/s, diffusers "
                   f"{c['diffusers']['latents_per_s']:.1f} latents/s -> throughput ratio "
-                  f"{c['throughput_ratio']:.2f}x", flush=True)
+                  f"{c['throughput_ratio']:.2f}x" + (f"; compiled/eager: ours {c['ours_speedup_vs_eager']:.2f}x, "
+                                                     f"diffusers {c['diffusers_speedup_vs_eager']:.2f}x"
+                                                     if r.get("ours") else ""), flush=True)
         results["cases"][case] = r
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
