@@ -2,8 +2,10 @@
 
     python -m torch.distributed.run --nproc_per_node 2 tests/_fsdp_worker.py steps  AE_DIR PREFIX
     python -m torch.distributed.run --nproc_per_node 2 tests/_fsdp_worker.py resume AE_DIR PREFIX
+    python -m torch.distributed.run --nproc_per_node 2 tests/_fsdp_worker.py steps AE_DIR PREFIX ddp compile
 
-`steps`: 3 optimiser steps, then the full (gathered) weights and the losses.
+`steps`: 3 optimiser steps, then the full (gathered) weights and the losses (optionally with
+another strategy and/or `compile=True`).
 `resume`: run A trains 4 steps with a checkpoint every 2 (`run()`, as `ldm train` does); run B
 starts fresh and resumes from A's step-2 checkpoint to step 4; run C resumes the same checkpoint
 under DDP. Writes the runs' final gathered weights and the training-state files this rank wrote.
@@ -36,8 +38,9 @@ def full_weights(trainer: LDMTrainer) -> dict:
     return {k: v.detach().clone() for k, v in distributed.full_state_dict(trainer.wrapped, trainer.ctx).items()}
 
 
-def steps(ctx, ae_dir: str, prefix: str) -> dict:
-    trainer = LDMTrainer(make_config(ae_dir, prefix + "-steps"), ctx, data=make_data())
+def steps(ctx, ae_dir: str, prefix: str, strategy: str = "fsdp", compile: str = "") -> dict:
+    cfg = make_config(ae_dir, prefix + "-steps", strategy=strategy, compile=compile == "compile")
+    trainer = LDMTrainer(cfg, ctx, data=make_data())
     losses = [trainer.train_step()["loss"] for _ in range(trainer.config.steps)]
     return {"weights": full_weights(trainer), "losses": torch.tensor(losses),
             "sharded": distributed.is_sharded(trainer.wrapped)}
@@ -70,14 +73,14 @@ def resume(ctx, ae_dir: str, prefix: str) -> dict:
             "ema_b": {k: v.clone() for k, v in b.ema.module.state_dict().items()}}
 
 
-def main(mode: str, ae_dir: str, prefix: str) -> None:
+def main(mode: str, ae_dir: str, prefix: str, *options: str) -> None:
     torch.set_num_threads(1)
     ctx = distributed.init("cpu")
-    out = {"steps": steps, "resume": resume}[mode](ctx, ae_dir, prefix)
+    out = {"steps": steps, "resume": resume}[mode](ctx, ae_dir, prefix, *options)
     out["world_size"] = ctx.world_size
     torch.save(out, f"{prefix}-rank{ctx.rank}.pt")
     distributed.shutdown(ctx)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:])

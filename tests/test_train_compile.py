@@ -3,7 +3,7 @@
 The compiled run trains the same numbers as the eager one up to float rounding (inductor fuses
 and reorders reductions), its checkpoints hold the plain module's names (no `_orig_mod.`), load
 into an eager trainer, and a compiled run resumed from its checkpoint repeats the uninterrupted
-compiled run exactly.
+compiled run exactly; under DDP and FSDP (2 gloo processes) it matches the eager 1-process run.
 """
 from __future__ import annotations
 
@@ -112,3 +112,34 @@ def test_compiled_training_matches_eager_and_resumes(tmp_path, ae_dir):
     again.run(resume=tmp_path / "compiled" / "checkpoints" / "step-2.pt")
     for k, v in again.model.state_dict().items():
         assert torch.equal(v, compiled.model.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_compiled_training_under_two_gloo_processes(tmp_path, ae_dir, strategy):
+    """The in-place compiled denoiser inside DDP / FSDP trains what one eager process trains."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ldmkit.training import distributed
+
+    tests = Path(__file__).parent
+    sys.path.insert(0, str(tests))
+    import _fsdp_worker as w
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "0", "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
+                          str(tests / "_fsdp_worker.py"), "steps", ae_dir, str(tmp_path / "multi"), strategy,
+                          "compile"], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = torch.load(tmp_path / "multi-rank0.pt", weights_only=True)
+
+    one = LDMTrainer(w.make_config(ae_dir, str(tmp_path / "one"), strategy=strategy), distributed.DistContext(),
+                     data=w.make_data())
+    init = weights(one)
+    losses = torch.tensor([one.train_step()["loss"] for _ in range(one.config.steps)])
+    assert torch.allclose(got["losses"], losses, rtol=LOSS_RTOL), (got["losses"], losses)
+    assert update_diff(got["weights"], weights(one), init) < UPDATE_RTOL
