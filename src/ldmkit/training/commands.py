@@ -113,7 +113,6 @@ def _train(args) -> int:
         distributed.shutdown(ctx)
     if ctx.is_main:
         task = {"inpaint": "inpaint --image IMG --mask MASK", "upscale": "upscale --image LOWRES",
-                "semantic": None}.get(config.spatial, "sample")
-        print(f"model written to {folder} " + (f"(load with: ldm {task} --model {folder} ...)" if task else
-                                               "(sample with ldmkit.training.ldm.load_semantic / sample_semantic)"))
+                "semantic": "semantic --map MAP.png"}.get(config.spatial, "sample")
+        print(f"model written to {folder} (load with: ldm {task} --model {folder} ...)")
     return 0

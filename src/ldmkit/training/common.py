@@ -57,14 +57,18 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         d = self.current_decay()
         src = unwrap(model).state_dict()
+        shadows, values = [], []
         for name, shadow in self.module.state_dict().items():
             if name in self.frozen:
                 continue
             value = src[name].detach()
             if shadow.dtype.is_floating_point:
-                shadow.lerp_(value.to(shadow.dtype), 1.0 - d)
+                shadows.append(shadow)
+                values.append(value.to(shadow.dtype))
             else:
                 shadow.copy_(value)
+        if shadows:  # one multi-tensor kernel instead of a lerp per tensor
+            torch._foreach_lerp_(shadows, values, 1.0 - d)
         self.num_updates += 1
 
     def state_dict(self) -> dict:
