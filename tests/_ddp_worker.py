@@ -1,7 +1,10 @@
-"""Helper for tests/test_distributed.py: a few LDM steps, then this rank's weights and losses.
+"""Helper for tests/test_distributed.py and tests/test_train_spatial.py: a few LDM steps, then this
+rank's weights and losses.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/_ddp_worker.py AE_DIR OUT_FILE_PREFIX
-    python tests/_ddp_worker.py AE_DIR OUT_FILE_PREFIX          # the same run in one process
+    python -m torch.distributed.run --nproc_per_node 2 tests/_ddp_worker.py AE_DIR OUT_FILE_PREFIX [inpaint]
+    python tests/_ddp_worker.py AE_DIR OUT_FILE_PREFIX [inpaint]      # the same run in one process
+
+``inpaint``: an inpainting LDM (spatial input, masks drawn per step) instead of a text-only one.
 """
 import sys
 
@@ -11,16 +14,23 @@ from ldmkit.training import distributed
 from ldmkit.training.ldm import LatentData, LDMTrainer, TrainConfig
 
 
-def main(ae_dir: str, prefix: str) -> None:
+def main(ae_dir: str, prefix: str, variant: str = "") -> None:
     torch.set_num_threads(1)
     ctx = distributed.init("cpu")
     g = torch.Generator().manual_seed(0)
-    captions = ["a red circle", "a blue square", "a red circle above a blue square", "a green triangle"]
-    data = LatentData(torch.randn(32, 4, 8, 8, generator=g), 0.1 * torch.rand(32, 4, 8, 8, generator=g),
-                      captions=[captions[i % 4] for i in range(32)])
+    if variant == "inpaint":
+        n, steps, captions = 16, 2, ["a red circle", "a blue square", "a green triangle", "a red square"]
+    else:
+        n, steps, captions = 32, 3, ["a red circle", "a blue square", "a red circle above a blue square",
+                                     "a green triangle"]
+    extra = {}
+    mean, std = torch.randn(n, 4, 8, 8, generator=g), 0.1 * torch.rand(n, 4, 8, 8, generator=g)
+    if variant == "inpaint":
+        extra["images"] = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    data = LatentData(mean, std, captions=[captions[i % 4] for i in range(n)], **extra)
     cfg = TrainConfig(latents="memory", autoencoder=ae_dir, out=prefix + "-run", preset="tiny", text_encoder="tiny",
-                      steps=3, batch_size=8, lr=1e-3, warmup_steps=0, cond_drop=0.25, progress=False, seed=5,
-                      device="cpu")
+                      spatial="inpaint" if variant == "inpaint" else None, steps=steps, batch_size=8, lr=1e-3,
+                      warmup_steps=0, cond_drop=0.25, progress=False, seed=5, device="cpu")
     trainer = LDMTrainer(cfg, ctx, data=data)
     losses = [trainer.train_step()["loss"] for _ in range(cfg.steps)]
     state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
@@ -30,4 +40,4 @@ def main(ae_dir: str, prefix: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:4])

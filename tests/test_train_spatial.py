@@ -303,17 +303,17 @@ def test_two_gloo_processes_match_one_with_inpaint_masks(root, tmp_path):
     import sys
     from pathlib import Path
 
-    worker = Path(__file__).with_name("_ddp_spatial_worker.py")
+    worker = Path(__file__).with_name("_ddp_worker.py")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     ae = str(root / "ae")
-    single = subprocess.run([sys.executable, str(worker), ae, str(tmp_path / "single")], env=env,
+    single = subprocess.run([sys.executable, str(worker), ae, str(tmp_path / "single"), "inpaint"], env=env,
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                             "--master_port", "0", "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
-                            str(worker), ae, str(tmp_path / "ddp")], env=env, capture_output=True, text=True,
+                            str(worker), ae, str(tmp_path / "ddp"), "inpaint"], env=env, capture_output=True, text=True,
                            timeout=300)
     assert multi.returncode == 0, multi.stderr[-3000:]
     one = torch.load(tmp_path / "single-rank0.pt", weights_only=True)

@@ -14,17 +14,18 @@ import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 
-def load_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
-    """Open an image file fully (so truncated files fail here, not later) and convert it to `mode`."""
+def load_image(path: str | os.PathLike, mode: str | None = "RGB", what: str = "image") -> Image.Image:
+    """Open an image file fully (so truncated files fail here, not later) and convert it to `mode`
+    (None: keep the file's mode, e.g. a palette class map)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist")
+        raise FileNotFoundError(f"{what} {path} does not exist")
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert(mode)
+            return img.convert(mode) if mode is not None else img.copy()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from None
+        raise ValueError(f"cannot read {what} {path}: {exc}") from None
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:

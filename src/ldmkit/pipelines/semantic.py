@@ -40,20 +40,13 @@ def _pil_ids(img, where: str) -> np.ndarray:
 
 def _one_map(m, where: str) -> tuple[torch.Tensor, str | None]:
     """One map or a batch of maps -> (integer [b, H, W], source file name or None)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from ldmkit.io.images import load_image
 
     source = None
     if isinstance(m, (str, Path)):
-        path = Path(m)
-        if not path.is_file():
-            raise FileNotFoundError(f"class map {path} does not exist")
-        try:
-            with Image.open(path) as img:
-                img.load()
-                m = _pil_ids(img, f"class map {path}")
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            raise ValueError(f"cannot read class map {path}: {exc}") from None
-        source = str(path)
+        m, source = _pil_ids(load_image(m, mode=None, what="class map"), f"class map {m}"), str(m)
     elif isinstance(m, Image.Image):
         m = _pil_ids(m, where)
     if isinstance(m, np.ndarray):
