@@ -41,7 +41,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from ldmkit.denoisers.unet import PRESETS, UNet, UNetConfig  # noqa: E402
+from ldmkit.denoisers.unet import PRESETS, UNetConfig  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from unet_vs_diffusers import twin_unet  # noqa: E402
 
 CASES = {
     "demo-text": dict(preset="small", overrides={}, size=8, batch=64, ctx=(16, 128)),
@@ -51,23 +54,9 @@ CASES = {
 
 
 def build(case: str, which: str, device: str, compile: bool = False):
-    import diffusers
-
     spec = CASES[case]
     cfg = UNetConfig(**{**PRESETS[spec["preset"]].to_dict(), **spec["overrides"]})
-    theirs = dict(in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-                  block_out_channels=cfg.block_out_channels, down_block_types=cfg.down_block_types,
-                  up_block_types=cfg.up_block_types, mid_block_type=cfg.mid_block_type,
-                  layers_per_block=cfg.layers_per_block, attention_head_dim=cfg.attention_head_dim,
-                  cross_attention_dim=cfg.cross_attention_dim, norm_num_groups=cfg.norm_num_groups,
-                  use_linear_projection=cfg.use_linear_projection, sample_size=spec["size"])
-    torch.manual_seed(0)
-    ref = diffusers.UNet2DConditionModel(**theirs)
-    if which == "diffusers":
-        model = ref
-    else:
-        model = UNet(cfg)
-        model.load_state_dict(ref.state_dict(), strict=True)
+    model = twin_unet(cfg, spec["size"], which)
     model = model.to(device).train()
     if compile:
         model.compile()

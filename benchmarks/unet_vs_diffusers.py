@@ -34,29 +34,31 @@ from ldmkit.denoisers.unet import PRESETS, UNet, UNetConfig  # noqa: E402
 REDUCED = dict(block_out_channels=(64, 128, 256, 256))
 
 
-def _configs(case: str):
+def _config(case: str) -> UNetConfig:
     sd = PRESETS["sd15"]
-    cfg = UNetConfig(**{**sd.to_dict(), **REDUCED}) if case == "cpu-reduced-sd15" else sd
-    theirs = dict(
-        in_channels=cfg.in_channels, out_channels=cfg.out_channels, block_out_channels=cfg.block_out_channels,
-        down_block_types=cfg.down_block_types, up_block_types=cfg.up_block_types,
-        layers_per_block=cfg.layers_per_block, attention_head_dim=cfg.attention_head_dim,
-        cross_attention_dim=cfg.cross_attention_dim, norm_num_groups=cfg.norm_num_groups, sample_size=64)
-    return cfg, theirs
+    return UNetConfig(**{**sd.to_dict(), **REDUCED}) if case == "cpu-reduced-sd15" else sd
 
 
-def build(case: str, which: str, device: str, dtype: torch.dtype):
+def twin_unet(cfg: UNetConfig, sample_size: int, which: str) -> torch.nn.Module:
+    """diffusers' UNet2DConditionModel built from ``cfg`` (seed 0) for ``which="diffusers"``, else our
+    UNet holding the same weights (the config is mapped as `ldm convert` maps it)."""
     import diffusers
 
-    cfg, theirs = _configs(case)
+    from ldmkit.io.diffusers_format import unet_config_to_diffusers
+
+    theirs = {k: v for k, v in unet_config_to_diffusers(cfg.to_dict()).items() if not k.startswith("_")}
+    theirs["sample_size"] = sample_size
     torch.manual_seed(0)
     ref = diffusers.UNet2DConditionModel(**theirs)
     if which == "diffusers":
-        model = ref
-    else:
-        model = UNet(cfg)
-        model.load_state_dict(ref.state_dict(), strict=True)
-    return model.to(device=device, dtype=dtype).eval()
+        return ref
+    model = UNet(cfg)
+    model.load_state_dict(ref.state_dict(), strict=True)
+    return model
+
+
+def build(case: str, which: str, device: str, dtype: torch.dtype):
+    return twin_unet(_config(case), 64, which).to(device=device, dtype=dtype).eval()
 
 
 def inputs(case: str, device: str, dtype: torch.dtype):
@@ -177,7 +179,7 @@ def main():
         else:
             raise SystemExit(f"unknown case {case!r}; known: cpu-reduced-sd15, cuda-sd15")
         entry = {"device": device, "dtype": str(dtype).removeprefix("torch."),
-                 "config": _configs(case)[0].to_dict(), "modes": {}}
+                 "config": _config(case).to_dict(), "modes": {}}
         for mode in ("eager",) + (() if args.no_compile else ("compile",)):
             try:
                 med, cpu, peak, diff = time_pair(case, device, dtype, mode == "compile", args.repeats, args.warmup)
