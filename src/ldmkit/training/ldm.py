@@ -784,7 +784,7 @@ def build_denoiser(c: TrainConfig, data, conditioner, spatial=None) -> nn.Module
 
         changes = dict(in_channels=ch + extra, out_channels=ch, sample_size=h)
         if c.conditioning == "text":  # a frozen encoder sets the width the cross-attention reads
-            changes["cross_attention_dim"] = _cross_dim(c)
+            changes["cross_attention_dim"] = _cross_dim(c, conditioner)
         if c.conditioning == "class":
             changes["num_class_embeds"] = data.num_classes + 1
         elif uses_noise_labels(c):  # the x4 upscaler's noise level enters as a class label
@@ -798,14 +798,15 @@ def build_denoiser(c: TrainConfig, data, conditioner, spatial=None) -> nn.Module
 
     changes = dict(in_channels=ch + extra, out_channels=ch, learn_sigma=False, sample_size=h,
                    num_classes=data.num_classes if c.conditioning == "class" else None,
-                   cross_attention_dim=_cross_dim(c) if c.conditioning == "text" else None)
+                   cross_attention_dim=_cross_dim(c, conditioner) if c.conditioning == "text" else None)
     return DiT(dataclasses.replace(cfg, **changes))
 
 
-def _cross_dim(c: TrainConfig) -> int:
-    """Width of the conditioning sequence the denoiser attends to."""
-    if c.conditioning == "text" and c.text_encoder == "minilm":
-        return 384  # all-MiniLM-L6-v2 hidden size
+def _cross_dim(c: TrainConfig, conditioner=None) -> int:
+    """Width of the conditioning sequence the denoiser attends to: a frozen pretrained encoder's
+    hidden size, else the preset's (which the trainable encoder is built to)."""
+    if c.conditioning == "text" and c.text_encoder in FROZEN_TEXT_ENCODERS and conditioner is not None:
+        return conditioner.model.config.hidden_size
     cfg = _denoiser_preset(c)
     if c.denoiser == "unet":
         return cfg.cross_attention_dim
