@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ldmkit.io.format import atomic_write, write_json
+from ldmkit.io.format import atomic_write, state_dict_sha256, write_json
 
 FORMAT = "ldmkit-latents"
 FORMAT_VERSION = 2
@@ -86,12 +86,7 @@ def uint8_to_image(x: torch.Tensor) -> torch.Tensor:
 
 def weights_sha256(module: torch.nn.Module) -> str:
     """SHA-256 over the module's state dict (names, dtypes, shapes and bytes, in name order)."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    return state_dict_sha256(module.state_dict())
 
 
 def _config_dict(autoencoder) -> dict | None:
