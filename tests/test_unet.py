@@ -174,3 +174,78 @@ def test_config_roundtrip_through_json_lists():
     assert again == cfg
     with pytest.raises(ValueError, match="unknown"):
         UNetConfig.from_dict({"nope": 1})
+
+
+# --------------------------------------------------------------------------- ldmkit extensions
+def _ext_pair():
+    torch.manual_seed(0)
+    base_cfg = dataclasses.replace(PRESETS["tiny"], cross_attention_dim=24)
+    ext = UNet(dataclasses.replace(base_cfg, position_features=True, context_adapter_layers=2,
+                                   context_adapter_width=16, context_adapter_heads=2))
+    base = UNet(base_cfg)
+    base.load_state_dict({k: v for k, v in ext.state_dict().items() if k in base.state_dict()}, strict=True)
+    return base_cfg, base, ext
+
+
+def test_extensions_start_as_the_plain_unet_then_train():
+    """position_features / context_adapter_layers add parameters whose output projections start at zero:
+    the extended UNet computes exactly what the plain one does until training moves them."""
+    _, base, ext = _ext_pair()
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 24)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    with torch.no_grad():
+        assert torch.equal(ext(x, torch.tensor([3, 700]), ctx, context_mask=mask),
+                           base(x, torch.tensor([3, 700]), ctx, context_mask=mask))
+    extra = sorted(set(ext.state_dict()) - set(base.state_dict()))
+    assert "position_in.proj.weight" in extra and "context_adapter.proj_out.weight" in extra
+    assert any(k.endswith("attentions.0.position.proj.weight") for k in extra)
+    opt = torch.optim.SGD(ext.parameters(), lr=0.1)
+    for _ in range(2):  # after one step the zero projections are not zero: every parameter then learns
+        opt.zero_grad()
+        ext(x, torch.tensor([3, 700]), ctx, context_mask=mask).square().mean().backward()
+        opt.step()
+    dead = [n for n, p in ext.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not dead
+    with torch.no_grad():  # and now the output differs from the plain UNet
+        assert (ext(x, 5, ctx, context_mask=mask) - base(x, 5, ctx, context_mask=mask)).abs().max() > 1e-4
+
+
+def test_context_adapter_ignores_masked_tokens_and_positions_work_at_any_size():
+    _, _, ext = _ext_pair()
+    with torch.no_grad():
+        for p in ext.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        ext.eval()
+        x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 6, 24)
+        mask = torch.tensor([[True] * 4 + [False] * 2])
+        other = ctx.clone()
+        other[:, 4:] = torch.randn(1, 2, 24)  # padding content must not matter
+        torch.testing.assert_close(ext(x, 9, ctx, context_mask=mask), ext(x, 9, other, context_mask=mask))
+        # coordinates are normalised: larger and non-square latents run, and a shifted input gives a
+        # different output than the plain shifted one (the model knows where it is)
+        for hw in ((16, 16), (12, 20)):
+            assert ext(torch.randn(1, 4, *hw), 9, ctx, context_mask=mask).shape == (1, 4, *hw)
+    from ldmkit.nn.embeddings import position_features
+    f = position_features(4, 6)
+    assert f.shape == (14, 4, 6) and f[0, 0, 0] == -1 and f[0, 0, -1] == 1 and f[1, -1, 0] == 1
+
+
+def test_extensions_are_saved_and_refused_by_diffusers_export(tmp_path):
+    from ldmkit.io.diffusers_format import unet_config_to_diffusers
+    from ldmkit.io.format import load_component, save_component
+
+    base_cfg, base, ext = _ext_pair()
+    save_component(ext, tmp_path / "unet")
+    again = load_component(tmp_path / "unet")
+    assert again.config == ext.config
+    for k, v in ext.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v)
+    with pytest.raises(ValueError, match="position_features.*context_adapter_layers"):
+        unet_config_to_diffusers(ext.config.to_dict())
+    plain = unet_config_to_diffusers(base_cfg.to_dict())  # a plain UNet's diffusers config has no ldmkit keys
+    assert not {"position_features", "context_adapter_layers", "context_adapter_width"} & set(plain)
+    with pytest.raises(ValueError, match="heads"):
+        dataclasses.replace(base_cfg, context_adapter_layers=1, context_adapter_width=30, context_adapter_heads=4)
+    with pytest.raises(ValueError, match="cross-attention"):
+        dataclasses.replace(base_cfg, context_adapter_layers=1, mid_block_type=None,
+                            down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))

@@ -161,8 +161,18 @@ def unet_config_from_diffusers(cfg: dict) -> dict:
     return out
 
 
+_UNET_EXTENSIONS = {"position_features": False, "context_adapter_layers": 0}
+_UNET_EXTENSION_FIELDS = ("position_features", "context_adapter_layers", "context_adapter_width",
+                          "context_adapter_heads")
+
+
 def unet_config_to_diffusers(cfg: dict) -> dict:
+    on = [k for k, off in _UNET_EXTENSIONS.items() if cfg.get(k, off) != off]
+    if on:
+        raise ValueError(f"this UNet uses ldmkit extensions {on} that diffusers' UNet2DConditionModel does not "
+                         "have; keep it in ldmkit's own model folder format")
     ours = _unet_fields()
+    cfg = {k: v for k, v in cfg.items() if k not in _UNET_EXTENSION_FIELDS}
     out = {"_class_name": "UNet2DConditionModel", **{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}}
     out.update({k: v for k, v in _UNET_FIXED.items() if k not in ours and k != "addition_embed_type_num_heads"})
     return out

@@ -47,3 +47,36 @@ class TimestepEmbedding(nn.Module):
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.silu(self.linear_1(emb)))
+
+
+POSITION_FREQUENCIES = 3
+
+
+def position_features(h: int, w: int, device=None, dtype=None, freqs: int = POSITION_FREQUENCIES) -> torch.Tensor:
+    """[2 + 4 * freqs, h, w] Fourier features of the pixel centre coordinates, normalised to [-1, 1]
+    per axis: x, y, then sin / cos of pi * k * x / 2 and pi * k * y / 2 for k = 1..freqs. Normalised
+    coordinates keep their meaning ("left half") when a model samples at another size than it
+    was trained at."""
+    ys = torch.linspace(-1.0, 1.0, h, device=device, dtype=torch.float32)
+    xs = torch.linspace(-1.0, 1.0, w, device=device, dtype=torch.float32)
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    feats = [xx, yy]
+    for k in range(1, freqs + 1):
+        for v in (xx, yy):
+            feats += [torch.sin(math.pi * k * v / 2), torch.cos(math.pi * k * v / 2)]
+    return torch.stack(feats).to(dtype or torch.float32)
+
+
+class PositionInjection(nn.Module):
+    """Adds a learned 1x1 projection of :func:`position_features` to a feature map [B, C, H, W].
+    The projection starts at zero, so a fresh layer leaves the network's function unchanged."""
+
+    def __init__(self, channels: int, freqs: int = POSITION_FREQUENCIES):
+        super().__init__()
+        self.freqs = freqs
+        self.proj = nn.Conv2d(2 + 4 * freqs, channels, 1, bias=False)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = position_features(x.shape[-2], x.shape[-1], x.device, x.dtype, self.freqs)
+        return x + self.proj(feats[None])

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldmkit.nn.attention import Attention
+from ldmkit.nn.embeddings import PositionInjection
 
 FF_ACTIVATIONS = ("geglu", "gelu", "gelu-approximate")
 
@@ -118,9 +119,12 @@ class Transformer2D(nn.Module):
     def __init__(self, in_channels: int, heads: int, dim_head: int, depth: int = 1,
                  cross_attention_dim: int | None = None, groups: int = 32, dropout: float = 0.0,
                  use_linear_projection: bool = False, upcast_attention: bool = False,
-                 attention_bias: bool = False, only_cross_attention: bool = False):
+                 attention_bias: bool = False, only_cross_attention: bool = False,
+                 position_features: bool = False):
         super().__init__()
         inner = heads * dim_head
+        # ldmkit extension: pixel coordinates added to the input, so attention queries know where they are
+        self.position = PositionInjection(in_channels) if position_features else None
         self.use_linear_projection = use_linear_projection
         self.norm = nn.GroupNorm(groups, in_channels, eps=1e-6)
         if use_linear_projection:
@@ -139,6 +143,8 @@ class Transformer2D(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, _, h, w = x.shape
+        if self.position is not None:
+            x = self.position(x)
         residual = x
         x = self.norm(x)
         if self.use_linear_projection:
@@ -153,3 +159,34 @@ class Transformer2D(nn.Module):
         else:
             x = self.proj_out(x.reshape(b, h, w, -1).permute(0, 3, 1, 2))
         return x + residual
+
+
+class ContextAdapter(nn.Module):
+    """Trainable self-attention layers over the conditioning tokens, in front of cross-attention.
+
+    ``proj_in`` to ``width``, ``layers`` pre-norm blocks (self-attention with the context's key mask,
+    GELU MLP), LayerNorm, ``proj_out`` back to the context width, added to the input. ``proj_out``
+    starts at zero, so a fresh adapter passes the context through unchanged. A frozen sentence
+    encoder's token states barely encode some distinctions a denoiser needs (which object of
+    "a red circle to the left of a blue square" is the subject, combined with the relation); these
+    layers let the denoiser's training build them.
+    """
+
+    def __init__(self, dim: int, width: int = 128, layers: int = 2, heads: int = 4):
+        super().__init__()
+        if layers < 1 or width % heads:
+            raise ValueError(f"context adapter needs layers >= 1 and width divisible by heads, got "
+                             f"layers={layers}, width={width}, heads={heads}")
+        self.proj_in = nn.Linear(dim, width)
+        self.blocks = nn.ModuleList(BasicTransformerBlock(width, heads, width // heads, ff_activation="gelu")
+                                    for _ in range(layers))
+        self.norm_out = nn.LayerNorm(width)
+        self.proj_out = nn.Linear(width, dim)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.proj_in(context)
+        for block in self.blocks:
+            h = block(h, self_mask=mask)
+        return context + self.proj_out(self.norm_out(h))
