@@ -146,3 +146,24 @@ def test_round_trip_with_real_tiny_autoencoder(tmp_path, preset):
         assert torch.count_nonzero(cache.std) == 0 and torch.equal(cache[3]["latent"], cache.mean[3])
     else:
         assert torch.all(cache.std > 0)
+
+
+def test_recaption_copies_latents_and_rewrites_captions(tmp_path):
+    from ldmkit.data.latents import recaption
+
+    ds = ShapesDataset("train", size=16, length=10, seed=4)
+    src = encode_dataset(_DoubleAE(), ds, tmp_path / "src", batch_size=4, shard_size=4, progress=False)
+    out = recaption(src, tmp_path / "upper", str.upper, note="upper case")
+    a, b = CachedLatents(src, sample=False), CachedLatents(out, sample=False)
+    assert len(a) == len(b) == 10
+    for i in range(10):
+        assert torch.equal(a[i]["latent"], b[i]["latent"]) and a[i]["label"] == b[i]["label"]
+        assert b[i]["caption"] == a[i]["caption"].upper()
+    idx = read_index(out)
+    assert idx["source"]["recaptioned"] == "upper case" and idx["autoencoder"] == read_index(src)["autoencoder"]
+    with pytest.raises(FileExistsError):
+        recaption(src, out, str.lower)
+    with pytest.raises(ValueError, match="differ"):
+        recaption(src, src, str.lower)
+    with pytest.raises(ValueError, match="string"):
+        recaption(src, tmp_path / "bad", lambda c: None)

@@ -114,3 +114,26 @@ def test_bad_input_is_rejected():
         Spec((Obj("red", "circle"), Obj("blue", "circle")), "near")
     with pytest.raises(IndexError):
         ShapesDataset(length=3)[3]
+
+
+def test_forward_caption_names_the_left_or_upper_object_first_and_never_leaks_heldout():
+    from ldmkit.data.shapes import (caption, converse, forward_caption, heldout_prompts, parse_caption,
+                                    split_specs)
+
+    assert forward_caption("a blue square below a red circle") == "a red circle above a blue square"
+    assert forward_caption("a red circle to the right of a blue triangle") == \
+        "a blue triangle to the left of a red circle"
+    assert forward_caption("a red circle above a blue square") == "a red circle above a blue square"
+    assert forward_caption("a green circle") == "a green circle"
+    # converse phrasing that is held out ((square, left of, circle)) keeps the caption as it is
+    assert forward_caption("a red circle to the right of a blue square") == \
+        "a red circle to the right of a blue square"
+    held = set(heldout_prompts())
+    for spec in split_specs("train"):
+        text = caption(spec)
+        out = forward_caption(text)
+        assert out not in held
+        new = parse_caption(out)
+        assert new in (spec, converse(spec))  # the same scene
+        if out != text:
+            assert new.relation in ("to the left of", "above")

@@ -237,6 +237,36 @@ def _segmentation_batch(raw: list, start: int, size, num_classes: int) -> torch.
     return torch.stack(out)
 
 
+def recaption(src: str | Path, out: str | Path, fn, note: str = "", overwrite: bool = False) -> Path:
+    """A copy of the cache ``src`` at ``out`` with every caption replaced by ``fn(caption)``: the same
+    latents (shards copied byte for byte), labels, images and autoencoder record. For rewording
+    captions -- another phrasing, a training stage on normalised captions -- without encoding
+    again. ``note`` is stored in the index's ``source`` as ``"recaptioned"``. Returns ``out``."""
+    import shutil
+
+    src, out = Path(src), Path(out)
+    index = read_index(src)
+    if not index["has_captions"]:
+        raise ValueError(f"{src} holds no captions to rewrite")
+    if src.resolve() == out.resolve():
+        raise ValueError("recaption writes a new cache; out must differ from src")
+    if (out / INDEX_FILE).exists() and not overwrite:
+        raise FileExistsError(f"{out} already holds a latent cache; pass overwrite=True to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    for shard in index["shards"]:
+        name = shard["name"]
+        side = json.loads((src / f"{name}.json").read_text(encoding="utf-8"))
+        new = [fn(c) for c in side["captions"]]
+        if any(not isinstance(c, str) for c in new):
+            raise ValueError("the caption function must return a string for every caption")
+        atomic_write(out / f"{name}.safetensors", lambda tmp, n=name: shutil.copyfile(src / f"{n}.safetensors", tmp))
+        write_json(out / f"{name}.json", {**side, "captions": new})
+    index = dict(index, source={**(index.get("source") or {}), "recaptioned": note or "yes",
+                                "recaptioned_from": str(src)})
+    write_json(out / INDEX_FILE, index)
+    return out
+
+
 def read_index(folder: str | Path) -> dict:
     folder = Path(folder)
     path = folder / INDEX_FILE

@@ -128,6 +128,29 @@ def is_heldout(spec: Spec) -> bool:
     return spec.triple in HELDOUT_TRIPLES
 
 
+def converse(spec: Spec) -> Spec:
+    """The same scene described from the other object: "A to the right of B" -> "B to the left of A"."""
+    if spec.relation is None:
+        return spec
+    return Spec((spec.objects[1], spec.objects[0]), CONVERSE[spec.relation])
+
+
+def forward_caption(text: str) -> str:
+    """The caption of the same scene that names the left / upper object first ("to the left of",
+    "above"), unless that phrasing is a held-out caption (then ``text`` comes back unchanged).
+
+    A training stage on these captions ties the first-named object to the left / top, which a
+    text-conditioned model picks up quickly; the full set of phrasings, where which object goes
+    left depends on both word order and the relation word, is then learned from there (see
+    docs/training.md, the demo recipe). The held-out split stays untouched: no held-out caption is
+    ever produced."""
+    spec = parse_caption(text)
+    if spec.relation not in ("to the right of", "below"):
+        return text
+    flipped = converse(spec)
+    return text if is_heldout(flipped) else caption(flipped)
+
+
 def all_specs() -> list[Spec]:
     """Every spec the grammar can produce, in a fixed order (singles first)."""
     objs = [Obj(c, s) for c in COLOURS for s in SHAPES]
