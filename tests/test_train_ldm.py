@@ -163,6 +163,46 @@ def test_unconditional_unet(tmp_path, ae_dir):
     assert not trainer.train_step()["skipped"]
 
 
+def test_unet_extensions_train_and_export(tmp_path, ae_dir):
+    from ldmkit import pipelines
+
+    cfg = config(tmp_path, steps=3, position_features=True, context_adapter_layers=1, checkpoint_every=3)
+    trainer = LDMTrainer(cfg, data=make_data())
+    assert trainer.denoiser.config.position_features and trainer.denoiser.config.context_adapter_layers == 1
+    folder = trainer.run()
+    pipe = pipelines.load(folder, device="cpu")
+    assert pipe.denoiser.config.context_adapter_layers == 1
+    assert len(pipe.text2img("a red circle", num=1, steps=2, progress=False)) == 1
+    with pytest.raises(ValueError, match="UNet options"):
+        config(tmp_path, denoiser="dit", position_features=True).validate()
+
+
+def test_init_from_starts_a_new_stage_from_another_runs_weights(tmp_path, ae_dir):
+    first = LDMTrainer(config(tmp_path, steps=3, checkpoint_every=3), data=make_data())
+    first.run()
+    ckpt = tmp_path / "run" / "checkpoints" / "step-3.pt"
+    data2 = LatentData(make_data().mean, make_data().std, captions=["a green square"] * 16)  # new captions
+    second = LDMTrainer(config(tmp_path, out=str(tmp_path / "run2"), steps=2, init_from=str(ckpt), lr=5e-4),
+                        data=data2)
+    # the word-level encoder keeps the first run's vocabulary (ids), though the captions changed
+    assert second.conditioner.tokenizer.get_vocab() == first.conditioner.tokenizer.get_vocab()
+    assert torch.equal(second.conditioner.tokenize(["a red circle"])[0], first.conditioner.tokenize(["a red circle"])[0])
+    for k, v in first.model.state_dict().items():
+        assert torch.equal(second.model.state_dict()[k], v)
+    for k, v in first.ema.module.state_dict().items():
+        assert torch.equal(second.ema.module.state_dict()[k], v)
+    assert second.step == 0 and second.scheduler.get_last_lr()[0] < 5e-4  # fresh warm-up of the new LR
+    second.run()
+    assert second.step == 2
+    # a model of another shape is refused with the differing keys named
+    with pytest.raises(ValueError, match="does not fit.*position_in"):
+        LDMTrainer(config(tmp_path, out=str(tmp_path / "run3"), init_from=str(ckpt), position_features=True),
+                   data=make_data())
+    with pytest.raises(FileNotFoundError):
+        LDMTrainer(config(tmp_path, out=str(tmp_path / "run4"), init_from=str(tmp_path / "nope.pt")),
+                   data=make_data())
+
+
 def test_lr_schedule():
     assert lr_lambda(0, 10, 100, "cosine") == pytest.approx(0.1)
     assert lr_lambda(9, 10, 100, "cosine") == pytest.approx(1.0)

@@ -45,19 +45,35 @@ def build_word_tokenizer(captions, vocab_size: int | None = None, min_frequency:
     ``vocab_size`` caps the vocabulary (most frequent words kept, 4 special tokens included);
     unknown words map to [UNK].
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import models, trainers
 
     captions = [c for c in captions if isinstance(c, str)]
     if not captions:
         raise ValueError("build_word_tokenizer needs at least one caption string")
     if vocab_size is not None and vocab_size <= len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size={vocab_size} must exceed the {len(SPECIAL_TOKENS)} special tokens")
-    tok = Tokenizer(models.WordLevel(unk_token=UNK))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = _word_level(models.WordLevel(unk_token=UNK))
     trainer = trainers.WordLevelTrainer(vocab_size=vocab_size or 1 << 30, min_frequency=min_frequency,
                                         special_tokens=SPECIAL_TOKENS)
     tok.train_from_iterator(captions, trainer)
+    return tok
+
+
+def word_tokenizer_from_vocab(vocab: dict[str, int]):
+    """The tokenizer ``build_word_tokenizer`` made, rebuilt from its ``get_vocab()`` (word -> id)."""
+    from tokenizers import models
+
+    if any(vocab.get(name) != i for i, name in enumerate(SPECIAL_TOKENS)):
+        raise ValueError(f"a word vocabulary must map {SPECIAL_TOKENS} to ids 0..{len(SPECIAL_TOKENS) - 1}")
+    return _word_level(models.WordLevel({str(k): int(v) for k, v in vocab.items()}, unk_token=UNK))
+
+
+def _word_level(model):
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+
+    tok = Tokenizer(model)
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return tok
 
 

@@ -40,6 +40,13 @@ def register(sub) -> None:
            "--store-images` for inpaint/upscale, `--segmentation` for semantic); see docs/training.md")
     a("--noise-level-max", type=int, help="upscale: highest noise augmentation level of the low-res input "
                                             "(0 = none; UNets without class conditioning)")
+    a("--position-features", action="store_true", default=None,
+      help="UNet: feed normalised pixel coordinates to the first conv's output and every attention block")
+    a("--context-adapter-layers", type=int,
+      help="UNet: trainable self-attention layers over the conditioning tokens before cross-attention "
+           "(lets a frozen text encoder's states be re-mixed, e.g. who is left of whom)")
+    a("--init-from", help="start from the model + EMA weights of another run's checkpoint (fresh optimiser, LR "
+                          "schedule and step count): a second training stage, fine-tuning")
     a("--steps", type=int)
     a("--batch-size", type=int, help="global batch per optimiser step (all processes, all accumulation steps)")
     a("--grad-accum", type=int)

@@ -82,6 +82,9 @@ class TrainConfig:
     sample_posterior: bool = True  # z0 = mean + std * eps (else the posterior mean)
     spatial: str | None = None  # None | "inpaint" | "upscale" | "semantic": input concatenated to z_t
     noise_level_max: int = 350  # upscale with a UNet: low-res input noised to a level in [0, this]
+    position_features: bool = False  # UNet: pixel coordinates fed to conv_in's output and every attention block
+    context_adapter_layers: int = 0  # UNet: trainable self-attention layers over the context (frozen encoders)
+    init_from: str | None = None  # start from the model + EMA weights of another run's checkpoint (fine-tuning)
     # optimisation
     steps: int = 1000
     batch_size: int = 32  # global batch per optimiser step
@@ -126,6 +129,13 @@ class TrainConfig:
         one_of("strategy", self.strategy, distrib.STRATEGIES)
         if self.spatial is not None:
             one_of("spatial", self.spatial, SPATIAL_KINDS)
+        if (self.position_features or self.context_adapter_layers) and self.denoiser != "unet":
+            raise ValueError("position_features and context_adapter_layers are UNet options; "
+                             f"denoiser is {self.denoiser!r}")
+        if self.context_adapter_layers < 0:
+            raise ValueError(f"context_adapter_layers must be >= 0, got {self.context_adapter_layers}")
+        if self.context_adapter_layers and self.conditioning == "none":
+            raise ValueError("context_adapter_layers needs a conditioning with a context (text or class)")
         if not 0 <= self.noise_level_max < NOISE_LEVELS:
             raise ValueError(f"noise_level_max must be in [0, {NOISE_LEVELS - 1}], got {self.noise_level_max}")
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "sample_every", "log_every",
@@ -251,7 +261,12 @@ class LDMTrainer:
         self.spatial = build_spatial(c, self.data, self.autoencoder)
         self.noise_labels = uses_noise_labels(c)
         self.schedule = make_schedule(c)
-        self.conditioner = build_conditioner(c, self.data)
+        init_state = None
+        if c.init_from:
+            from ldmkit.training.common import load_training_state
+
+            init_state = load_training_state(c.init_from, map_location="cpu")
+        self.conditioner = build_conditioner(c, self.data, init_state)
         self.denoiser = build_denoiser(c, self.data, self.conditioner, self.spatial)
         torch.manual_seed(c.seed)  # nothing below draws; kept so model init order changes stay seeded
         self.model = Stage2(self.denoiser, self.conditioner).to(self.device)
@@ -259,6 +274,8 @@ class LDMTrainer:
         from ldmkit.training.common import EMA
 
         self.ema = EMA(self.model, decay=c.ema_decay, warmup=c.ema_warmup)
+        if init_state is not None:
+            self._init_from(init_state, c.init_from)
         self.sampler = torch.utils.data.DistributedSampler(
             _Len(len(self.data)), num_replicas=self.ctx.world_size, rank=self.ctx.rank, shuffle=True,
             seed=c.seed, drop_last=True)
@@ -458,6 +475,7 @@ class LDMTrainer:
             "bad_streak": self.bad_streak,
             "world_size": self.ctx.world_size,
             "config": self.config.to_dict(),
+            **_text_encoder_state(self.conditioner),
         }
 
     def save_checkpoint(self) -> Path | None:
@@ -471,6 +489,26 @@ class LDMTrainer:
             prune_checkpoints(self.checkpoint_dir, keep=2)
         self.ctx.barrier()
         return path
+
+    def _init_from(self, state: dict, path: str | os.PathLike) -> None:
+        """Model and EMA weights from another run's checkpoint; optimiser, LR schedule, step and data
+        order start fresh (a new stage of training, e.g. fine-tuning on other captions). A trainable
+        word-level text encoder keeps that run's vocabulary (build_conditioner)."""
+        for key in ("model", "ema"):
+            if key not in state:
+                raise ValueError(f"--init-from {path}: not an `ldm train` checkpoint (no {key!r} entry)")
+        mine = self.model.state_dict()
+        missing = sorted(set(mine) - set(state["model"]))
+        unexpected = sorted(set(state["model"]) - set(mine))
+        wrong = sorted(k for k in set(mine) & set(state["model"]) if mine[k].shape != state["model"][k].shape)
+        if missing or unexpected or wrong:
+            raise ValueError(f"--init-from {path}: the checkpoint's model does not fit this run's "
+                             f"(missing {missing[:4]}{'...' if len(missing) > 4 else ''}, unexpected "
+                             f"{unexpected[:4]}{'...' if len(unexpected) > 4 else ''}, other shapes {wrong[:4]}); "
+                             "use the same denoiser, preset, conditioning and text encoder")
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.ema.decay, self.ema.warmup = self.config.ema_decay, self.config.ema_warmup  # this run's EMA settings
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         from ldmkit.training.common import load_training_state
@@ -649,7 +687,8 @@ class LDMTrainer:
 NUMERIC_FIELDS = ("latents", "autoencoder", "denoiser", "preset", "conditioning", "text_encoder", "objective",
                   "schedule", "num_train_timesteps", "loss_weighting", "sample_posterior", "batch_size",
                   "grad_accum", "lr", "lr_schedule", "warmup_steps", "weight_decay", "adam_betas", "grad_clip",
-                  "ema_decay", "ema_warmup", "cond_drop", "precision", "seed", "spatial", "noise_level_max")
+                  "ema_decay", "ema_warmup", "cond_drop", "precision", "seed", "spatial", "noise_level_max",
+                  "position_features", "context_adapter_layers", "init_from")
 
 
 class _Len(torch.utils.data.Dataset):
@@ -728,9 +767,21 @@ TEXT_ENCODERS: dict[str, dict] = {
 FROZEN_TEXT_ENCODERS = ("minilm",)
 
 
-def build_conditioner(c: TrainConfig, data) -> nn.Module | None:
+def _text_encoder_state(conditioner) -> dict:
+    """A trainable word-level text encoder's vocabulary and config, kept in checkpoints so that a
+    run started ``--init-from`` one keeps the same word ids (its captions may differ)."""
+    from ldmkit.conditioning import TransformerTextEncoder
+
+    if not isinstance(conditioner, TransformerTextEncoder):
+        return {}
+    return {"text_encoder": {"vocab": conditioner.tokenizer.get_vocab(),
+                             "config": dataclasses.asdict(conditioner.config)}}
+
+
+def build_conditioner(c: TrainConfig, data, init_state: dict | None = None) -> nn.Module | None:
     """A fresh conditioner for the run: the LDM paper's trainable text transformer with a word
-    vocabulary from the training captions, a class-label table, or None."""
+    vocabulary from the training captions (or the one of the ``--init-from`` checkpoint), a
+    class-label table, or None."""
     if c.conditioning == "none":
         return None
     cross_dim = _cross_dim(c)
@@ -758,6 +809,12 @@ def build_conditioner(c: TrainConfig, data) -> nn.Module | None:
 
         # word pieces ~ 1.3 per word, plus [CLS]/[SEP]; room for longer prompts at sampling time
         return BertTextEncoder.from_pretrained(max_length=max(16, 2 * longest + 8), use_mask=True)
+    if init_state is not None and "text_encoder" in init_state:
+        from ldmkit.conditioning.text import TransformerTextConfig, word_tokenizer_from_vocab
+
+        saved = init_state["text_encoder"]
+        return TransformerTextEncoder(TransformerTextConfig(**saved["config"]),
+                                      word_tokenizer_from_vocab(saved["vocab"]))
     return TransformerTextEncoder.from_captions(sorted(set(captions)), width=cross_dim,
                                                 max_length=max(8, longest + 4), **TEXT_ENCODERS[c.text_encoder])
 
@@ -783,6 +840,10 @@ def build_denoiser(c: TrainConfig, data, conditioner, spatial=None) -> nn.Module
         from ldmkit.denoisers.unet import UNet
 
         changes = dict(in_channels=ch + extra, out_channels=ch, sample_size=h)
+        if c.position_features:
+            changes["position_features"] = True
+        if c.context_adapter_layers:
+            changes["context_adapter_layers"] = c.context_adapter_layers
         if c.conditioning == "text":  # a frozen encoder sets the width the cross-attention reads
             changes["cross_attention_dim"] = _cross_dim(c, conditioner)
         if c.conditioning == "class":
