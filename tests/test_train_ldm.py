@@ -203,6 +203,40 @@ def test_init_from_starts_a_new_stage_from_another_runs_weights(tmp_path, ae_dir
                    data=make_data())
 
 
+def test_stage1_latents_give_the_first_steps_other_captions(tmp_path, ae_dir):
+    from ldmkit.data.latents import encode_dataset, recaption
+    from ldmkit.data.shapes import ShapesDataset, forward_caption
+    from ldmkit.io.format import load_component
+
+    ae = load_component(ae_dir)
+    cache = encode_dataset(ae, ShapesDataset("train", size=32, length=16, seed=2), tmp_path / "cache",
+                           progress=False)
+    upper = recaption(cache, tmp_path / "upper", str.upper)
+    cfg = config(tmp_path, latents=str(cache), stage1_latents=str(upper), stage1_steps=2, steps=4,
+                 checkpoint_every=2)
+    trainer = LDMTrainer(cfg)
+    seen = []
+    encode = trainer.conditioner.encode
+    trainer.conditioner.encode = lambda prompts: seen.append(list(prompts)) or encode(prompts)
+    trainer.run()
+    batches = [q for q in seen if len(q) == 4 and any(q)]  # the training batches (not null / grid prompts)
+    assert len(batches) == 4
+    assert all(p == p.upper() for p in batches[0] + batches[1]) and all(p == p.lower() for p in batches[2] + batches[3])
+    # resume from step 2 continues on the captions as drawn, with identical weights to the straight run
+    again = LDMTrainer(dataclasses.replace(cfg, out=str(tmp_path / "again")))
+    again.run(resume=tmp_path / "run" / "checkpoints" / "step-2.pt")
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(again.model.state_dict()[k], v), k
+    # the first stage's cache must hold the same latents
+    other = encode_dataset(ae, ShapesDataset("train", size=32, length=16, seed=9), tmp_path / "other",
+                           progress=False)
+    with pytest.raises(ValueError, match="same latents"):
+        LDMTrainer(dataclasses.replace(cfg, stage1_latents=str(other)))
+    with pytest.raises(ValueError, match="go together"):
+        dataclasses.replace(cfg, stage1_steps=0).validate()
+    assert forward_caption("a red circle below a blue square") == "a blue square above a red circle"
+
+
 def test_lr_schedule():
     assert lr_lambda(0, 10, 100, "cosine") == pytest.approx(0.1)
     assert lr_lambda(9, 10, 100, "cosine") == pytest.approx(1.0)

@@ -47,6 +47,9 @@ def register(sub) -> None:
            "(lets a frozen text encoder's states be re-mixed, e.g. who is left of whom)")
     a("--init-from", help="start from the model + EMA weights of another run's checkpoint (fresh optimiser, LR "
                           "schedule and step count): a second training stage, fine-tuning")
+    a("--stage1-latents", help="a recaptioned copy of --latents (same latents, other captions; "
+                               "ldmkit.data.latents.recaption) whose captions the first --stage1-steps steps read")
+    a("--stage1-steps", type=int, help="steps of the caption curriculum's first stage (with --stage1-latents)")
     a("--steps", type=int)
     a("--batch-size", type=int, help="global batch per optimiser step (all processes, all accumulation steps)")
     a("--grad-accum", type=int)

@@ -85,6 +85,8 @@ class TrainConfig:
     position_features: bool = False  # UNet: pixel coordinates fed to conv_in's output and every attention block
     context_adapter_layers: int = 0  # UNet: trainable self-attention layers over the context (frozen encoders)
     init_from: str | None = None  # start from the model + EMA weights of another run's checkpoint (fine-tuning)
+    stage1_latents: str | None = None  # a recaptioned copy of `latents` whose captions the first steps read
+    stage1_steps: int = 0  # how many steps read them (a caption curriculum; 0 = none)
     # optimisation
     steps: int = 1000
     batch_size: int = 32  # global batch per optimiser step
@@ -132,6 +134,12 @@ class TrainConfig:
         if (self.position_features or self.context_adapter_layers) and self.denoiser != "unet":
             raise ValueError("position_features and context_adapter_layers are UNet options; "
                              f"denoiser is {self.denoiser!r}")
+        if self.stage1_steps < 0:
+            raise ValueError(f"stage1_steps must be >= 0, got {self.stage1_steps}")
+        if bool(self.stage1_latents) != (self.stage1_steps > 0):
+            raise ValueError("stage1_latents and stage1_steps go together: a recaptioned cache and a step count")
+        if self.stage1_steps and self.conditioning != "text":
+            raise ValueError("stage1_latents replaces captions; it needs conditioning 'text'")
         if self.context_adapter_layers < 0:
             raise ValueError(f"context_adapter_layers must be >= 0, got {self.context_adapter_layers}")
         if self.context_adapter_layers and self.conditioning == "none":
@@ -266,7 +274,8 @@ class LDMTrainer:
             from ldmkit.training.common import load_training_state
 
             init_state = load_training_state(c.init_from, map_location="cpu")
-        self.conditioner = build_conditioner(c, self.data, init_state)
+        self.stage1_captions = self._stage1_captions() if c.stage1_steps else None
+        self.conditioner = build_conditioner(c, self.data, init_state, self.stage1_captions)
         self.denoiser = build_denoiser(c, self.data, self.conditioner, self.spatial)
         torch.manual_seed(c.seed)  # nothing below draws; kept so model init order changes stay seeded
         self.model = Stage2(self.denoiser, self.conditioner).to(self.device)
@@ -380,6 +389,8 @@ class LDMTrainer:
         idx = self.batch_indices(step, micro)
         rows = self.global_rows(micro)
         batch = self.data.get(idx)
+        if self.stage1_captions is not None and step < c.stage1_steps:  # caption curriculum, first stage
+            batch["conditions"] = [self.stage1_captions[i] for i in idx]
         mean, std = batch["mean"].to(self.device), batch["std"].to(self.device)
         if c.sample_posterior:
             z0 = mean + std * draws["post"][rows].to(self.device, mean.dtype)
@@ -489,6 +500,17 @@ class LDMTrainer:
             prune_checkpoints(self.checkpoint_dir, keep=2)
         self.ctx.barrier()
         return path
+
+    def _stage1_captions(self) -> list[str]:
+        """The first stage's captions: those of ``stage1_latents``, which must hold this cache's latents."""
+        c = self.config
+        other = open_latents(c.stage1_latents)
+        if len(other) != len(self.data) or not torch.equal(other.mean, self.data.mean):
+            raise ValueError(f"stage1_latents {c.stage1_latents} must hold the same latents as {c.latents} in the "
+                             "same order (only the captions may differ; ldmkit.data.latents.recaption makes one)")
+        if not other.captions:
+            raise ValueError(f"stage1_latents {c.stage1_latents} holds no captions")
+        return list(other.captions)
 
     def _init_from(self, state: dict, path: str | os.PathLike) -> None:
         """Model and EMA weights from another run's checkpoint; optimiser, LR schedule, step and data
@@ -688,7 +710,7 @@ NUMERIC_FIELDS = ("latents", "autoencoder", "denoiser", "preset", "conditioning"
                   "schedule", "num_train_timesteps", "loss_weighting", "sample_posterior", "batch_size",
                   "grad_accum", "lr", "lr_schedule", "warmup_steps", "weight_decay", "adam_betas", "grad_clip",
                   "ema_decay", "ema_warmup", "cond_drop", "precision", "seed", "spatial", "noise_level_max",
-                  "position_features", "context_adapter_layers", "init_from")
+                  "position_features", "context_adapter_layers", "init_from", "stage1_latents", "stage1_steps")
 
 
 class _Len(torch.utils.data.Dataset):
@@ -778,7 +800,8 @@ def _text_encoder_state(conditioner) -> dict:
                              "config": dataclasses.asdict(conditioner.config)}}
 
 
-def build_conditioner(c: TrainConfig, data, init_state: dict | None = None) -> nn.Module | None:
+def build_conditioner(c: TrainConfig, data, init_state: dict | None = None,
+                      extra_captions: list[str] | None = None) -> nn.Module | None:
     """A fresh conditioner for the run: the LDM paper's trainable text transformer with a word
     vocabulary from the training captions (or the one of the ``--init-from`` checkpoint), a
     class-label table, or None."""
@@ -803,6 +826,7 @@ def build_conditioner(c: TrainConfig, data, init_state: dict | None = None) -> n
     captions = data.captions
     if not captions:
         raise ValueError(f"conditioning 'text' needs captions in the latent cache {c.latents}")
+    captions = list(captions) + list(extra_captions or [])  # a word vocabulary covers both caption stages
     longest = max(len(str(t).split()) for t in set(captions))
     if c.text_encoder == "minilm":
         from ldmkit.conditioning import BertTextEncoder
