@@ -22,8 +22,13 @@ def _run(tmp_path, procs):
         assert 0.0 <= report["headline"][name] <= 1.0
         assert 0.0 <= report["autoencoder_reconstruction_match_rate"][name] <= 1.0
     for f in ("grid_train.png", "grid_heldout.png", "loss_autoencoder.png", "loss_ldm.png", "summary.json",
-              "model/model_index.json"):
+              "model/model_index.json", "latents_forward/index.json"):
         assert (out / f).is_file(), f
+    # caption curriculum: the first 2 of 4 steps read the forward-phrased copy of the cache
+    assert report["ldm"]["stage1_steps"] == 2
+    run = json.loads((out / "ldm" / "config.json").read_text())["training"]
+    assert run["stage1_latents"].endswith("latents_forward") and run["stage1_steps"] == 2 and run["steps"] == 4
+    assert run["position_features"] and run["context_adapter_layers"] == 2
     return out
 
 

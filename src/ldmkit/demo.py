@@ -6,16 +6,22 @@
 2. encodes a training set once into a latent cache;
 3. trains a text-conditioned UNet on the cached latents with `ldm train` (v-prediction, cosine
    schedule, condition dropout for classifier-free guidance), reading captions through the frozen
-   all-MiniLM-L6-v2 sentence encoder (each caption is encoded once); with ``--procs 2`` (the default
-   on a machine with >= 2 cores) training runs as two single-threaded DDP processes under torchrun,
+   all-MiniLM-L6-v2 sentence encoder (each caption is encoded once) and a trainable context
+   adapter, with pixel-coordinate features in the UNet. A caption curriculum runs first: half
+   the steps read the cache's captions re-phrased so that the left / upper object is named first
+   (``shapes.forward_caption``, a recaptioned copy of the cache, ``--stage1-latents``), the rest
+   the captions as drawn -- without it the model never learns which object a relation word puts
+   left (see docs/training.md). With ``--procs 2`` (the default on a
+   machine with >= 2 cores) training runs as two single-threaded DDP processes under torchrun,
    which outruns one two-threaded process on a small model. The number of steps is fitted to the
    time budget after timing the first steps;
 4. samples grids for training prompts and held-out compositions, scores prompt adherence with the
    shapes analyser over >= 200 samples per set and at guidance 1, 3 and 7.5, and writes
    `adherence.json` plus a printed table.
 
-Everything lands in OUT/: autoencoder/ (stage-1 run), latents/, ldm/ (stage-2 run: loss.png,
-samples/, checkpoints/), model/ (the model folder `ldm sample --model` loads),
+Everything lands in OUT/: autoencoder/ (stage-1 run), latents/, latents_forward/ (the same latents
+with forward-phrased captions), ldm/ (stage-2 run: loss.png, samples/, checkpoints/), model/ (the
+model folder `ldm sample --model` loads),
 grid_train.png, grid_heldout.png, loss_autoencoder.png, loss_ldm.png, adherence.json, summary.json.
 """
 from __future__ import annotations
@@ -48,11 +54,15 @@ def _train_torchrun(cfg, procs: int) -> Path:
              "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, "ema_decay": cfg.ema_decay,
              "cond_drop": cfg.cond_drop, "seed": cfg.seed, "checkpoint_every": cfg.checkpoint_every,
              "sample_every": cfg.sample_every, "log_every": cfg.log_every, "sampler": cfg.sample_sampler,
-             "sample_steps": cfg.sample_steps, "guidance": cfg.guidance, "device": "cpu"}
+             "sample_steps": cfg.sample_steps, "guidance": cfg.guidance, "device": "cpu",
+             "position_features": cfg.position_features, "context_adapter_layers": cfg.context_adapter_layers,
+             "stage1_latents": cfg.stage1_latents, "stage1_steps": cfg.stage1_steps or None}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
            "-m", "ldmkit.cli", "train"]
     for key, value in flags.items():
-        cmd += [f"--{key.replace('_', '-')}", str(value)]
+        if value is None or value is False:
+            continue
+        cmd += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
     for prompt in cfg.sample_prompts:
         cmd += ["--sample-prompt", prompt]
     cmd += ["--sample-seeds", *map(str, cfg.sample_seeds)]
@@ -133,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="tiny", help="UNet preset")
     p.add_argument("--text-encoder", default="minilm", help="minilm (frozen, pretrained) or a trainable preset")
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--stage1-fraction", type=float, default=0.5,
+                   help="share of the LDM steps that read forward-phrased captions first (shapes.forward_caption); "
+                        "0: all steps on the captions as drawn")
+    p.add_argument("--context-adapter-layers", type=int, default=2, help="UNet context adapter layers (0: none)")
+    p.add_argument("--no-position-features", dest="position_features", action="store_false",
+                   help="leave out the UNet's pixel-coordinate features")
     p.add_argument("--procs", type=int, default=0,
                    help="LDM training processes under torchrun, one thread each (0: 2 if >= 2 cores, else 1)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
@@ -183,8 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     phases["latent_cache_s"] = round(time.time() - t0 - sum(phases.values()), 1)
 
     # ---- 3. LDM ------------------------------------------------------------------------------
+    from ldmkit.data.latents import recaption
+    from ldmkit.data.shapes import forward_caption
     from ldmkit.training.ldm import LDMTrainer, TrainConfig
 
+    if not 0.0 <= args.stage1_fraction < 1.0:
+        raise SystemExit(f"--stage1-fraction must be in [0, 1), got {args.stage1_fraction}")
+    forward_cache = recaption(cache, out / "latents_forward", forward_caption, overwrite=True,
+                              note="shapes.forward_caption: the left/upper object named first where allowed")
     ldm_run = out / "ldm"
     if ldm_run.exists():
         shutil.rmtree(ldm_run)
@@ -196,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                        lr_schedule="cosine", warmup_steps=50, weight_decay=0.01, grad_clip=1.0, ema_decay=0.995,
                        cond_drop=0.1, seed=args.seed, sample_prompts=grid_prompts, sample_seeds=(0,),
                        sample_sampler=args.sampler, sample_steps=args.steps, guidance=args.guidance,
-                       device="cpu", progress=True, log_every=10)
+                       device="cpu", progress=True, log_every=10, position_features=args.position_features,
+                       context_adapter_layers=args.context_adapter_layers)
     procs = args.procs or (2 if (os.cpu_count() or 1) >= 2 else 1)
     steps = args.ldm_steps
     if not steps:  # time a few steps, then fit the step count to what is left of the budget
@@ -219,7 +242,13 @@ def main(argv: list[str] | None = None) -> int:
         steps = int((args.budget - elapsed - eval_cost) / per_step)
         steps = max(100, min(args.max_ldm_steps, steps))
         _log(t0, f"LDM: {per_step:.3f}s/step measured ({procs} process(es)) -> {steps} steps")
-    cfg = dataclasses.replace(base, steps=steps, checkpoint_every=max(steps // 2, 1), sample_every=steps)
+    # caption curriculum: the first steps read the forward-phrased captions (every two-object caption
+    # that may say "A to the left of / above B" does, so the first-named object goes left / up), the
+    # rest the captions as drawn; one run, one optimiser and LR schedule
+    n1 = int(round(steps * args.stage1_fraction))
+    cfg = dataclasses.replace(base, steps=steps, checkpoint_every=max(steps // 2, 1), sample_every=steps,
+                              stage1_latents=str(forward_cache) if n1 else None, stage1_steps=n1)
+    _log(t0, f"LDM: {steps} steps, the first {n1} on forward-phrased captions")
     if procs > 1:
         model_dir = _train_torchrun(cfg, procs)
     else:
@@ -258,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         "by_guidance": table,
         "ldm_steps": steps, "ae_steps": args.ae_steps, "latents": args.latents,
         "ldm": {"preset": args.preset, "text_encoder": args.text_encoder, "objective": "v", "schedule": "cosine",
-                "lr": args.lr, "batch_size": 64, "processes": procs},
+                "lr": args.lr, "batch_size": 64, "processes": procs, "stage1_steps": n1,
+                "position_features": args.position_features, "context_adapter_layers": args.context_adapter_layers},
         "autoencoder_reconstruction_match_rate": ceiling,
         "seconds": round(elapsed, 1), "phases": phases, "threads": torch.get_num_threads(),
     }
