@@ -6,8 +6,13 @@ against the eps target, backward, grad clipping, AdamW fused as LDMTrainer uses 
 zero_grad(set_to_none=True)), so the numbers compare the networks as trained, not two different loops.
 
 Cases (CPU, fp32):
-  demo-text:      the demo's text UNet shape (`small` preset), 8x8x4 latents, batch 64, 16x128 context
+  demo-text:      the `small` text UNet, 8x8x4 latents, batch 64, 16x128 context (no mask)
   reduced-sd15:   SD1.5 layout with reduced widths (64, 128, 256, 256), 32x32x4 latents, batch 4, 77x768
+  demo-minilm:    `make demo`'s step: `tiny` UNet, 8x8x4 latents, batch 64, 28x384 MiniLM-shaped context (the
+                  demo's max_length) with a key mask (5-12 attended tokens per caption as MiniLM tokenises the
+                  shapes captions, 10 % null captions of 2). Both models get the same mask (diffusers:
+                  encoder_attention_mask); ours, as Stage2 does, first trims the columns no row attends
+                  (conditioning.base.trim_padding: 16 here), diffusers attends over all 28 with a -10000 bias.
 Timing alternates ours / diffusers step by step (so machine load hits both alike) and reports the
 median; peak memory is measured in a fresh subprocess per model as peak RSS during training steps
 minus RSS before the first step (on CUDA: torch.cuda.max_memory_allocated).
@@ -41,6 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from ldmkit.conditioning.base import Conditioning, trim_padding  # noqa: E402
 from ldmkit.denoisers.unet import PRESETS, UNetConfig  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,6 +56,9 @@ CASES = {
     "demo-text": dict(preset="small", overrides={}, size=8, batch=64, ctx=(16, 128)),
     "reduced-sd15": dict(preset="sd15", overrides=dict(block_out_channels=(64, 128, 256, 256)), size=32, batch=4,
                          ctx=(77, 768)),
+    # `make demo`'s own step: `tiny` UNet reading frozen MiniLM states (28 tokens, masked past each caption)
+    "demo-minilm": dict(preset="tiny", overrides=dict(cross_attention_dim=384), size=8, batch=64, ctx=(28, 384),
+                        masked=True),
 }
 
 
@@ -76,6 +85,11 @@ def make_step(model, which: str, case: str, device: str):
     noise = torch.randn(b, 4, s, s, generator=g).to(device)
     t = torch.randint(0, 1000, (b,), generator=g)
     ctx = torch.randn(b, *spec["ctx"], generator=g).to(device)
+    mask = None
+    if spec.get("masked"):  # caption lengths as MiniLM tokenises the shapes captions (5-12 tokens), 10 % null
+        lengths = torch.randint(5, 13, (b,), generator=g)
+        lengths[torch.rand(b, generator=g) < 0.1] = 2
+        mask = (torch.arange(spec["ctx"][0])[None] < lengths[:, None]).to(device)
     schedule = DiscreteSchedule("linear")
     # as LDMTrainer: fused AdamW on CPU and CUDA (same optimiser, same numerics on both sides)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device in ("cpu", "cuda") or None)
@@ -83,8 +97,11 @@ def make_step(model, which: str, case: str, device: str):
     def step():
         x_t = q_sample(schedule, z0, noise, t)
         tt = t.to(device, torch.float32)
-        out = model(x_t, tt, encoder_hidden_states=ctx, return_dict=False)[0] if which == "diffusers" \
-            else model(x_t, tt, context=ctx)
+        if which == "diffusers":
+            out = model(x_t, tt, encoder_hidden_states=ctx, encoder_attention_mask=mask, return_dict=False)[0]
+        else:  # as Stage2 feeds the denoiser: masked trailing padding trimmed first
+            cond = trim_padding(Conditioning(context=ctx, mask=mask))[0]
+            out = model(x_t, tt, context=cond.context, context_mask=cond.mask)
         loss = training_loss(schedule, out, z0, noise, t).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -80,7 +80,8 @@ class BasicTransformerBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, dim_head: int, cross_attention_dim: int | None = None,
                  dropout: float = 0.0, attention_bias: bool = False, upcast_attention: bool = False,
-                 norm_eps: float = 1e-5, ff_activation: str = "geglu", only_cross_attention: bool = False):
+                 norm_eps: float = 1e-5, ff_activation: str = "geglu", only_cross_attention: bool = False,
+                 ff_mult: int = 4):
         super().__init__()
         if only_cross_attention and cross_attention_dim is None:
             raise ValueError("only_cross_attention=True needs a cross_attention_dim")
@@ -96,7 +97,7 @@ class BasicTransformerBlock(nn.Module):
             self.norm2 = None
             self.attn2 = None
         self.norm3 = nn.LayerNorm(dim, eps=norm_eps)
-        self.ff = FeedForward(dim, activation=ff_activation, dropout=dropout)
+        self.ff = FeedForward(dim, mult=ff_mult, activation=ff_activation, dropout=dropout)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None, self_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -164,21 +165,22 @@ class Transformer2D(nn.Module):
 class ContextAdapter(nn.Module):
     """Trainable self-attention layers over the conditioning tokens, in front of cross-attention.
 
-    ``proj_in`` to ``width``, ``layers`` pre-norm blocks (self-attention with the context's key mask,
-    GELU MLP), LayerNorm, ``proj_out`` back to the context width, added to the input. ``proj_out``
+    ``proj_in`` to ``width``, ``layers`` pre-norm blocks (biased self-attention with the context's key
+    mask, GELU MLP of ``ff_mult * width``), LayerNorm, ``proj_out`` back to the context width, added to the input. ``proj_out``
     starts at zero, so a fresh adapter passes the context through unchanged. A frozen sentence
     encoder's token states barely encode some distinctions a denoiser needs (which object of
     "a red circle to the left of a blue square" is the subject, combined with the relation); these
     layers let the denoiser's training build them.
     """
 
-    def __init__(self, dim: int, width: int = 128, layers: int = 2, heads: int = 4):
+    def __init__(self, dim: int, width: int = 128, layers: int = 2, heads: int = 4, ff_mult: int = 2):
         super().__init__()
         if layers < 1 or width % heads:
             raise ValueError(f"context adapter needs layers >= 1 and width divisible by heads, got "
                              f"layers={layers}, width={width}, heads={heads}")
         self.proj_in = nn.Linear(dim, width)
-        self.blocks = nn.ModuleList(BasicTransformerBlock(width, heads, width // heads, ff_activation="gelu")
+        self.blocks = nn.ModuleList(BasicTransformerBlock(width, heads, width // heads, ff_activation="gelu",
+                                                          attention_bias=True, ff_mult=ff_mult)
                                     for _ in range(layers))
         self.norm_out = nn.LayerNorm(width)
         self.proj_out = nn.Linear(width, dim)
