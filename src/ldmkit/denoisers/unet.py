@@ -133,11 +133,6 @@ class UNetConfig:
             raise ValueError("context_adapter_layers needs cross-attention blocks to feed")
 
     @property
-    def extensions(self) -> list[str]:
-        """The ldmkit-only options this config turns on (empty for a diffusers-compatible UNet)."""
-        return [name for name in ("position_features", "context_adapter_layers") if getattr(self, name)]
-
-    @property
     def heads(self) -> tuple:
         """Attention heads per level (diffusers: ``num_attention_heads or attention_head_dim``)."""
         value = self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
