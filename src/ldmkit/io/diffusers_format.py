@@ -161,13 +161,13 @@ def unet_config_from_diffusers(cfg: dict) -> dict:
     return out
 
 
-_UNET_EXTENSIONS = {"position_features": False, "context_adapter_layers": 0}
+# UNetConfig fields diffusers lacks; the first two switch an extension on when truthy
 _UNET_EXTENSION_FIELDS = ("position_features", "context_adapter_layers", "context_adapter_width",
                           "context_adapter_heads")
 
 
 def unet_config_to_diffusers(cfg: dict) -> dict:
-    on = [k for k, off in _UNET_EXTENSIONS.items() if cfg.get(k, off) != off]
+    on = [k for k in _UNET_EXTENSION_FIELDS[:2] if cfg.get(k)]
     if on:
         raise ValueError(f"this UNet uses ldmkit extensions {on} that diffusers' UNet2DConditionModel does not "
                          "have; keep it in ldmkit's own model folder format")
