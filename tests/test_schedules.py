@@ -223,6 +223,25 @@ def test_sample_timesteps():
         sample_timesteps(s, 4, method="beta")
 
 
+
+def test_stratified_timesteps_cover_every_stratum_once():
+    s = DiscreteSchedule()
+    g = torch.Generator().manual_seed(3)
+    t = sample_timesteps(s, 8, g, method="stratified")
+    assert sorted((t // 125).tolist()) == list(range(8))  # one timestep in each eighth of [0, 1000)
+    assert not torch.equal(t, t.sort().values)  # shuffled across the batch (rows get random levels)
+    # marginally uniform over many batches: the mean and the histogram match uniform sampling
+    many = torch.cat([sample_timesteps(s, 16, g, method="stratified") for _ in range(4000)])
+    assert abs(many.double().mean().item() - 499.5) < 5
+    hist = torch.bincount(many // 100, minlength=10).double() / many.numel()
+    assert torch.allclose(hist, torch.full((10,), 0.1, dtype=torch.float64), atol=0.006)
+    # and the batch mean varies far less than with independent draws
+    means = lambda method: torch.stack([sample_timesteps(s, 16, g, method=method).double().mean()
+                                        for _ in range(500)]).std()
+    assert means("stratified") < 0.3 * means("uniform")
+    f = sample_timesteps(FlowSchedule(), 4, g, method="stratified")
+    assert sorted((f * 4).floor().long().tolist()) == [0, 1, 2, 3]
+
 # ---------------------------------------------------------------- bad input
 
 

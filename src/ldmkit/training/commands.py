@@ -35,6 +35,9 @@ def register(sub) -> None:
     a("--objective", choices=("eps", "v", "x0", "flow"))
     a("--schedule", choices=("linear", "scaled_linear", "cosine"))
     a("--loss-weighting", choices=("uniform", "min_snr"))
+    a("--timestep-sampling", choices=("auto", "uniform", "stratified", "logit_normal"),
+      help="training timesteps: auto (flow: logit_normal, else uniform); stratified spreads each batch's "
+           "timesteps evenly over the noise levels (lower-variance loss, same expectation)")
     a("--spatial", choices=("inpaint", "upscale", "semantic"),
       help="spatially aligned input concatenated to the noisy latent (the cache needs `ldm cache-latents "
            "--store-images` for inpaint/upscale, `--segmentation` for semantic); see docs/training.md")

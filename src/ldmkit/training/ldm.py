@@ -79,6 +79,7 @@ class TrainConfig:
     schedule: str = "scaled_linear"  # noise schedule name (ignored for "flow")
     num_train_timesteps: int = 1000
     loss_weighting: str = "uniform"  # "uniform" | "min_snr"
+    timestep_sampling: str = "auto"  # "auto" (flow: logit_normal, else uniform) | "uniform" | "stratified" | "logit_normal"
     sample_posterior: bool = True  # z0 = mean + std * eps (else the posterior mean)
     spatial: str | None = None  # None | "inpaint" | "upscale" | "semantic": input concatenated to z_t
     noise_level_max: int = 350  # upscale with a UNet: low-res input noised to a level in [0, this]
@@ -140,6 +141,11 @@ class TrainConfig:
             raise ValueError("stage1_latents and stage1_steps go together: a recaptioned cache and a step count")
         if self.stage1_steps and self.conditioning != "text":
             raise ValueError("stage1_latents replaces captions; it needs conditioning 'text'")
+        from ldmkit.diffusion.objectives import TIMESTEP_SAMPLING
+
+        if self.timestep_sampling not in ("auto", *TIMESTEP_SAMPLING):
+            raise ValueError(f"timestep_sampling must be 'auto' or one of {TIMESTEP_SAMPLING}, "
+                             f"got {self.timestep_sampling!r}")
         if self.context_adapter_layers < 0:
             raise ValueError(f"context_adapter_layers must be >= 0, got {self.context_adapter_layers}")
         if self.context_adapter_layers and self.conditioning == "none":
@@ -707,8 +713,8 @@ class LDMTrainer:
 
 # fields whose change would make a resumed run differ from the uninterrupted one
 NUMERIC_FIELDS = ("latents", "autoencoder", "denoiser", "preset", "conditioning", "text_encoder", "objective",
-                  "schedule", "num_train_timesteps", "loss_weighting", "sample_posterior", "batch_size",
-                  "grad_accum", "lr", "lr_schedule", "warmup_steps", "weight_decay", "adam_betas", "grad_clip",
+                  "schedule", "num_train_timesteps", "loss_weighting", "timestep_sampling", "sample_posterior",
+                  "batch_size", "grad_accum", "lr", "lr_schedule", "warmup_steps", "weight_decay", "adam_betas", "grad_clip",
                   "ema_decay", "ema_warmup", "cond_drop", "precision", "seed", "spatial", "noise_level_max",
                   "position_features", "context_adapter_layers", "init_from", "stage1_latents", "stage1_steps")
 
@@ -753,7 +759,10 @@ def make_schedule(c: TrainConfig):
 def sample_timesteps(schedule, c: TrainConfig, n: int, generator: torch.Generator) -> torch.Tensor:
     from ldmkit.diffusion.objectives import sample_timesteps as draw
 
-    return draw(schedule, n, generator, method="logit_normal" if c.objective == "flow" else "uniform")
+    method = c.timestep_sampling
+    if method == "auto":
+        method = "logit_normal" if c.objective == "flow" else "uniform"
+    return draw(schedule, n, generator, method=method)
 
 
 def diffusion_loss(model_fn, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, schedule,
