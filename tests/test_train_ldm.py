@@ -141,6 +141,15 @@ def test_objectives_train(tmp_path, ae_dir, objective):
         assert math.isfinite(info["loss"]) and not info["skipped"]
 
 
+def test_stratified_timesteps_reach_the_training_step(tmp_path, ae_dir):
+    trainer = LDMTrainer(config(tmp_path, timestep_sampling="stratified", batch_size=8), data=make_data())
+    for step in range(3):  # every step's global batch holds one timestep per eighth of [0, 1000)
+        assert sorted((trainer.draw(step)["t"] // 125).tolist()) == list(range(8))
+    assert math.isfinite(trainer.train_step()["loss"])
+    auto = LDMTrainer(config(tmp_path, batch_size=8, out=str(tmp_path / "auto")), data=make_data())
+    assert any(sorted((auto.draw(s)["t"] // 125).tolist()) != list(range(8)) for s in range(3))
+
+
 def test_class_conditioning_and_dit(tmp_path, ae_dir):
     labels = torch.arange(16) % 3
     g = torch.Generator().manual_seed(0)
@@ -251,6 +260,7 @@ def test_lr_schedule():
     (dict(cond_drop=1.5), "cond_drop must be in"),
     (dict(steps=0), "steps must be >= 1"),
     (dict(precision="fp8"), "precision 'fp8'"),
+    (dict(timestep_sampling="sobol"), "timestep_sampling must be"),
 ])
 def test_bad_config(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):

@@ -5,7 +5,7 @@
 1. trains a tiny KL autoencoder (32x32 RGB -> 8x8x4 latents, f=4) on rendered shapes;
 2. encodes a training set once into a latent cache;
 3. trains a text-conditioned UNet on the cached latents with `ldm train` (v-prediction, cosine
-   schedule, condition dropout for classifier-free guidance), reading captions through the frozen
+   schedule, stratified timesteps, condition dropout for classifier-free guidance), reading captions through the frozen
    all-MiniLM-L6-v2 sentence encoder (each caption is encoded once) and a trainable context
    adapter, with pixel-coordinate features in the UNet. A caption curriculum runs first: half
    the steps read the cache's captions re-phrased so that the left / upper object is named first
@@ -49,7 +49,8 @@ def _train_torchrun(cfg, procs: int) -> Path:
 
     flags = {"out": cfg.out, "latents": cfg.latents, "autoencoder": cfg.autoencoder, "denoiser": cfg.denoiser,
              "preset": cfg.preset, "conditioning": cfg.conditioning, "text_encoder": cfg.text_encoder,
-             "objective": cfg.objective, "schedule": cfg.schedule, "steps": cfg.steps, "batch_size": cfg.batch_size,
+             "objective": cfg.objective, "schedule": cfg.schedule, "timestep_sampling": cfg.timestep_sampling,
+             "steps": cfg.steps, "batch_size": cfg.batch_size,
              "lr": cfg.lr, "lr_schedule": cfg.lr_schedule, "warmup_steps": cfg.warmup_steps,
              "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, "ema_decay": cfg.ema_decay,
              "cond_drop": cfg.cond_drop, "seed": cfg.seed, "checkpoint_every": cfg.checkpoint_every,
@@ -214,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                     "a green circle above a red triangle", "a yellow triangle below a blue circle")
     base = TrainConfig(latents=str(cache), autoencoder=str(ae_dir), out=str(ldm_run), denoiser="unet",
                        preset=args.preset, conditioning="text", text_encoder=args.text_encoder, objective="v",
-                       schedule="cosine", steps=max(args.ldm_steps, 1), batch_size=64, lr=args.lr,
+                       schedule="cosine", timestep_sampling="stratified", steps=max(args.ldm_steps, 1),
+                       batch_size=64, lr=args.lr,
                        lr_schedule="cosine", warmup_steps=50, weight_decay=0.01, grad_clip=1.0, ema_decay=0.995,
                        cond_drop=0.1, seed=args.seed, sample_prompts=grid_prompts, sample_seeds=(0,),
                        sample_sampler=args.sampler, sample_steps=args.steps, guidance=args.guidance,
@@ -287,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         "by_guidance": table,
         "ldm_steps": steps, "ae_steps": args.ae_steps, "latents": args.latents,
         "ldm": {"preset": args.preset, "text_encoder": args.text_encoder, "objective": "v", "schedule": "cosine",
-                "lr": args.lr, "batch_size": 64, "processes": procs, "stage1_steps": n1,
+                "timestep_sampling": "stratified", "lr": args.lr, "batch_size": 64, "processes": procs,
+                "stage1_steps": n1,
                 "position_features": args.position_features, "context_adapter_layers": args.context_adapter_layers},
         "autoencoder_reconstruction_match_rate": ceiling,
         "seconds": round(elapsed, 1), "phases": phases, "threads": torch.get_num_threads(),

@@ -79,7 +79,8 @@ class TrainConfig:
     schedule: str = "scaled_linear"  # noise schedule name (ignored for "flow")
     num_train_timesteps: int = 1000
     loss_weighting: str = "uniform"  # "uniform" | "min_snr"
-    timestep_sampling: str = "auto"  # "auto" (flow: logit_normal, else uniform) | "uniform" | "stratified" | "logit_normal"
+    timestep_sampling: str = "auto"  # "auto" (flow: logit_normal, else uniform) | "uniform" | "stratified"
+    #                                  | "logit_normal" (ldmkit.diffusion.objectives.sample_timesteps)
     sample_posterior: bool = True  # z0 = mean + std * eps (else the posterior mean)
     spatial: str | None = None  # None | "inpaint" | "upscale" | "semantic": input concatenated to z_t
     noise_level_max: int = 350  # upscale with a UNet: low-res input noised to a level in [0, this]
@@ -714,8 +715,8 @@ class LDMTrainer:
 # fields whose change would make a resumed run differ from the uninterrupted one
 NUMERIC_FIELDS = ("latents", "autoencoder", "denoiser", "preset", "conditioning", "text_encoder", "objective",
                   "schedule", "num_train_timesteps", "loss_weighting", "timestep_sampling", "sample_posterior",
-                  "batch_size", "grad_accum", "lr", "lr_schedule", "warmup_steps", "weight_decay", "adam_betas", "grad_clip",
-                  "ema_decay", "ema_warmup", "cond_drop", "precision", "seed", "spatial", "noise_level_max",
+                  "batch_size", "grad_accum", "lr", "lr_schedule", "warmup_steps", "weight_decay", "adam_betas",
+                  "grad_clip", "ema_decay", "ema_warmup", "cond_drop", "precision", "seed", "spatial", "noise_level_max",
                   "position_features", "context_adapter_layers", "init_from", "stage1_latents", "stage1_steps")
 
 
