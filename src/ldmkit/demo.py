@@ -6,9 +6,9 @@
 2. encodes a training set once into a latent cache;
 3. trains a text-conditioned UNet on the cached latents with `ldm train` (v-prediction, cosine
    schedule, stratified timesteps, condition dropout for classifier-free guidance), reading captions
-   through the frozen all-MiniLM-L6-v2 sentence encoder (each caption is encoded once) and a trainable context
-   adapter, with pixel-coordinate features in the UNet. A caption curriculum runs first: 70 %
-   of the steps read the cache's captions re-phrased so that the left / upper object is named first
+   through the frozen all-MiniLM-L6-v2 sentence encoder (each caption is encoded once) and a
+   trainable context adapter, with pixel-coordinate features in the UNet. A caption curriculum runs first: half
+   the steps read the cache's captions re-phrased so that the left / upper object is named first
    (``shapes.forward_caption``, a recaptioned copy of the cache, ``--stage1-latents``), the rest
    the captions as drawn -- without it the model never learns which object a relation word puts
    left (see docs/training.md). With ``--procs 2`` (the default on a
@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20, help="sampling steps")
     p.add_argument("--preset", default="tiny", help="UNet preset")
     p.add_argument("--text-encoder", default="minilm", help="minilm (frozen, pretrained) or a trainable preset")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--stage1-fraction", type=float, default=0.7,
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--stage1-fraction", type=float, default=0.5,
                    help="share of the LDM steps that read forward-phrased captions first (shapes.forward_caption); "
                         "0: all steps on the captions as drawn")
     p.add_argument("--context-adapter-layers", type=int, default=2, help="UNet context adapter layers (0: none)")
