@@ -223,7 +223,6 @@ def test_sample_timesteps():
         sample_timesteps(s, 4, method="beta")
 
 
-
 def test_stratified_timesteps_cover_every_stratum_once():
     s = DiscreteSchedule()
     g = torch.Generator().manual_seed(3)
@@ -241,6 +240,7 @@ def test_stratified_timesteps_cover_every_stratum_once():
     assert means("stratified") < 0.3 * means("uniform")
     f = sample_timesteps(FlowSchedule(), 4, g, method="stratified")
     assert sorted((f * 4).floor().long().tolist()) == [0, 1, 2, 3]
+
 
 # ---------------------------------------------------------------- bad input
 

@@ -7,11 +7,11 @@
 3. trains a text-conditioned UNet on the cached latents with `ldm train` (v-prediction, cosine
    schedule, stratified timesteps, condition dropout for classifier-free guidance), reading captions
    through the frozen all-MiniLM-L6-v2 sentence encoder (each caption is encoded once) and a
-   trainable context adapter, with pixel-coordinate features in the UNet. A caption curriculum runs first: half
-   the steps read the cache's captions re-phrased so that the left / upper object is named first
-   (``shapes.forward_caption``, a recaptioned copy of the cache, ``--stage1-latents``), the rest
-   the captions as drawn -- without it the model never learns which object a relation word puts
-   left (see docs/training.md). With ``--procs 2`` (the default on a
+   trainable context adapter, with pixel-coordinate features in the UNet. A caption curriculum
+   runs first: half the steps read the cache's captions re-phrased so that the left / upper object
+   is named first (``shapes.forward_caption``, a recaptioned copy of the cache,
+   ``--stage1-latents``), the rest the captions as drawn -- without it the model never learns which
+   object a relation word puts left (see docs/training.md). With ``--procs 2`` (the default on a
    machine with >= 2 cores) training runs as two single-threaded DDP processes under torchrun,
    which outruns one two-threaded process on a small model. The number of steps is fitted to the
    time budget after timing the first steps;
@@ -216,10 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     base = TrainConfig(latents=str(cache), autoencoder=str(ae_dir), out=str(ldm_run), denoiser="unet",
                        preset=args.preset, conditioning="text", text_encoder=args.text_encoder, objective="v",
                        schedule="cosine", timestep_sampling="stratified", steps=max(args.ldm_steps, 1),
-                       batch_size=64, lr=args.lr,
-                       lr_schedule="cosine", warmup_steps=50, weight_decay=0.01, grad_clip=1.0, ema_decay=0.995,
-                       cond_drop=0.1, seed=args.seed, sample_prompts=grid_prompts, sample_seeds=(0,),
-                       sample_sampler=args.sampler, sample_steps=args.steps, guidance=args.guidance,
+                       batch_size=64, lr=args.lr, lr_schedule="cosine", warmup_steps=50, weight_decay=0.01,
+                       grad_clip=1.0, ema_decay=0.995, cond_drop=0.1, seed=args.seed, sample_prompts=grid_prompts,
+                       sample_seeds=(0,), sample_sampler=args.sampler, sample_steps=args.steps, guidance=args.guidance,
                        device="cpu", progress=True, log_every=10, position_features=args.position_features,
                        context_adapter_layers=args.context_adapter_layers)
     procs = args.procs or (2 if (os.cpu_count() or 1) >= 2 else 1)

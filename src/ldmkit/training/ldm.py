@@ -716,8 +716,9 @@ class LDMTrainer:
 NUMERIC_FIELDS = ("latents", "autoencoder", "denoiser", "preset", "conditioning", "text_encoder", "objective",
                   "schedule", "num_train_timesteps", "loss_weighting", "timestep_sampling", "sample_posterior",
                   "batch_size", "grad_accum", "lr", "lr_schedule", "warmup_steps", "weight_decay", "adam_betas",
-                  "grad_clip", "ema_decay", "ema_warmup", "cond_drop", "precision", "seed", "spatial", "noise_level_max",
-                  "position_features", "context_adapter_layers", "init_from", "stage1_latents", "stage1_steps")
+                  "grad_clip", "ema_decay", "ema_warmup", "cond_drop", "precision", "seed", "spatial",
+                  "noise_level_max", "position_features", "context_adapter_layers", "init_from", "stage1_latents",
+                  "stage1_steps")
 
 
 class _Len(torch.utils.data.Dataset):
