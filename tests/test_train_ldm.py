@@ -191,8 +191,8 @@ def test_init_from_starts_a_new_stage_from_another_runs_weights(tmp_path, ae_dir
     first.run()
     ckpt = tmp_path / "run" / "checkpoints" / "step-3.pt"
     data2 = LatentData(make_data().mean, make_data().std, captions=["a green square"] * 16)  # new captions
-    second = LDMTrainer(config(tmp_path, out=str(tmp_path / "run2"), steps=2, init_from=str(ckpt), lr=5e-4),
-                        data=data2)
+    second = LDMTrainer(config(tmp_path, out=str(tmp_path / "run2"), steps=4, checkpoint_every=2,
+                               init_from=str(ckpt), lr=5e-4), data=data2)
     # the word-level encoder keeps the first run's vocabulary (ids), though the captions changed
     assert second.conditioner.tokenizer.get_vocab() == first.conditioner.tokenizer.get_vocab()
     assert torch.equal(second.conditioner.tokenize(["a red circle"])[0], first.conditioner.tokenize(["a red circle"])[0])
@@ -202,7 +202,16 @@ def test_init_from_starts_a_new_stage_from_another_runs_weights(tmp_path, ae_dir
         assert torch.equal(second.ema.module.state_dict()[k], v)
     assert second.step == 0 and second.scheduler.get_last_lr()[0] < 5e-4  # fresh warm-up of the new LR
     second.run()
-    assert second.step == 2
+    assert second.step == 4
+    # resuming that run needs only its own checkpoint (weights and vocabulary), not the --init-from one
+    moved = ckpt.rename(tmp_path / "moved.pt")
+    resumed = LDMTrainer(dataclasses.replace(second.config, out=str(tmp_path / "run2b")), data=data2,
+                         resume=tmp_path / "run2" / "checkpoints" / "step-2.pt")
+    assert resumed.conditioner.tokenizer.get_vocab() == first.conditioner.tokenizer.get_vocab()
+    resumed.run()
+    for k, v in second.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[k], v), k
+    moved.rename(ckpt)
     # a model of another shape is refused with the differing keys named
     with pytest.raises(ValueError, match="does not fit.*position_in"):
         LDMTrainer(config(tmp_path, out=str(tmp_path / "run3"), init_from=str(ckpt), position_features=True),

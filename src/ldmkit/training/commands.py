@@ -118,8 +118,8 @@ def _train(args) -> int:
         config = TrainConfig(**given)
     ctx = distributed.init(config.device)
     try:
-        trainer = LDMTrainer(config, ctx)
-        folder = trainer.run(resume=resume)
+        trainer = LDMTrainer(config, ctx, resume=resume)
+        folder = trainer.run()
     except TrainingDiverged as exc:
         raise UserError(str(exc)) from None
     finally:

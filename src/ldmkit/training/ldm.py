@@ -256,8 +256,12 @@ class LDMTrainer:
     """
 
     def __init__(self, config: TrainConfig, ctx: distrib.DistContext | None = None,
-                 data: "LatentData | None" = None):
+                 data: "LatentData | None" = None, resume: str | os.PathLike | None = None):
+        """``resume``: the checkpoint `run()` continues from (it may also be passed to `run`). Given
+        here, a run started ``--init-from CKPT`` does not read CKPT again: the resumed checkpoint holds
+        the weights and a word-level encoder's vocabulary."""
         config.validate()
+        self.resume = resume
         self.config = c = config
         self.ctx = ctx or distrib.init(c.device)
         self.device = self.ctx.device
@@ -280,7 +284,7 @@ class LDMTrainer:
         if c.init_from:
             from ldmkit.training.common import load_training_state
 
-            init_state = load_training_state(c.init_from, map_location="cpu")
+            init_state = load_training_state(resume if resume else c.init_from, map_location="cpu")
         self.stage1_captions = self._stage1_captions() if c.stage1_steps else None
         self.conditioner = build_conditioner(c, self.data, init_state, self.stage1_captions)
         self.denoiser = build_denoiser(c, self.data, self.conditioner, self.spatial)
@@ -290,7 +294,7 @@ class LDMTrainer:
         from ldmkit.training.common import EMA
 
         self.ema = EMA(self.model, decay=c.ema_decay, warmup=c.ema_warmup)
-        if init_state is not None:
+        if init_state is not None and not resume:
             self._init_from(init_state, c.init_from)
         self.sampler = torch.utils.data.DistributedSampler(
             _Len(len(self.data)), num_replicas=self.ctx.world_size, rank=self.ctx.rank, shuffle=True,
@@ -568,6 +572,7 @@ class LDMTrainer:
         from ldmkit.training.common import LossLog, progress
 
         c = self.config
+        resume = resume or self.resume
         if resume:
             self.load_checkpoint(resume)
         if self.ctx.is_main:
