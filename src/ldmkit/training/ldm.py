@@ -281,10 +281,13 @@ class LDMTrainer:
         self.noise_labels = uses_noise_labels(c)
         self.schedule = make_schedule(c)
         init_state = None
+        self._resume_state = None  # the resumed checkpoint when read here already (load_checkpoint reuses it)
         if c.init_from:
             from ldmkit.training.common import load_training_state
 
             init_state = load_training_state(resume if resume else c.init_from, map_location="cpu")
+            if resume:
+                self._resume_state = init_state
         self.stage1_captions = self._stage1_captions() if c.stage1_steps else None
         self.conditioner = build_conditioner(c, self.data, init_state, self.stage1_captions)
         self.denoiser = build_denoiser(c, self.data, self.conditioner, self.spatial)
@@ -546,7 +549,10 @@ class LDMTrainer:
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         from ldmkit.training.common import load_training_state
 
-        state = load_training_state(path, map_location="cpu")
+        if self._resume_state is not None and path == self.resume:
+            state, self._resume_state = self._resume_state, None
+        else:
+            state = load_training_state(path, map_location="cpu")
         saved = TrainConfig.from_dict(state["config"])
         changed = [k for k in NUMERIC_FIELDS if getattr(saved, k) != getattr(self.config, k)]
         if changed:
