@@ -166,9 +166,9 @@ class ContextAdapter(nn.Module):
     """Trainable self-attention layers over the conditioning tokens, in front of cross-attention.
 
     ``proj_in`` to ``width``, ``layers`` pre-norm blocks (biased self-attention with the context's key
-    mask, GELU MLP of ``ff_mult * width``), LayerNorm, ``proj_out`` back to the context width, added to the input. ``proj_out``
-    starts at zero, so a fresh adapter passes the context through unchanged. A frozen sentence
-    encoder's token states barely encode some distinctions a denoiser needs (which object of
+    mask, GELU MLP of ``ff_mult * width``), LayerNorm, ``proj_out`` back to the context width, added
+    to the input. ``proj_out`` starts at zero, so a fresh adapter passes the context through
+    unchanged. A frozen sentence encoder's token states barely encode some distinctions a denoiser needs (which object of
     "a red circle to the left of a blue square" is the subject, combined with the relation); these
     layers let the denoiser's training build them.
     """
