@@ -67,6 +67,48 @@ def test_cli_train_writes_model_and_resumes(prepared, tmp_path):
     assert len(pipe.text2img("a blue triangle above a red circle", steps=2, progress=False)) == 1
 
 
+def test_cli_config_rebuilds_a_run(prepared, tmp_path, capsys):
+    """`ldm train --config RUN/config.json --out NEW` repeats the run (same weights); flags override the file."""
+    import json
+
+    from ldmkit.cli import main
+
+    first = tmp_path / "first"
+    assert main(["train", "--autoencoder", str(prepared / "ae"), "--latents", str(prepared / "latents"), "--out",
+                 str(first), *ARGS, "--steps", "2", "--ema-decay", "0.5", "--timestep-sampling", "stratified"]) == 0
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(first / "config.json"), "--out", str(again)]) == 0
+    a = load_training_state(first / "checkpoints" / "step-2.pt")
+    b = load_training_state(again / "checkpoints" / "step-2.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    saved = json.loads((again / "config.json").read_text())["training"]
+    assert saved["out"] == str(again) and saved["ema_decay"] == 0.5 and saved["timestep_sampling"] == "stratified"
+    # a plain object of fields works too, and given options win over it
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps({**saved, "out": str(tmp_path / "unused"), "steps": 5}))
+    assert main(["train", "--config", str(plain), "--out", str(tmp_path / "short"), "--steps", "1"]) == 0
+    assert load_training_state(tmp_path / "short" / "checkpoints" / "step-1.pt")["step"] == 1
+    assert not (tmp_path / "unused").exists()
+    capsys.readouterr()
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"training": {**saved, "bogus": 1}}))
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "unknown training settings ['bogus']" in capsys.readouterr().err
+    bad.write_text("{not json")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "is not valid JSON" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "missing.json")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert main(["train", "--config", str(first / "config.json"), "--resume"]) == 2
+    assert "--config starts a run" in capsys.readouterr().err
+    no_out = tmp_path / "no_out.json"
+    no_out.write_text(json.dumps({k: v for k, v in saved.items() if k != "out"}))
+    assert main(["train", "--config", str(no_out)]) == 2
+    assert "--out is required" in capsys.readouterr().err
+
+
 def test_cli_errors(prepared, tmp_path, capsys):
     from ldmkit.cli import main
 

@@ -44,31 +44,19 @@ def _log(t0: float, msg: str) -> None:
 
 
 def _train_torchrun(cfg, procs: int) -> Path:
-    """`ldm train` with ``cfg`` as ``procs`` single-threaded DDP processes (gloo); returns the model folder."""
+    """`ldm train --config` with ``cfg`` as ``procs`` single-threaded DDP processes (gloo); returns the
+    model folder."""
     import subprocess
+    import tempfile
 
-    flags = {"out": cfg.out, "latents": cfg.latents, "autoencoder": cfg.autoencoder, "denoiser": cfg.denoiser,
-             "preset": cfg.preset, "conditioning": cfg.conditioning, "text_encoder": cfg.text_encoder,
-             "objective": cfg.objective, "schedule": cfg.schedule, "timestep_sampling": cfg.timestep_sampling,
-             "steps": cfg.steps, "batch_size": cfg.batch_size,
-             "lr": cfg.lr, "lr_schedule": cfg.lr_schedule, "warmup_steps": cfg.warmup_steps,
-             "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, "ema_decay": cfg.ema_decay,
-             "cond_drop": cfg.cond_drop, "seed": cfg.seed, "checkpoint_every": cfg.checkpoint_every,
-             "sample_every": cfg.sample_every, "log_every": cfg.log_every, "sampler": cfg.sample_sampler,
-             "sample_steps": cfg.sample_steps, "guidance": cfg.guidance, "device": "cpu",
-             "position_features": cfg.position_features, "context_adapter_layers": cfg.context_adapter_layers,
-             "stage1_latents": cfg.stage1_latents, "stage1_steps": cfg.stage1_steps or None}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
-           "-m", "ldmkit.cli", "train"]
-    for key, value in flags.items():
-        if value is None or value is False:
-            continue
-        cmd += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
-    for prompt in cfg.sample_prompts:
-        cmd += ["--sample-prompt", prompt]
-    cmd += ["--sample-seeds", *map(str, cfg.sample_seeds)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(cmd, env=env)
+    from ldmkit.io.format import write_json
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "train.json"
+        write_json(config, cfg.to_dict())
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+               "-m", "ldmkit.cli", "train", "--config", str(config)]
+        done = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"))
     if done.returncode != 0:
         raise SystemExit(f"LDM training under torchrun failed (exit {done.returncode}): {' '.join(cmd)}")
     return Path(cfg.out) / "model"

@@ -2,6 +2,7 @@
 
     ldm train --autoencoder AE_DIR --latents CACHE_DIR --out RUN_DIR [options]
     ldm train --out RUN_DIR --resume            # continue from the newest RUN_DIR/checkpoints/step-N.pt
+    ldm train --config OLD_RUN/config.json --out NEW_RUN [options]   # a run's settings; flags override
     torchrun --nproc_per_node 4 -m ldmkit.cli train ...   # DDP (gloo on CPU, nccl on GPU)
 """
 from __future__ import annotations
@@ -23,7 +24,10 @@ def register(sub) -> None:
                                    "autoencoder. Works as one process or under `torchrun --nproc_per_node N`.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--out", required=True, help="run folder: config.json, checkpoints/, samples/, loss.png, model/")
+    a("--out", help="run folder: config.json, checkpoints/, samples/, loss.png, model/ (required unless "
+                    "--config names one)")
+    a("--config", help="start from these settings: a run's config.json or a JSON object of training fields "
+                       "(ldmkit.training.ldm.TrainConfig); the options given here override them")
     a("--autoencoder", help="frozen autoencoder component folder")
     a("--latents", help="latent cache folder (ldmkit.data.latents); see docs/training.md")
     a("--resume", nargs="?", const="auto", default=None,
@@ -96,8 +100,15 @@ def _train(args) -> int:
         if key in given:
             given[key] = tuple(given[key])
     resume = None
+    if args.config is not None:
+        if args.resume is not None:
+            raise UserError("--config starts a run; --resume continues one with the settings of its config.json")
+        base = _config_file(args.config)
+        given = {**base, **given}
+    if "out" not in given:
+        raise UserError("--out is required (unless --config names one)")
     if args.resume is not None:
-        out = Path(args.out)
+        out = Path(given["out"])
         resume = (latest_checkpoint(out / "checkpoints") or out / "checkpoints" / "step-N.pt") if args.resume == "auto" else Path(args.resume)
         if not resume.is_file():
             raise UserError(f"--resume: checkpoint {resume} does not exist")
@@ -115,7 +126,7 @@ def _train(args) -> int:
         for need in ("autoencoder", "latents"):
             if need not in given:
                 raise UserError(f"--{need} is required (unless --resume)")
-        config = TrainConfig(**given)
+        config = TrainConfig.from_dict(given)
     ctx = distributed.init(config.device)
     try:
         trainer = LDMTrainer(config, ctx, resume=resume)
@@ -129,3 +140,29 @@ def _train(args) -> int:
                 "semantic": "semantic --map MAP.png"}.get(config.spatial, "sample")
         print(f"model written to {folder} (load with: ldm {task} --model {folder} ...)")
     return 0
+
+
+def _config_file(path: str) -> dict:
+    """Training fields from ``path``: a run's config.json (its "training" object) or a plain object of
+    TrainConfig fields. Unknown keys are refused by name."""
+    import json
+
+    from ldmkit.cli import UserError
+    from ldmkit.training.ldm import TrainConfig
+
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as exc:
+        raise UserError(f"--config: cannot read {path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--config: {path} is not valid JSON: {exc}") from None
+    if isinstance(data, dict) and isinstance(data.get("training"), dict):
+        data = data["training"]
+    if not isinstance(data, dict):
+        raise UserError(f"--config: {path} holds no object of training settings")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(f"--config: {path} has unknown training settings {unknown}")
+    return dict(data)
