@@ -245,6 +245,18 @@ def test_stage1_latents_give_the_first_steps_other_captions(tmp_path, ae_dir):
     again.run(resume=tmp_path / "run" / "checkpoints" / "step-2.pt")
     for k, v in trainer.model.state_dict().items():
         assert torch.equal(again.model.state_dict()[k], v), k
+    # word_drop leaves the first stage's captions as they are and thins the captions as drawn
+    colours = ("RED", "BLUE", "GREEN", "YELLOW", "red", "blue", "green", "yellow")
+    dropped = LDMTrainer(dataclasses.replace(cfg, out=str(tmp_path / "dropped"), word_drop=0.9, drop_words=colours))
+    seen.clear()
+    encode = dropped.conditioner.encode
+    dropped.conditioner.encode = lambda prompts: seen.append(list(prompts)) or encode(prompts)
+    dropped.run()
+    thinned = [q for q in seen if len(q) == 4 and any(q)]
+    assert thinned[:2] == batches[:2]
+    words = [w for q in thinned[2:] for p in q for w in p.split()]
+    assert words and sum(w in colours for w in words) < sum(w in colours for q in batches[2:] for p in q
+                                                            for w in p.split())
     # the first stage's cache must hold the same latents
     other = encode_dataset(ae, ShapesDataset("train", size=32, length=16, seed=9), tmp_path / "other",
                            progress=False)
@@ -253,6 +265,42 @@ def test_stage1_latents_give_the_first_steps_other_captions(tmp_path, ae_dir):
     with pytest.raises(ValueError, match="go together"):
         dataclasses.replace(cfg, stage1_steps=0).validate()
     assert forward_caption("a red circle below a blue square") == "a blue square above a red circle"
+
+
+def test_word_drop_removes_listed_words_per_step(tmp_path, ae_dir):
+    from ldmkit.training.ldm import drop_words
+
+    text = "a red circle above a blue square"
+    keep = [True, False, True, True, True, False, True]
+    assert drop_words(text, ("red", "blue"), keep) == "a circle above a square"
+    assert drop_words(text, ("red",), keep) == "a circle above a blue square"
+    assert drop_words(text, ("red", "blue"), [True] * 7) == text
+    assert drop_words(text, ("blue",), [False] * 3) == text  # past the drawn positions
+    colours = ("red", "blue", "green")
+    cfg = config(tmp_path, word_drop=0.5, drop_words=colours, steps=4, checkpoint_every=2)
+    trainer = LDMTrainer(cfg, data=make_data())
+    seen = []
+    encode = trainer.conditioner.encode
+    trainer.conditioner.encode = lambda prompts: seen.append(list(prompts)) or encode(prompts)
+    trainer.run()
+    batches = [q for q in seen if len(q) == 4 and any(q)]
+    assert len(batches) == 4
+    full = {c.split()[i] for c in CAPTIONS for i in range(len(c.split()))} - set(colours)
+    shown = [p for q in batches for p in q if p]
+    assert all(set(p.split()) <= full | set(colours) for p in shown)
+    assert any(not set(p.split()) & set(colours) for p in shown)  # some lost their colours ...
+    assert any(set(p.split()) & set(colours) for p in shown)  # ... others kept them
+    # each occurrence is dropped with probability word_drop, drawn with the step's other randomness
+    rates = [(trainer.draw(s)["word_u"] < 0.5).float().mean().item() for s in range(100)]
+    assert abs(sum(rates) / len(rates) - 0.5) < 0.02
+    # resuming at step 2 repeats the straight run
+    again = LDMTrainer(dataclasses.replace(cfg, out=str(tmp_path / "again")), data=make_data())
+    again.run(resume=tmp_path / "run" / "checkpoints" / "step-2.pt")
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(again.model.state_dict()[k], v), k
+    # a run without word_drop draws exactly what it drew before the option existed
+    plain = LDMTrainer(config(tmp_path, out=str(tmp_path / "plain")), data=make_data())
+    assert "word_u" not in plain.draw(0)
 
 
 def test_lr_schedule():
@@ -270,6 +318,10 @@ def test_lr_schedule():
     (dict(steps=0), "steps must be >= 1"),
     (dict(precision="fp8"), "precision 'fp8'"),
     (dict(timestep_sampling="sobol"), "timestep_sampling must be"),
+    (dict(word_drop=0.2), "word_drop needs drop_words"),
+    (dict(word_drop=1.0, drop_words=("red",)), "word_drop must be in"),
+    (dict(word_drop=0.2, drop_words=("red circle",)), "drop_words must be single words"),
+    (dict(word_drop=0.2, drop_words=("red",), conditioning="class"), "needs conditioning 'text'"),
 ])
 def test_bad_config(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):

@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage1-fraction", type=float, default=0.5,
                    help="share of the LDM steps that read forward-phrased captions first (shapes.forward_caption); "
                         "0: all steps on the captions as drawn")
+    p.add_argument("--word-drop", type=float, default=0.0,
+                   help="probability that a colour word leaves a training caption of the second curriculum stage "
+                        "(`ldm train --word-drop`), so the shape word alone has to carry the shape; 0: none")
     p.add_argument("--context-adapter-layers", type=int, default=2, help="UNet context adapter layers (0: none)")
     p.add_argument("--no-position-features", dest="position_features", action="store_false",
                    help="leave out the UNet's pixel-coordinate features")
@@ -189,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- 3. LDM ------------------------------------------------------------------------------
     from ldmkit.data.latents import recaption
-    from ldmkit.data.shapes import forward_caption
+    from ldmkit.data.shapes import COLOURS, forward_caption
     from ldmkit.training.ldm import LDMTrainer, TrainConfig
 
     if not 0.0 <= args.stage1_fraction < 1.0:
@@ -208,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                        grad_clip=1.0, ema_decay=0.995, cond_drop=0.1, seed=args.seed, sample_prompts=grid_prompts,
                        sample_seeds=(0,), sample_sampler=args.sampler, sample_steps=args.steps, guidance=args.guidance,
                        device="cpu", progress=True, log_every=10, position_features=args.position_features,
-                       context_adapter_layers=args.context_adapter_layers)
+                       context_adapter_layers=args.context_adapter_layers, word_drop=args.word_drop,
+                       drop_words=tuple(COLOURS) if args.word_drop else ())
     procs = args.procs or (2 if (os.cpu_count() or 1) >= 2 else 1)
     steps = args.ldm_steps
     if not steps:  # time a few steps, then fit the step count to what is left of the budget
@@ -276,8 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         "by_guidance": table,
         "ldm_steps": steps, "ae_steps": args.ae_steps, "latents": args.latents,
         "ldm": {**{k: getattr(cfg, k) for k in ("preset", "text_encoder", "objective", "schedule", "timestep_sampling",
-                                                "lr", "batch_size", "stage1_steps", "position_features",
-                                                "context_adapter_layers")},
+                                                "lr", "batch_size", "stage1_steps", "word_drop", "drop_words",
+                                                "position_features", "context_adapter_layers")},
                 "processes": procs},
         "autoencoder_reconstruction_match_rate": ceiling,
         "seconds": round(elapsed, 1), "phases": phases, "threads": torch.get_num_threads(),

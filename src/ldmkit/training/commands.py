@@ -57,6 +57,12 @@ def register(sub) -> None:
     a("--stage1-latents", help="a recaptioned copy of --latents (same latents, other captions; "
                                "ldmkit.data.latents.recaption) whose captions the first --stage1-steps steps read")
     a("--stage1-steps", type=int, help="steps of the caption curriculum's first stage (with --stage1-latents)")
+    a("--word-drop", type=float, help="each occurrence of a --drop-words word leaves a training caption with this "
+                                        "probability (drawn per step, so resume stays exact; with --stage1-latents "
+                                        "from step --stage1-steps on)")
+    a("--drop-words", type=lambda v: tuple(w for w in v.split(",") if w),
+      help="comma-separated words --word-drop may remove, e.g. attribute words (red,green,blue,yellow), so the "
+           "rest of the caption has to carry the meaning")
     a("--steps", type=int)
     a("--batch-size", type=int, help="global batch per optimiser step (all processes, all accumulation steps)")
     a("--grad-accum", type=int)

@@ -89,6 +89,8 @@ class TrainConfig:
     init_from: str | None = None  # start from the model + EMA weights of another run's checkpoint (fine-tuning)
     stage1_latents: str | None = None  # a recaptioned copy of `latents` whose captions the first steps read
     stage1_steps: int = 0  # how many steps read them (a caption curriculum; 0 = none)
+    word_drop: float = 0.0  # each `drop_words` occurrence leaves a caption as drawn (not stage 1's) with this p
+    drop_words: tuple = ()  # words word_drop may remove (e.g. attribute words, so the rest must carry the meaning)
     # optimisation
     steps: int = 1000
     batch_size: int = 32  # global batch per optimiser step
@@ -147,6 +149,14 @@ class TrainConfig:
         if self.timestep_sampling not in ("auto", *TIMESTEP_SAMPLING):
             raise ValueError(f"timestep_sampling must be 'auto' or one of {TIMESTEP_SAMPLING}, "
                              f"got {self.timestep_sampling!r}")
+        if not 0.0 <= self.word_drop < 1.0:
+            raise ValueError(f"word_drop must be in [0, 1), got {self.word_drop}")
+        if self.word_drop and not self.drop_words:
+            raise ValueError("word_drop needs drop_words: the words it may remove from captions")
+        if self.word_drop and self.conditioning != "text":
+            raise ValueError("word_drop removes words from captions; it needs conditioning 'text'")
+        if any(not isinstance(w, str) or not w or any(ch.isspace() for ch in w) for w in self.drop_words):
+            raise ValueError(f"drop_words must be single words, got {list(self.drop_words)}")
         if self.context_adapter_layers < 0:
             raise ValueError(f"context_adapter_layers must be >= 0, got {self.context_adapter_layers}")
         if self.context_adapter_layers and self.conditioning == "none":
@@ -173,6 +183,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["adam_betas"] = list(self.adam_betas)
+        d["drop_words"] = list(self.drop_words)
         d["sample_prompts"] = list(self.sample_prompts)
         d["sample_seeds"] = list(self.sample_seeds)
         return d
@@ -184,7 +195,7 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training config keys {unknown}")
         d = dict(d)
-        for key in ("adam_betas", "sample_prompts", "sample_seeds"):
+        for key in ("adam_betas", "drop_words", "sample_prompts", "sample_seeds"):
             if key in d:
                 d[key] = tuple(d[key])
         return cls(**d)
@@ -289,6 +300,8 @@ class LDMTrainer:
             if resume:
                 self._resume_state = init_state
         self.stage1_captions = self._stage1_captions() if c.stage1_steps else None
+        self.max_caption_words = max((len(str(t).split()) for t in [*(self.data.captions or ()),
+                                                                    *(self.stage1_captions or ())]), default=0)
         self.conditioner = build_conditioner(c, self.data, init_state, self.stage1_captions)
         self.denoiser = build_denoiser(c, self.data, self.conditioner, self.spatial)
         torch.manual_seed(c.seed)  # nothing below draws; kept so model init order changes stay seeded
@@ -375,6 +388,8 @@ class LDMTrainer:
         if self.noise_labels:
             out["level"] = torch.randint(0, c.noise_level_max + 1, (c.batch_size,), generator=g)
             out["lr_noise"] = torch.randn(c.batch_size, 3, *self.data.latent_shape[1:], generator=g)
+        if c.word_drop:  # one draw per word position of the longest caption (drawn last: other runs unchanged)
+            out["word_u"] = torch.rand(c.batch_size, self.max_caption_words, generator=g)
         return out
 
     @torch.no_grad()
@@ -405,6 +420,9 @@ class LDMTrainer:
         batch = self.data.get(idx)
         if self.stage1_captions is not None and step < c.stage1_steps:  # caption curriculum, first stage
             batch["conditions"] = [self.stage1_captions[i] for i in idx]
+        elif c.word_drop:  # the captions as drawn (a curriculum's first stage reads its own as they are)
+            keep = (draws["word_u"][rows] >= c.word_drop).tolist()
+            batch["conditions"] = [drop_words(text, c.drop_words, k) for text, k in zip(batch["conditions"], keep)]
         mean, std = batch["mean"].to(self.device), batch["std"].to(self.device)
         if c.sample_posterior:
             z0 = mean + std * draws["post"][rows].to(self.device, mean.dtype)
@@ -729,7 +747,17 @@ NUMERIC_FIELDS = ("latents", "autoencoder", "denoiser", "preset", "conditioning"
                   "batch_size", "grad_accum", "lr", "lr_schedule", "warmup_steps", "weight_decay", "adam_betas",
                   "grad_clip", "ema_decay", "ema_warmup", "cond_drop", "precision", "seed", "spatial",
                   "noise_level_max", "position_features", "context_adapter_layers", "init_from", "stage1_latents",
-                  "stage1_steps")
+                  "stage1_steps", "word_drop", "drop_words")
+
+
+def drop_words(text: str, words, keep) -> str:
+    """``text`` without the occurrences of ``words`` whose word position i has a false ``keep[i]``
+    (a word at a position past ``keep`` stays). Words are split on whitespace and compared whole and
+    case-sensitively; the rest of the caption keeps its order: "a red circle above a blue square"
+    with "red" dropped is "a circle above a blue square"."""
+    parts = text.split()
+    kept = [w for i, w in enumerate(parts) if w not in words or i >= len(keep) or keep[i]]
+    return " ".join(kept) if len(kept) != len(parts) else text
 
 
 class _Len(torch.utils.data.Dataset):
