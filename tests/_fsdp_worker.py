@@ -42,8 +42,11 @@ def steps(ctx, ae_dir: str, prefix: str, strategy: str = "fsdp", compile: str = 
     cfg = make_config(ae_dir, prefix + "-steps", strategy=strategy, compile=compile == "compile")
     trainer = LDMTrainer(cfg, ctx, data=make_data())
     losses = [trainer.train_step()["loss"] for _ in range(trainer.config.steps)]
+    blocks = tuple(distributed.fsdp_block_classes())
     return {"weights": full_weights(trainer), "losses": torch.tensor(losses),
-            "sharded": distributed.is_sharded(trainer.wrapped)}
+            "sharded": distributed.is_sharded(trainer.wrapped),
+            "fsdp_units": sum(type(m).__name__ == "FullyShardedDataParallel" for m in trainer.wrapped.modules()),
+            "blocks": sum(isinstance(m, blocks) for m in trainer.wrapped.modules())}
 
 
 def resume(ctx, ae_dir: str, prefix: str) -> dict:

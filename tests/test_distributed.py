@@ -131,6 +131,7 @@ def test_fsdp_two_gloo_processes_match_one(tmp_path):
     r0 = torch.load(tmp_path / "fsdp-rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "fsdp-rank1.pt", weights_only=True)
     assert r0["world_size"] == 2 and r0["sharded"] and r1["sharded"]
+    assert r0["blocks"] > 0 and r0["fsdp_units"] == r0["blocks"] + 1  # every resnet / transformer block a unit
 
     # the same run in this process (strategy "fsdp" without torchrun is a plain module)
     one = LDMTrainer(w.make_config(str(tmp_path / "ae"), str(tmp_path / "one")), distributed.DistContext(),

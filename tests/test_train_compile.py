@@ -143,3 +143,4 @@ def test_compiled_training_under_two_gloo_processes(tmp_path, ae_dir, strategy):
     losses = torch.tensor([one.train_step()["loss"] for _ in range(one.config.steps)])
     assert torch.allclose(got["losses"], losses, rtol=LOSS_RTOL), (got["losses"], losses)
     assert update_diff(got["weights"], weights(one), init) < UPDATE_RTOL
+    assert got["fsdp_units"] == (1 if strategy == "fsdp" else 0)  # compiled: one unit (distributed.wrap)

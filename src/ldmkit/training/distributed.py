@@ -122,8 +122,9 @@ def shutdown(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, ctx: DistContext, strategy: str = "ddp") -> nn.Module:
-    """Wrap `model` for data-parallel training (no-op for one process)."""
+def wrap(model: nn.Module, ctx: DistContext, strategy: str = "ddp", per_block: bool = True) -> nn.Module:
+    """Wrap `model` for data-parallel training (no-op for one process). Under FSDP with `per_block`
+    every block of `fsdp_block_classes` is a unit of its own inside the root unit."""
     if strategy not in STRATEGIES:
         raise ValueError(f"distributed strategy {strategy!r} is not one of {STRATEGIES}")
     if not ctx.distributed:
@@ -131,12 +132,25 @@ def wrap(model: nn.Module, ctx: DistContext, strategy: str = "ddp") -> nn.Module
     if strategy == "fsdp":
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        policy = ModuleWrapPolicy(fsdp_block_classes()) if per_block else None
         # device_id also on CPU: without it FSDP looks for an accelerator and refuses to run
-        return FSDP(model, use_orig_params=True, device_id=ctx.device)
+        return FSDP(model, use_orig_params=True, device_id=ctx.device, auto_wrap_policy=policy)
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     # find_unused_parameters: conditioners may not use every parameter (e.g. a null
     # embedding only reached through condition dropout).
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+
+
+def fsdp_block_classes() -> set[type[nn.Module]]:
+    """The blocks FSDP shards as units of their own: each gathers its weights for its own forward
+    and backward only, so the peak holds one block's full weights beside the shards, not the model's."""
+    from ldmkit.denoisers.dit import DiTBlock
+    from ldmkit.nn.blocks import ResnetBlock2D
+    from ldmkit.nn.transformer import Transformer2D
+
+    return {ResnetBlock2D, Transformer2D, DiTBlock}
 
 
 def unwrap(model: nn.Module) -> nn.Module:

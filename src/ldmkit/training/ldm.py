@@ -337,7 +337,9 @@ class LDMTrainer:
             # Python (compiling Stage2 whole recompiled for every new batch of captions), and the
             # state-dict names stay those of the plain module (no `_orig_mod.`)
             self.model.denoiser.compile()
-        self.wrapped = distrib.wrap(self.model, self.ctx, c.strategy)
+        # FSDP shards each block as a unit of its own, except around a compiled denoiser: inductor
+        # fails on the nested units' flat parameters there (torch 2.13), so the model is one unit
+        self.wrapped = distrib.wrap(self.model, self.ctx, c.strategy, per_block=not c.compile)
         # fused AdamW (one kernel over all tensors) on CUDA and CPU: on CPU it cut the demo-shape
         # step (tiny UNet, batch 64) from 0.41-0.43 s to 0.36 s against the per-tensor loop
         fused = self.device.type in ("cuda", "cpu")
