@@ -145,7 +145,8 @@ def wrap(model: nn.Module, ctx: DistContext, strategy: str = "ddp", per_block: b
 
 def fsdp_block_classes() -> set[type[nn.Module]]:
     """The blocks FSDP shards as units of their own: each gathers its weights for its own forward
-    and backward only, so the peak holds one block's full weights beside the shards, not the model's."""
+    and backward only, so a training step holds about one block's full weights at a time beside the
+    shards (the EMA update, which gathers everything, aside)."""
     from ldmkit.denoisers.dit import DiTBlock
     from ldmkit.nn.blocks import ResnetBlock2D
     from ldmkit.nn.transformer import Transformer2D
