@@ -18,6 +18,9 @@ def _run(tmp_path, procs):
     assert report["samples_per_set"] == 6 and report["ldm_steps"] == 4 and report["ldm"]["processes"] == procs
     assert set(report["by_guidance"]) == {"train", "heldout"}
     assert set(report["by_guidance"]["train"]) == {"1.0", "3.0", "7.5"}
+    causes = report["by_guidance"]["heldout"]["3.0"]["by_cause"]
+    assert set(causes) == {"green triangle", "yellow square", "held-out relation phrasing"}
+    assert "by_cause" not in report["by_guidance"]["train"]["3.0"]
     for name in ("train", "heldout"):
         assert 0.0 <= report["headline"][name] <= 1.0
         assert 0.0 <= report["autoencoder_reconstruction_match_rate"][name] <= 1.0
@@ -37,6 +40,7 @@ def test_demo_phases_single_process(tmp_path, capsys):
     _run(tmp_path, procs=1)
     printed = capsys.readouterr().out
     assert "match rate by guidance scale" in printed and "ceiling" in printed
+    assert "held-out prompts by what makes them held out" in printed and "green triangle" in printed
 
 
 @pytest.mark.slow

@@ -135,3 +135,20 @@ def test_report_rates_and_table():
     assert "75.0%" in table and "train" in table
     with pytest.raises(ValueError, match="pair"):
         adherence_report(imgs, prompts[:2])
+
+
+def test_heldout_causes_groups_prompts_by_what_makes_them_held_out():
+    from ldmkit.data.shapes_analysis import heldout_causes
+
+    samples = [
+        {"prompt": "a green triangle", "match": False},
+        {"prompt": "a green triangle above a yellow square", "match": True},  # in both object groups
+        {"prompt": "a yellow square to the left of a red circle", "match": True},  # also a held-out phrasing
+        {"prompt": "a red circle above a blue triangle", "match": False},  # a held-out phrasing only
+        {"prompt": "a blue square to the left of a green triangle", "match": False},
+    ]
+    causes = heldout_causes(samples)
+    assert causes["green triangle"] == {"n": 3, "match_rate": pytest.approx(1 / 3)}
+    assert causes["yellow square"] == {"n": 2, "match_rate": 1.0}
+    assert causes["held-out relation phrasing"] == {"n": 2, "match_rate": 0.5}
+    assert heldout_causes([])["green triangle"] == {"n": 0, "match_rate": None}

@@ -98,8 +98,9 @@ def reconstruction_adherence(ae, n: int, seed: int) -> dict:
 
 
 def adherence_table(pipe, prompts_by_set: dict, scales, steps: int, sampler: str, seed: int, batch: int) -> dict:
-    """{set: {str(scale): adherence report without per-sample details}} and the images of the first scale."""
-    from ldmkit.data.shapes_analysis import adherence_report
+    """{set: {str(scale): adherence report without per-sample details}} and the images of the first scale.
+    The held-out set's reports also hold ``by_cause`` (``shapes_analysis.heldout_causes``)."""
+    from ldmkit.data.shapes_analysis import adherence_report, heldout_causes
 
     results, first_images = {}, {}
     for name, prompts in prompts_by_set.items():
@@ -109,7 +110,9 @@ def adherence_table(pipe, prompts_by_set: dict, scales, steps: int, sampler: str
                                 sampler=sampler, batch_size=batch, progress=False)
             images = [r.image for r in res]
             report = adherence_report(images, prompts)
-            report.pop("samples")
+            samples = report.pop("samples")
+            if name == "heldout":
+                report["by_cause"] = heldout_causes(samples)
             results[name][str(g)] = report
             first_images.setdefault((name, g), images)
     return results, first_images
@@ -302,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:8} " + "".join(f"  {100 * table[name][str(g)]['match_rate']:5.1f}%" for g in scales))
     print(f"{'ceiling':8} " + "".join(f"  {100 * ceiling[name]:5.1f}%" for name in sets)
           + "   (analyser on autoencoder reconstructions of real images, train / heldout)")
+    rate = lambda v: "-" if v is None else f"{100 * v:.1f}%"
+    print(f"held-out prompts by what makes them held out (g={args.guidance}): "
+          + ", ".join(f"{k} {rate(v['match_rate'])} (n={v['n']})" for k, v in headline["heldout"]["by_cause"].items()))
     print()
     print(f"done in {elapsed:.0f}s; outputs in {out}")
     return 0

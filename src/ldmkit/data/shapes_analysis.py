@@ -338,6 +338,27 @@ def adherence_report(images, prompts) -> dict:
     return out
 
 
+def heldout_causes(samples: list[dict]) -> dict:
+    """Match rate of scored held-out prompts (``adherence_report(...)["samples"]``) by what makes
+    each held out: one group per colour-shape pair no training caption has
+    (``shapes.HELDOUT_OBJECTS``, e.g. "green triangle") and one for the held-out relation phrasings
+    (``shapes.HELDOUT_TRIPLES``). A prompt counts in every group it belongs to.
+    ``{group: {"n": prompts, "match_rate": rate or None}}``."""
+    from ldmkit.data.shapes import HELDOUT_OBJECTS, HELDOUT_TRIPLES, parse_caption
+
+    groups: dict[str, list[bool]] = {f"{c} {s}": [] for c, s in sorted(HELDOUT_OBJECTS)}
+    phrasing = "held-out relation phrasing"
+    groups[phrasing] = []
+    for sample in samples:
+        spec = parse_caption(sample["prompt"])
+        for name in dict.fromkeys(f"{o.colour} {o.shape}" for o in spec.objects):
+            if name in groups:
+                groups[name].append(bool(sample["match"]))
+        if spec.triple in HELDOUT_TRIPLES:
+            groups[phrasing].append(bool(sample["match"]))
+    return {k: {"n": len(v), "match_rate": float(np.mean(v)) if v else None} for k, v in groups.items()}
+
+
 def format_report(reports: dict[str, dict]) -> str:
     """A printable table with one row per named report, e.g. ``{"train": r1, "heldout": r2}``."""
     cols = ["n"] + [f"{k}_rate" for k in _RATE_KEYS]
