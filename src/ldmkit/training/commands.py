@@ -36,6 +36,9 @@ def register(sub) -> None:
     a("--preset", help="denoiser preset (ldmkit.denoisers.unet/dit PRESETS)")
     a("--conditioning", choices=("text", "class", "none"))
     a("--text-encoder", help="trainable text transformer preset (tiny, small, base) or minilm (frozen, pretrained)")
+    a("--text-encoder-layer", type=int,
+      help="minilm: read the hidden states after this layer (1-6; 0 = the token embeddings) instead of the "
+           "last ones: earlier layers mix less of the other words into each token")
     a("--objective", choices=("eps", "v", "x0", "flow"))
     a("--schedule", choices=("linear", "scaled_linear", "cosine"))
     a("--loss-weighting", choices=("uniform", "min_snr"))

@@ -75,6 +75,7 @@ class TrainConfig:
     preset: str = "tiny"  # a key of ldmkit.denoisers.{unet,dit}.PRESETS
     conditioning: str = "text"  # "text" | "class" | "none"
     text_encoder: str = "tiny"  # preset of the trainable text transformer, or "minilm" (frozen, pretrained)
+    text_encoder_layer: int | None = None  # minilm: read the hidden states after this layer (None: the last)
     objective: str = "eps"  # "eps" | "v" | "x0" | "flow"
     schedule: str = "scaled_linear"  # noise schedule name (ignored for "flow")
     num_train_timesteps: int = 1000
@@ -149,6 +150,10 @@ class TrainConfig:
         if self.timestep_sampling not in ("auto", *TIMESTEP_SAMPLING):
             raise ValueError(f"timestep_sampling must be 'auto' or one of {TIMESTEP_SAMPLING}, "
                              f"got {self.timestep_sampling!r}")
+        if self.text_encoder_layer is not None and (self.conditioning != "text" or self.text_encoder != "minilm"):
+            raise ValueError("text_encoder_layer picks a hidden layer of the frozen minilm encoder; it needs "
+                             f"conditioning 'text' and text_encoder 'minilm', got {self.conditioning!r} / "
+                             f"{self.text_encoder!r}")
         if not 0.0 <= self.word_drop < 1.0:
             raise ValueError(f"word_drop must be in [0, 1), got {self.word_drop}")
         if self.word_drop and not self.drop_words:
@@ -749,7 +754,7 @@ NUMERIC_FIELDS = ("latents", "autoencoder", "denoiser", "preset", "conditioning"
                   "batch_size", "grad_accum", "lr", "lr_schedule", "warmup_steps", "weight_decay", "adam_betas",
                   "grad_clip", "ema_decay", "ema_warmup", "cond_drop", "precision", "seed", "spatial",
                   "noise_level_max", "position_features", "context_adapter_layers", "init_from", "stage1_latents",
-                  "stage1_steps", "word_drop", "drop_words")
+                  "stage1_steps", "word_drop", "drop_words", "text_encoder_layer")
 
 
 def drop_words(text: str, words, keep) -> str:
@@ -884,7 +889,8 @@ def build_conditioner(c: TrainConfig, data, init_state: dict | None = None,
         from ldmkit.conditioning import BertTextEncoder
 
         # word pieces ~ 1.3 per word, plus [CLS]/[SEP]; room for longer prompts at sampling time
-        return BertTextEncoder.from_pretrained(max_length=max(16, 2 * longest + 8), use_mask=True)
+        return BertTextEncoder.from_pretrained(max_length=max(16, 2 * longest + 8), use_mask=True,
+                                               hidden_layer=c.text_encoder_layer)
     if init_state is not None and "text_encoder" in init_state:
         from ldmkit.conditioning.text import TransformerTextConfig, word_tokenizer_from_vocab
 
