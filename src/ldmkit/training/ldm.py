@@ -305,8 +305,9 @@ class LDMTrainer:
             if resume:
                 self._resume_state = init_state
         self.stage1_captions = self._stage1_captions() if c.stage1_steps else None
-        self.max_caption_words = max((len(str(t).split()) for t in [*(self.data.captions or ()),
-                                                                    *(self.stage1_captions or ())]), default=0)
+        # word_drop draws one number per word position of the longest caption as drawn (stage 1's stay whole)
+        self.max_caption_words = (max((len(str(t).split()) for t in set(self.data.captions or ())), default=0)
+                                  if c.word_drop else 0)
         self.conditioner = build_conditioner(c, self.data, init_state, self.stage1_captions)
         self.denoiser = build_denoiser(c, self.data, self.conditioner, self.spatial)
         torch.manual_seed(c.seed)  # nothing below draws; kept so model init order changes stay seeded
