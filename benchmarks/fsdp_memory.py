@@ -5,7 +5,7 @@ Each mode runs `LDMTrainer` with strategy "fsdp" under `torch.distributed.run --
 (gloo on CPU, nccl on CUDA) for a few steps of an SD1.5-layout UNet with halved widths
 (160, 320, 640, 640; ~220 M parameters) on 32x32x4 latents, batch 2, a trainable `tiny` text
 encoder of the UNet's cross-attention width. Every rank reports its peak RSS (a high-water mark:
-it includes building the model and the EMA copy before sharding; on CUDA also
+it includes building the whole model before sharding; the EMA is sharded like the model; on CUDA also
 torch.cuda.max_memory_allocated) and the step time.
 
     python benchmarks/fsdp_memory.py [--device cpu] [--steps 3] [--out benchmarks/results/fsdp_memory.json]

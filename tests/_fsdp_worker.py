@@ -4,11 +4,13 @@
     python -m torch.distributed.run --nproc_per_node 2 tests/_fsdp_worker.py resume AE_DIR PREFIX
     python -m torch.distributed.run --nproc_per_node 2 tests/_fsdp_worker.py steps AE_DIR PREFIX ddp compile
 
-`steps`: 3 optimiser steps, then the full (gathered) weights and the losses (optionally with
+`steps`: 3 optimiser steps, then the full (gathered) weights and EMA weights, the losses and how many
+numbers this rank's EMA holds (optionally with
 another strategy and/or `compile=True`).
 `resume`: run A trains 4 steps with a checkpoint every 2 (`run()`, as `ldm train` does); run B
 starts fresh and resumes from A's step-2 checkpoint to step 4; run C resumes the same checkpoint
-under DDP. Writes the runs' final gathered weights and the training-state files this rank wrote.
+under DDP; run D is a new run initialised from that checkpoint (`init_from`). Writes the runs' final
+gathered weights (D's at its start) and the training-state files this rank wrote.
 Output: PREFIX-rankR.pt per rank.
 """
 import sys
@@ -43,7 +45,10 @@ def steps(ctx, ae_dir: str, prefix: str, strategy: str = "fsdp", compile: str = 
     trainer = LDMTrainer(cfg, ctx, data=make_data())
     losses = [trainer.train_step()["loss"] for _ in range(trainer.config.steps)]
     blocks = tuple(distributed.fsdp_block_classes())
+    sharded_ema = isinstance(trainer.ema, distributed.ShardedEMA)
     return {"weights": full_weights(trainer), "losses": torch.tensor(losses),
+            "ema": {k: v.clone() for k, v in trainer.ema.state_dict()["weights"].items()},
+            "ema_numel": sum(t.numel() for t in trainer.ema.shadow) if sharded_ema else -1,
             "sharded": distributed.is_sharded(trainer.wrapped),
             "fsdp_units": sum(type(m).__name__ == "FullyShardedDataParallel" for m in trainer.wrapped.modules()),
             "blocks": sum(isinstance(m, blocks) for m in trainer.wrapped.modules())}
@@ -69,9 +74,14 @@ def resume(ctx, ae_dir: str, prefix: str) -> dict:
         c.load_checkpoint(f"{prefix}-a/checkpoints/step-2.pt")
         while c.step < cfg.steps:
             c.train_step()
+        # run D: a new FSDP run that starts from A's step-2 weights and EMA (--init-from)
+        d = LDMTrainer(make_config(ae_dir, prefix + "-d", init_from=f"{prefix}-a/checkpoints/step-2.pt"), ctx,
+                       data=make_data())
+        d_start = {"model": full_weights(d), "ema": d.ema.state_dict()}
     finally:
         common.save_training_state = save
     return {"a": full_weights(a), "b": full_weights(b), "c": full_weights(c), "writes": writes, "b_step": b.step,
+            "d_start": d_start,
             "ema_a": {k: v.clone() for k, v in a.ema.module.state_dict().items()},
             "ema_b": {k: v.clone() for k, v in b.ema.module.state_dict().items()}}
 

@@ -140,6 +140,7 @@ def test_fsdp_two_gloo_processes_match_one(tmp_path):
     init = {k: v.clone() for k, v in one.model.state_dict().items()}
     losses = torch.tensor([one.train_step()["loss"] for _ in range(one.config.steps)])
     ref = one.model.state_dict()
+    ref_ema = one.ema.module.state_dict()
 
     assert torch.allclose(r0["losses"], losses, rtol=1e-4, atol=1e-6), (r0["losses"], losses)
     assert set(r0["weights"]) == set(ref)  # plain names: no FSDP / module prefixes
@@ -150,6 +151,16 @@ def test_fsdp_two_gloo_processes_match_one(tmp_path):
         assert_close_training(r0["weights"][k], v, init[k], k)
         moved = max(moved, float((v.float() - init[k].float()).abs().max()))
     assert moved > 20 * FSDP_ATOL  # training moved the weights far beyond the tolerance (~2e-3)
+
+    # the EMA is sharded like the model: each rank averages only its part of the trainable weights...
+    trainable = sum(p.numel() for p in one.model.parameters() if p.requires_grad)
+    assert 0 < r0["ema_numel"] < trainable and r0["ema_numel"] + r1["ema_numel"] == trainable
+    # ...and, gathered, equals the one-process EMA (the decay 0.9 warm-up keeps it close to the weights)
+    assert set(r0["ema"]) == set(ref_ema)
+    for k, v in ref_ema.items():
+        assert torch.equal(r0["ema"][k], r1["ema"][k]), k
+        assert_close_training(r0["ema"][k], v, init[k], "ema " + k)
+    assert any(not torch.equal(r0["ema"][k], r0["weights"][k]) for k in ref_ema)  # it is not the live weights
 
 
 def test_fsdp_checkpoints_and_exact_resume(tmp_path):
@@ -175,6 +186,15 @@ def test_fsdp_checkpoints_and_exact_resume(tmp_path):
         assert torch.equal(r0["a"][k], r0["b"][k]), k
     for k in r0["ema_a"]:
         assert torch.equal(r0["ema_a"][k], r0["ema_b"][k]), k
+
+    # a run initialised from the step-2 checkpoint starts from its weights and EMA (each rank taking
+    # its shards of them), under this run's EMA settings
+    step2 = load_training_state(ckdir / "step-2.pt")
+    d = r0["d_start"]
+    assert d["ema"]["num_updates"] == step2["ema"]["num_updates"] == 2
+    for k, v in step2["model"].items():
+        assert torch.equal(d["model"][k], v), k
+        assert torch.equal(d["ema"]["weights"][k], step2["ema"]["weights"][k]), k
 
     # the checkpoint holds the full weights under the plain names, and named optimiser state
     state = load_training_state(ckdir / "step-4.pt")

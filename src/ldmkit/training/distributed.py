@@ -15,8 +15,9 @@ FSDP notes (torch 2.13, FSDP1 with `use_orig_params=True`):
 * After wrapping, the original Parameter objects stay the optimiser's
   parameters but hold this rank's flat shard (1-D, often empty): anything that
   looks at shapes (weight-decay groups) must be decided before `wrap`, and
-  anything that needs the whole tensors (EMA, export) goes through
-  `full_params` or `full_state_dict`.
+  anything that needs the whole tensors (export, sample grids) goes through
+  `full_params` or `full_state_dict`. The EMA (`ShardedEMA`) averages the
+  shards in place and is gathered only when it is read.
 * Checkpoints use torch.distributed.checkpoint.state_dict with
   full_state_dict=True: unsharded model weights under the plain module's names
   and an optimiser state keyed by parameter name. CPU offload of the gathered
@@ -26,6 +27,7 @@ FSDP notes (torch 2.13, FSDP1 with `use_orig_params=True`):
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import os
 from dataclasses import dataclass
@@ -146,7 +148,7 @@ def wrap(model: nn.Module, ctx: DistContext, strategy: str = "ddp", per_block: b
 def fsdp_block_classes() -> set[type[nn.Module]]:
     """The blocks FSDP shards as units of their own: each gathers its weights for its own forward
     and backward only, so a training step holds about one block's full weights at a time beside the
-    shards (the EMA update, which gathers everything, aside)."""
+    shards."""
     from ldmkit.denoisers.dit import DiTBlock
     from ldmkit.nn.blocks import ResnetBlock2D
     from ldmkit.nn.transformer import Transformer2D
@@ -273,3 +275,115 @@ def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
                              f"{unknown[:5]}")
         state = _renumber(state, lambda n: index[n])
     optimizer.load_state_dict(state)
+
+
+def meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module` whose parameters live on the meta device (shapes only, no memory);
+    buffers are copied as they are (FSDP does not shard them, and the non-persistent ones are in no
+    state dict to fill them from)."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in module.parameters()}
+    memo.update({id(b): b.detach().clone() for b in module.buffers()})
+    return copy.deepcopy(module, memo)
+
+
+class ShardedEMA:
+    """EMA of an FSDP-wrapped model kept in the model's own sharding.
+
+    Every rank averages the shards its parameters hold (`use_orig_params=True` leaves each original
+    Parameter a 1-D view of this rank's part of the flat parameter), so the EMA costs 1/N of the
+    trainable weights per rank and its update needs no communication. Frozen parameters are not
+    copied (they equal the model's); buffers, which FSDP does not shard, are averaged whole like
+    `common.EMA` does.
+
+    Reading it whole is collective (every rank must call `state_dict` / `module`): the EMA shards
+    are swapped into the model's parameters, the model is gathered as `full_state_dict` does, and
+    the training shards are swapped back. The state has the layout of `common.EMA.state_dict`, so
+    checkpoints resume under any strategy.
+    """
+
+    def __init__(self, model: nn.Module, ctx: DistContext, template: nn.Module, decay: float = 0.9999,
+                 warmup: bool = True):
+        """`template`: `meta_copy` of the plain module, taken before wrapping (whole shapes)."""
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay={decay}; must be in [0, 1)")
+        if not is_sharded(model):
+            raise ValueError("ShardedEMA needs an FSDP-wrapped model; use common.EMA otherwise")
+        self.wrapped, self.ctx, self._template = model, ctx, template
+        self.decay, self.warmup, self.num_updates = decay, warmup, 0
+        plain = unwrap(model)
+        self.params = [p for p in plain.parameters() if p.requires_grad]
+        self.buffers = list(plain.buffers())
+        with torch.no_grad():
+            self.shadow = [t.detach().clone() for t in self.params + self.buffers]
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module | None = None) -> None:
+        """One EMA step from the model's current shards (`model` is ignored: the wrapped model the
+        EMA was built on is read)."""
+        d = self.current_decay()
+        floats = [(s, t) for s, t in zip(self.shadow, self.params + self.buffers) if s.dtype.is_floating_point]
+        for s, t in zip(self.shadow, self.params + self.buffers):
+            if not s.dtype.is_floating_point:
+                s.copy_(t)
+        if floats:
+            torch._foreach_lerp_([s for s, _ in floats], [t.detach().to(s.dtype) for s, t in floats], 1.0 - d)
+        self.num_updates += 1
+
+    @contextlib.contextmanager
+    def _swapped(self):
+        """The model's parameters and buffers hold the EMA values inside the block."""
+        live = self.params + self.buffers
+        with torch.no_grad():
+            saved = [t.detach().clone() for t in live]
+            for t, s in zip(live, self.shadow):
+                t.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for t, s in zip(live, saved):
+                    t.copy_(s)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The whole EMA weights under the plain module's names (collective; on CUDA only rank 0
+        receives them, as in `full_state_dict`)."""
+        with self._swapped():
+            return {k: v.detach().clone() for k, v in full_state_dict(self.wrapped, self.ctx).items()}
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates,
+                "weights": self.weights()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load a `common.EMA` / `ShardedEMA` state (collective): each rank keeps its shard of it."""
+        self.decay, self.warmup = state["decay"], state["warmup"]
+        self.num_updates = int(state["num_updates"])
+        live = self.params + self.buffers
+        with torch.no_grad():
+            saved = [t.detach().clone() for t in live]
+            try:
+                load_full_state_dict(self.wrapped, state["weights"])
+                for s, t in zip(self.shadow, live):
+                    s.copy_(t)
+            finally:
+                for t, v in zip(live, saved):
+                    t.copy_(v)
+
+    @property
+    def module(self) -> nn.Module | None:
+        """The plain module holding the whole EMA weights, a new one per call (collective; None on
+        the ranks that receive no tensors, see `weights`)."""
+        state = self.weights()
+        if not state:
+            return None
+        module = copy.deepcopy(self._template)
+        module.load_state_dict(state, assign=True)
+        for p in module.parameters():
+            p.requires_grad_(False)
+        return module.eval()
