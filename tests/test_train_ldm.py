@@ -31,6 +31,11 @@ def make_data(n=16, seed=0, nan=False):
     return LatentData(mean, std, captions=[CAPTIONS[i % len(CAPTIONS)] for i in range(n)])
 
 
+def labelled_data():
+    g = torch.Generator().manual_seed(0)
+    return LatentData(torch.randn(16, 4, 8, 8, generator=g), labels=torch.arange(16) % 3)
+
+
 def config(tmp_path, **kw):
     base = dict(latents="memory", autoencoder=str(tmp_path / "ae"), out=str(tmp_path / "run"), preset="tiny",
                 text_encoder="tiny", steps=6, batch_size=4, lr=1e-3, warmup_steps=2, checkpoint_every=3,
@@ -151,11 +156,8 @@ def test_stratified_timesteps_reach_the_training_step(tmp_path, ae_dir):
 
 
 def test_class_conditioning_and_dit(tmp_path, ae_dir):
-    labels = torch.arange(16) % 3
-    g = torch.Generator().manual_seed(0)
-    data = LatentData(torch.randn(16, 4, 8, 8, generator=g), labels=labels)
     cfg = config(tmp_path, conditioning="class", denoiser="dit", preset="tiny", steps=2, sample_prompts=(0, 1))
-    trainer = LDMTrainer(cfg, data=data)
+    trainer = LDMTrainer(cfg, data=labelled_data())
     folder = trainer.run()
     from ldmkit import pipelines
 
@@ -361,3 +363,26 @@ def test_bundled_demo_model_samples():
     assert pipe.conditioning == "text" and pipe.latent_size == (8, 8)
     out = pipe.text2img("a blue triangle above a red circle", num=1, seed=0, steps=2, progress=False)
     assert out[0].image.size == (32, 32)
+
+
+@pytest.mark.parametrize("kw", [{}, {"cond_drop": 0.0},
+                                {"conditioning": "class", "denoiser": "dit", "sample_prompts": (0, 1)}])
+def test_unused_parameter_probe(tmp_path, ae_dir, kw):
+    """The probe that decides DDP's find_unused_parameters: every trainable parameter of these runs
+    is reached (so DDP skips the per-step graph walk), a parameter no step uses is named, and the
+    probe leaves the run as it was (gradients cleared, global RNG restored)."""
+    data = labelled_data if "conditioning" in kw else make_data
+    plain = LDMTrainer(config(tmp_path, **kw), data=data())
+    probed = LDMTrainer(config(tmp_path, out=str(tmp_path / "probed"), **kw), data=data())
+    rng = torch.get_rng_state()
+    assert probed.unused_parameters() == []
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in probed.model.parameters())
+    for _ in range(2):
+        plain.train_step(), probed.train_step()
+    a, b = weights(plain), weights(probed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    probed.model.conditioner.register_parameter("spare", torch.nn.Parameter(torch.zeros(3)))
+    probed.model.denoiser.register_parameter("frozen_spare", torch.nn.Parameter(torch.zeros(2), requires_grad=False))
+    assert probed.unused_parameters() == ["conditioner.spare"]  # frozen parameters are not DDP's concern

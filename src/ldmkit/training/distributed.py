@@ -124,9 +124,13 @@ def shutdown(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, ctx: DistContext, strategy: str = "ddp", per_block: bool = True) -> nn.Module:
+def wrap(model: nn.Module, ctx: DistContext, strategy: str = "ddp", per_block: bool = True,
+         find_unused: bool = True) -> nn.Module:
     """Wrap `model` for data-parallel training (no-op for one process). Under FSDP with `per_block`
-    every block of `fsdp_block_classes` is a unit of its own inside the root unit."""
+    every block of `fsdp_block_classes` is a unit of its own inside the root unit. Under DDP
+    `find_unused` is DDP's find_unused_parameters: needed when a step may not reach every trainable
+    parameter (without it the next step fails), at the cost of a walk of the autograd graph per step;
+    the LDM trainer probes its model to decide (`LDMTrainer.unused_parameters`)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"distributed strategy {strategy!r} is not one of {STRATEGIES}")
     if not ctx.distributed:
@@ -140,9 +144,7 @@ def wrap(model: nn.Module, ctx: DistContext, strategy: str = "ddp", per_block: b
         # device_id also on CPU: without it FSDP looks for an accelerator and refuses to run
         return FSDP(model, use_orig_params=True, device_id=ctx.device, auto_wrap_policy=policy)
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    # find_unused_parameters: conditioners may not use every parameter (e.g. a null
-    # embedding only reached through condition dropout).
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
 
 
 def fsdp_block_classes() -> set[type[nn.Module]]:

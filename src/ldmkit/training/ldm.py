@@ -341,6 +341,9 @@ class LDMTrainer:
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or "norm" in name or "embedding" in name.split(".")[-2:] else decay).append(p)
         groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.precision)
+        # DDP looks for parameters a step leaves unused only if a probe step finds some
+        find_unused = bool(self.unused_parameters()) if self.ctx.distributed and c.strategy == "ddp" else True
         if c.compile:
             # the denoiser only, compiled in place: tokenisation and condition dropout stay eager
             # Python (compiling Stage2 whole recompiled for every new batch of captions), and the
@@ -348,7 +351,8 @@ class LDMTrainer:
             self.model.denoiser.compile()
         # FSDP shards each block as a unit of its own, except around a compiled denoiser: inductor
         # fails on the nested units' flat parameters there (torch 2.13), so the model is one unit
-        self.wrapped = distrib.wrap(self.model, self.ctx, c.strategy, per_block=not c.compile)
+        self.wrapped = distrib.wrap(self.model, self.ctx, c.strategy, per_block=not c.compile,
+                                    find_unused=find_unused)
         if sharded_ema:
             self.ema = distrib.ShardedEMA(self.wrapped, self.ctx, ema_template, c.ema_decay, c.ema_warmup)
             if init_state is not None and not resume:
@@ -360,7 +364,6 @@ class LDMTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_lambda(s, c.warmup_steps, c.steps, c.lr_schedule))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=c.precision == "fp16")
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.precision)
 
     # ---- data -------------------------------------------------------------------------
     def _rank_indices(self, epoch: int) -> list[int]:
@@ -428,8 +431,10 @@ class LDMTrainer:
             low = augment_low_res(low, labels, draws["lr_noise"][rows].to(self.device))
         return self.spatial.encode([{"image": x} for x in low], size).concat, labels
 
-    def micro_loss(self, step: int, micro: int, draws: dict) -> torch.Tensor:
+    def micro_loss(self, step: int, micro: int, draws: dict, model: nn.Module | None = None) -> torch.Tensor:
+        """The loss of micro-batch `micro` of step `step` through `model` (default: the wrapped model)."""
         c = self.config
+        model = model if model is not None else self.wrapped
         idx = self.batch_indices(step, micro)
         rows = self.global_rows(micro)
         batch = self.data.get(idx)
@@ -451,10 +456,37 @@ class LDMTrainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             def model_fn(x, tt):
                 if concat is None and labels is None:
-                    return self.wrapped(x, tt, conditions, drop)
-                return self.wrapped(x, tt, conditions, drop, concat=concat, labels=labels)
+                    return model(x, tt, conditions, drop)
+                return model(x, tt, conditions, drop, concat=concat, labels=labels)
             loss = diffusion_loss(model_fn, z0, t, noise, self.schedule, c)
         return loss.float()
+
+    def unused_parameters(self) -> list[str]:
+        """Names of the trainable parameters a training step of this run may leave unreached (any
+        rank's; DDP needs find_unused_parameters for them), found by a forward and backward of
+        step 0's first micro-batch on the plain model: once with no condition dropped and, with
+        condition dropout, once with all dropped. Gradients are cleared and the global RNG state
+        restored afterwards, so the run itself is unchanged. Collective in a distributed run."""
+        c = self.config
+        rng = common.rng_state()
+        draws = self.draw(0)
+        patterns = [torch.zeros_like(draws["drop"])] + ([torch.ones_like(draws["drop"])] if c.cond_drop > 0 else [])
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        unused: set[str] = set()
+        self.model.train()
+        try:
+            for drop in patterns:
+                self.model.zero_grad(set_to_none=True)
+                self.micro_loss(0, 0, {**draws, "drop": drop}, model=self.model).backward()
+                unused |= {n for n, p in trainable if p.grad is None}
+        finally:
+            self.model.zero_grad(set_to_none=True)
+            common.set_rng_state(rng)
+        # every rank must build DDP the same way: all take the union of what any rank found
+        names = [n for n, _ in trainable]
+        flags = torch.tensor([float(n in unused) for n in names], device=self.device)
+        flags = self.ctx.all_reduce_max(flags) if names else flags
+        return [n for n, f in zip(names, flags.tolist()) if f > 0]
 
     def train_step(self) -> dict:
         """One optimiser step (with accumulation). Returns {'loss', 'grad_norm', 'skipped', 'lr'}."""
