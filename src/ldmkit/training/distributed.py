@@ -366,16 +366,11 @@ class ShardedEMA:
         """Load a `common.EMA` / `ShardedEMA` state (collective): each rank keeps its shard of it."""
         self.decay, self.warmup = state["decay"], state["warmup"]
         self.num_updates = int(state["num_updates"])
-        live = self.params + self.buffers
-        with torch.no_grad():
-            saved = [t.detach().clone() for t in live]
-            try:
-                load_full_state_dict(self.wrapped, state["weights"])
-                for s, t in zip(self.shadow, live):
+        with self._swapped():  # the model takes its shards of the weights; the shadow copies them
+            load_full_state_dict(self.wrapped, state["weights"])
+            with torch.no_grad():
+                for s, t in zip(self.shadow, self.params + self.buffers):
                     s.copy_(t)
-            finally:
-                for t, v in zip(live, saved):
-                    t.copy_(v)
 
     @property
     def module(self) -> nn.Module | None:
