@@ -16,7 +16,7 @@ FSDP notes (torch 2.13, FSDP1 with `use_orig_params=True`):
   parameters but hold this rank's flat shard (1-D, often empty): anything that
   looks at shapes (weight-decay groups) must be decided before `wrap`, and
   anything that needs the whole tensors (export, sample grids) goes through
-  `full_params` or `full_state_dict`. The EMA (`ShardedEMA`) averages the
+  `full_state_dict`. The EMA (`ShardedEMA`) averages the
   shards in place and is gathered only when it is read.
 * Checkpoints use torch.distributed.checkpoint.state_dict with
   full_state_dict=True: unsharded model weights under the plain module's names
@@ -193,20 +193,6 @@ def _options(model: nn.Module):
 
     on_cpu = all(p.device.type == "cpu" for p in model.parameters())
     return StateDictOptions(full_state_dict=True, cpu_offload=not on_cpu)
-
-
-def full_params(model: nn.Module):
-    """Context in which the plain module inside `model` holds whole (unsharded) parameters.
-
-    Under FSDP every rank gathers the full tensors (read-only: changes are not written
-    back); for DDP / a single process it is a null context.
-    """
-    fsdp = _fsdp(model)
-    if fsdp is None:
-        return contextlib.nullcontext()
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    return FSDP.summon_full_params(fsdp, writeback=False, rank0_only=False)
 
 
 def full_state_dict(model: nn.Module, ctx: DistContext) -> dict[str, torch.Tensor]:
