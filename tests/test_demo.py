@@ -32,9 +32,9 @@ def _run(tmp_path, procs):
     run = json.loads((out / "ldm" / "config.json").read_text())["training"]
     assert run["stage1_latents"].endswith("latents_forward") and run["stage1_steps"] == 2 and run["steps"] == 4
     assert run["position_features"] and run["context_adapter_layers"] == 2
-    assert run["timestep_sampling"] == "stratified" and run["text_encoder_layer"] == 3
+    assert run["timestep_sampling"] == "stratified" and run["text_encoder_layer"] == 2
     index = json.loads((out / "model" / "conditioner" / "config.json").read_text())
-    assert index["config"]["hidden_layer"] == 3  # the exported model reads the same layer
+    assert index["config"]["hidden_layer"] == 2  # the exported model reads the same layer
     return out
 
 

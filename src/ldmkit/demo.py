@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20, help="sampling steps")
     p.add_argument("--preset", default="tiny", help="UNet preset")
     p.add_argument("--text-encoder", default="minilm", help="minilm (frozen, pretrained) or a trainable preset")
-    p.add_argument("--text-encoder-layer", type=int, default=3,
+    p.add_argument("--text-encoder-layer", type=int, default=2,
                    help="minilm: the hidden layer (of 6) whose states the UNet reads; -1: the last")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--stage1-fraction", type=float, default=0.5,
