@@ -55,7 +55,8 @@ def worker(mode: str, ae_dir: str, out: str, steps: int, device: str) -> None:
            "fsdp_units": sum(type(m).__name__ == "FullyShardedDataParallel" for m in trainer.wrapped.modules())}
     if ctx.device.type == "cuda":
         row["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() // 2**20
-    print("ROW " + json.dumps(row), flush=True)
+    with open(f"{out}-rank{ctx.rank}.json", "w") as f:  # a file per rank: printed rows can interleave
+        json.dump(row, f)
     distributed.shutdown(ctx)
 
 
@@ -93,7 +94,10 @@ def main() -> int:
             if done.returncode != 0:
                 print(done.stderr[-3000:], file=sys.stderr)
                 return 1
-            rows = [json.loads(line[4:]) for line in done.stdout.splitlines() if line.startswith("ROW ")]
+            rows = []
+            for rank in range(2):
+                with open(os.path.join(tmp, f"{mode}-rank{rank}.json")) as f:
+                    rows.append(json.load(f))
             result["modes"][mode] = sorted(rows, key=lambda r: r["rank"])
             print(mode, rows)
     peak = {m: max(r["peak_rss_mb"] for r in rows) for m, rows in result["modes"].items()}
