@@ -49,7 +49,7 @@ def test_two_gloo_processes_match_one(tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
     multi = _torchrun(WORKER, ae, tmp_path / "ddp")
     assert multi.returncode == 0, multi.stderr[-3000:]
-    assert "find_unused_parameters=True was specified" not in multi.stderr  # the per-run DDP note is silenced
+    assert "find_unused_parameters=True was specified" not in multi.stderr  # no unused parameters: DDP runs without the walk
     one = torch.load(tmp_path / "single-rank0.pt", weights_only=True)
     r0 = torch.load(tmp_path / "ddp-rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "ddp-rank1.pt", weights_only=True)
@@ -186,7 +186,7 @@ def test_fsdp_checkpoints_and_exact_resume(tmp_path):
         assert torch.equal(r0["ema_a"][k], r0["ema_b"][k]), k
 
     # a run initialised from the step-2 checkpoint starts from its weights and EMA (each rank taking
-    # its shards of them), under this run's EMA settings
+    # its shards of them)
     step2 = load_training_state(ckdir / "step-2.pt")
     d = r0["d_start"]
     assert d["ema"]["num_updates"] == step2["ema"]["num_updates"] == 2
