@@ -143,6 +143,7 @@ def test_trim_padding_keeps_the_denoiser_output():
     assert 8 < longest <= 16  # the captions need far fewer columns than max_length
     tc, tn = trim_padding(cond, null)
     assert tc.context.shape[1] == tn.context.shape[1] == 16 and tc.mask.shape == (4, 16)
+    assert tc.context.is_contiguous()  # copied once, not by every key / value projection
     assert torch.equal(tc.context, cond.context[:, :16]) and torch.equal(tn.mask, null.mask[:, :16])
     assert not cond.mask[:, 16:].any() and not null.mask[:, 16:].any()  # nothing attended was dropped
     both = Conditioning.cat([tn, tc])  # still concatenates for CFG

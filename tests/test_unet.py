@@ -249,3 +249,34 @@ def test_extensions_are_saved_and_refused_by_diffusers_export(tmp_path):
     with pytest.raises(ValueError, match="cross-attention"):
         dataclasses.replace(base_cfg, context_adapter_layers=1, mid_block_type=None,
                             down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+
+
+@pytest.mark.parametrize("name", ["sd1-conv-heads8", "sd2-linear-perlevel-upcast"])
+def test_training_gradients_match_diffusers(name):
+    """With gradients on, our training-time paths (the GEGLU autograd function, the NCHW-contiguous
+    spatial-transformer output) give diffusers' loss and parameter gradients on the same weights."""
+    torch.manual_seed(2)
+    ref = _diffusers_unet(**CASES[name]).train()
+    _randomise(ref)
+    ours = _ours_from(ref).train()
+    x, ctx = torch.randn(3, 4, 8, 8), torch.randn(3, 5, 24)
+    t = torch.tensor([1.0, 500.0, 999.0])
+    target = torch.randn(3, 4, 8, 8)
+    loss_ref = (ref(x, t, encoder_hidden_states=ctx).sample - target).square().mean()
+    loss_ours = (ours(x, t, ctx) - target).square().mean()
+    loss_ref.backward()
+    loss_ours.backward()
+    assert abs(loss_ours.item() - loss_ref.item()) <= 1e-6
+    theirs = dict(ref.named_parameters())
+    for key, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, theirs[key].grad, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_spatial_transformer_hands_back_nchw_memory():
+    """The spatial transformer's output is NCHW in memory as well as in shape: a channels-last view
+    would turn every later convolution channels-last (a weight copy per conv)."""
+    for linear in (False, True):
+        cfg = dataclasses.replace(PRESETS["tiny"], use_linear_projection=linear)
+        block = UNet(cfg).down_blocks[0].attentions[0]
+        out = block(torch.randn(2, 32, 8, 8), torch.randn(2, 3, 32))
+        assert out.is_contiguous()

@@ -109,8 +109,9 @@ def trim_padding(*conds: Conditioning | None, multiple: int = 8) -> tuple:
     length = min(used.shape[0], -(-length // multiple) * multiple)
     if length == used.shape[0]:
         return conds
+    # contiguous: every key / value projection would otherwise copy the strided view on its own
     return tuple(c if c is None or c.context is None else
-                 c.replace(context=c.context[:, :length], mask=c.mask[:, :length]) for c in conds)
+                 c.replace(context=c.context[:, :length].contiguous(), mask=c.mask[:, :length]) for c in conds)
 
 
 def mix(cond: Conditioning, null: Conditioning, keep: torch.Tensor) -> Conditioning:

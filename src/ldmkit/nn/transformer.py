@@ -25,6 +25,62 @@ from ldmkit.nn.embeddings import PositionInjection
 FF_ACTIVATIONS = ("geglu", "gelu", "gelu-approximate")
 
 
+class _GEGLUFunction(torch.autograd.Function):
+    """``h * gelu(gate)`` with ``h = linear(x, weight[:inner])``, ``gate = linear(x, weight[inner:])``:
+    the product of ``linear(x, weight).chunk(2)``, computed as two GEMMs into contiguous halves, with
+    a hand-written backward. Autograd over the chunked projection would run every elementwise op on
+    strided halves (2-3x slower on CPU than on contiguous memory), keep ``gelu(gate)`` alive until
+    the backward and concatenate the two input gradients there (the backward of ``chunk``). Here
+    ``gelu(gate)`` is recomputed, the gradients of the halves go straight into their GEMMs and into
+    row blocks of the weight gradient: on CPU a GEGLU forward + backward takes 15-20 % less time
+    (one thread; 64x64x32 -> 128 and 2x4096x320 -> 1280 tokens x features) and keeps one
+    [N, inner] activation less. Under autocast the projections run in the autocast dtype, as
+    ``nn.Linear`` would."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        device_type = x.device.type
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        inner = weight.shape[0] // 2
+        with torch.autocast(device_type, enabled=False):
+            hidden = F.linear(x, weight[:inner], None if bias is None else bias[:inner])
+            gate = F.linear(x, weight[inner:], None if bias is None else bias[inner:])
+            out = F.gelu(gate).mul_(hidden)
+        ctx.save_for_backward(x, weight, hidden, gate)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, hidden, gate = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        inner = hidden.shape[-1]
+        grad = grad.to(hidden.dtype)
+        grad_hidden = F.gelu(gate).mul_(grad).reshape(-1, inner)
+        grad_gate = torch.mul(grad, hidden)
+        torch.ops.aten.gelu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
+        grad_gate = grad_gate.reshape(-1, inner)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            if hidden.dtype in (torch.float16, torch.bfloat16):  # one GEMM: a single rounding of the sum
+                grad_x = torch.cat([grad_hidden, grad_gate], dim=1) @ weight
+            else:
+                grad_x = torch.mm(grad_hidden, weight[:inner]).addmm_(grad_gate, weight[inner:])
+            grad_x = grad_x.view(x.shape).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            x2 = x.reshape(-1, x.shape[-1])
+            grad_w = torch.empty_like(weight)
+            torch.mm(grad_hidden.t(), x2, out=grad_w[:inner])
+            torch.mm(grad_gate.t(), x2, out=grad_w[inner:])
+            grad_w = grad_w.to(w_dtype)
+        if b_dtype is not None and ctx.needs_input_grad[2]:
+            grad_b = torch.cat([grad_hidden.sum(0), grad_gate.sum(0)]).to(b_dtype)
+        return grad_x, grad_w, grad_b
+
+
 class GEGLU(nn.Module):
     """Gated GELU (Shazeer 2020): ``proj(x) -> (h, gate)``, ``h * gelu(gate)``."""
 
@@ -33,7 +89,9 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden, gate = self.proj(x).chunk(2, dim=-1)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return _GEGLUFunction.apply(x, self.proj.weight, self.proj.bias)
+        hidden, gate = self.proj(x).chunk(2, dim=-1)  # inference, and inductor, which fuses this itself
         return hidden * F.gelu(gate)
 
 
@@ -155,10 +213,12 @@ class Transformer2D(nn.Module):
             x = x.permute(0, 2, 3, 1).reshape(b, h * w, -1)
         for block in self.transformer_blocks:
             x = block(x, context, context_mask)
+        # back to NCHW in memory too: a channels-last view would make the sum channels-last, and every
+        # later convolution would convert its weights to match (a copy per conv, forward and backward)
         if self.use_linear_projection:
-            x = self.proj_out(x).reshape(b, h, w, -1).permute(0, 3, 1, 2)
+            x = self.proj_out(x).reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
         else:
-            x = self.proj_out(x.reshape(b, h, w, -1).permute(0, 3, 1, 2))
+            x = self.proj_out(x.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous())
         return x + residual
 
 
