@@ -17,11 +17,12 @@ import dataclasses
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
+
+from _memory import peak_rss_mb  # this file's folder is on sys.path when run as a script
 
 WIDTHS = (160, 320, 640, 640)
 
@@ -51,7 +52,7 @@ def worker(mode: str, ae_dir: str, out: str, steps: int, device: str) -> None:
         trainer.train_step()
     step_s = (time.perf_counter() - t0) / steps
     row = {"mode": mode, "rank": ctx.rank, "step_s": round(step_s, 3),
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+           "peak_rss_mb": round(peak_rss_mb()),
            "fsdp_units": sum(type(m).__name__ == "FullyShardedDataParallel" for m in trainer.wrapped.modules())}
     if ctx.device.type == "cuda":
         row["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() // 2**20

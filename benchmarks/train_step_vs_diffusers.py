@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,7 @@ from ldmkit.denoisers.unet import PRESETS, UNetConfig  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from unet_vs_diffusers import twin_unet  # noqa: E402
+from _memory import peak_rss_mb, reset_peak, rss_mb  # noqa: E402
 
 CASES = {
     "demo-text": dict(preset="small", overrides={}, size=8, batch=64, ctx=(16, 128)),
@@ -147,22 +147,15 @@ def memory_child(case: str, which: str, device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _rss_kb()
+        base = rss_mb()
+        reset_peak()  # this process's own peak from here (ru_maxrss would include the parent's)
     for _ in range(2):
         step()
     if device == "cuda":
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+        peak_mb = peak_rss_mb() - base
     print(json.dumps({"peak_mb": peak_mb}))
-
-
-def _rss_kb() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def memory(case: str, which: str, device: str) -> float:

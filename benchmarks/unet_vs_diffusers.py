@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from ldmkit.denoisers.unet import PRESETS, UNet, UNetConfig  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _memory import peak_rss_mb, reset_peak, rss_mb  # noqa: E402
 
 REDUCED = dict(block_out_channels=(64, 128, 256, 256))
 
@@ -118,22 +120,17 @@ def time_pair(case, device, dtype, compile_: bool, repeats: int, warmup: int):
     return med, cpu, peak, diff
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
 def memory_probe(case: str, which: str) -> float:
     """Run in a fresh process: extra peak RSS (MiB) of one fp32 CPU forward."""
     model = build(case, which, "cpu", torch.float32)
     x, t, ctx = inputs(case, "cpu", torch.float32)
     with torch.no_grad():  # tiny warm-up: lazy imports and one-time buffers are not the forward's memory
         call(model, which, x[:1, :, :8, :8], t[:1], ctx[:1])
-    before = _rss_mib()
+    before = rss_mb()
+    reset_peak()  # this process's own peak from here (ru_maxrss would include the parent's)
     with torch.no_grad():
         call(model, which, x, t, ctx)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return peak - before
+    return peak_rss_mb() - before
 
 
 def cpu_peak_memory(case: str) -> dict:
