@@ -13,8 +13,8 @@ Cases (CPU, fp32):
                   shapes captions, 10 % null captions of 2). Both models get the same mask (diffusers:
                   encoder_attention_mask); ours, as Stage2 does, first trims the columns no row attends
                   (conditioning.base.trim_padding: 16 here), diffusers attends over all 28 with a -10000 bias.
-Timing alternates ours / diffusers step by step (so machine load hits both alike) and reports the
-median; peak memory is measured in a fresh subprocess per model as peak RSS during training steps
+Each case is timed in a fresh process of its own; timing alternates ours / diffusers step by step
+(so machine load hits both alike) and reports the median; peak memory is measured in a fresh subprocess per model as peak RSS during training steps
 minus RSS before the first step (on CUDA: torch.cuda.max_memory_allocated).
 
 `--compile` adds a second mode in which BOTH models are compiled in place (nn.Module.compile, as
@@ -158,6 +158,20 @@ def memory_child(case: str, which: str, device: str) -> None:
     print(json.dumps({"peak_mb": peak_mb}))
 
 
+def timing(case: str, repeats: int, device: str, modes) -> dict:
+    """`time_case` in a fresh process: a case's step time then does not depend on which (larger)
+    cases ran before it. The C allocator keeps the heap a larger model grew and raises its mmap
+    threshold, so a small model timed after reduced-sd15 in one process gets its tensors without
+    page faults, which it never does in a run of its own (demo-minilm after reduced-sd15: 1.14x;
+    alone: 1.20-1.27x, 2026-12-04)."""
+    cmd = [sys.executable, __file__, "--timing-child", case, "--repeats", str(repeats), "--device", device,
+           "--modes", *modes]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"timing {case} failed (exit {out.returncode}):\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def memory(case: str, which: str, device: str) -> float:
     out = subprocess.run([sys.executable, __file__, "--memory-child", case, which, "--device", device],
                          capture_output=True, text=True, check=True)
@@ -173,9 +187,14 @@ def main() -> int:
     p.add_argument("--no-eager", action="store_true", help="with --compile: skip the eager mode")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_step.json"))
     p.add_argument("--memory-child", nargs=2, metavar=("CASE", "WHICH"), help=argparse.SUPPRESS)
+    p.add_argument("--timing-child", metavar="CASE", help=argparse.SUPPRESS)
+    p.add_argument("--modes", nargs="+", default=["eager"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
         memory_child(*args.memory_child, args.device)
+        return 0
+    if args.timing_child:
+        print(json.dumps(time_case(args.timing_child, args.repeats, args.device, tuple(args.modes))))
         return 0
     import diffusers
 
@@ -188,7 +207,7 @@ def main() -> int:
     for case in args.cases:
         r = {}
         modes = (() if args.no_eager else ("eager",)) + (("compiled",) if args.compile else ())
-        timed = time_case(case, args.repeats, args.device, modes)
+        timed = timing(case, args.repeats, args.device, modes)
         r = timed.get("eager", {})
         if r:
             for w in ("ours", "diffusers"):
