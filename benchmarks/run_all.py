@@ -119,6 +119,21 @@ def _fmt(v: float) -> str:
     return f"{v:.3e}"
 
 
+def _written(f: Path) -> float:
+    """When a result file was written: its last commit's time while the file is as committed (a fresh
+    checkout gives every file the checkout's mtime), else its mtime."""
+    try:
+        clean = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", f.name], cwd=f.parent,
+                               capture_output=True, timeout=30).returncode == 0
+        stamp = subprocess.run(["git", "log", "-1", "--format=%ct", "--", f.name], cwd=f.parent,
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+        if clean and stamp:
+            return float(stamp)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f.stat().st_mtime
+
+
 def write_summary(out: Path, runs: list[dict]) -> Path:
     lines = ["# Benchmark summary", "",
              f"Written by `benchmarks/run_all.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
@@ -145,7 +160,7 @@ def write_summary(out: Path, runs: list[dict]) -> Path:
             bad.append(f"- `{f.name}`: unreadable ({exc})")
             continue
         rs = ratios(data)
-        written = time.strftime("%m-%d %H:%M", time.gmtime(f.stat().st_mtime))
+        written = time.strftime("%m-%d %H:%M", time.gmtime(_written(f)))
         lines += [f"| {f.name} ({written}) | {k} | {_fmt(v)} |" for k, v in rs]
         device = data.get("device") if isinstance(data, dict) else None
         nums = list(_numbers(data))
