@@ -12,25 +12,29 @@ import os
 import sys
 
 from ldmkit import __version__
+from ldmkit.errors import UserError, describe, known_bad_input
+
+# subcommand modules, each with register(subparsers); imported when the parser is built
+COMMAND_MODULES = ("ldmkit.autoencoder.commands", "ldmkit.data.commands", "ldmkit.training.commands",
+                   "ldmkit.pipelines.commands", "ldmkit.io.commands", "ldmkit.metrics.commands")
 
 
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit code 2, no traceback."""
+class _Parser(argparse.ArgumentParser):
+    """argparse with exit code 2 and one line for every usage error (as argparse itself does),
+    also for values argparse converts itself."""
+
+    def error(self, message):  # pragma: no cover - argparse calls it
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ldmkit.autoencoder import commands as autoencoder_commands
-    from ldmkit.data import commands as data_commands
-    from ldmkit.io import commands as io_commands
-    from ldmkit.metrics import commands as metrics_commands
-    from ldmkit.pipelines import commands as pipeline_commands
-    from ldmkit.training import commands as training_commands
+    import importlib
 
-    parser = argparse.ArgumentParser(prog="ldm", description="ldmkit: latent diffusion end to end")
+    parser = _Parser(prog="ldm", description="ldmkit: latent diffusion end to end")
     parser.add_argument("--version", action="version", version=f"ldmkit {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (autoencoder_commands, data_commands, training_commands, pipeline_commands, io_commands, metrics_commands):
-        module.register(sub)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 
@@ -42,14 +46,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (UserError, ValueError, FileNotFoundError, FileExistsError) as exc:
-        if os.environ.get("LDM_DEBUG"):  # developers: the full traceback
-            raise
-        print(f"ldm {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"ldm {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        user = isinstance(exc, (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                                IsADirectoryError, PermissionError)) or known_bad_input(exc)
+        if not user or os.environ.get("LDM_DEBUG"):  # a bug, or a developer asking for the traceback
+            raise
+        print(f"ldm {args.command}: error: {describe(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

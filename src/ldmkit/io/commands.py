@@ -42,7 +42,7 @@ def _convert(args) -> int:
 
     import torch
 
-    from ldmkit.cli import UserError
+    from ldmkit.errors import UserError
     from ldmkit.io import detect_format, load_model, resolve_model_path
     from ldmkit.io.diffusers_format import save_diffusers
     from ldmkit.io.format import save_model

@@ -97,7 +97,7 @@ def register(sub) -> None:
 
 
 def _train(args) -> int:
-    from ldmkit.cli import UserError
+    from ldmkit.errors import UserError
     from ldmkit.io.format import read_json
     from ldmkit.training import distributed
     from ldmkit.training.common import latest_checkpoint
@@ -156,7 +156,7 @@ def _config_file(path: str) -> dict:
     TrainConfig fields. Unknown keys are refused by name."""
     import json
 
-    from ldmkit.cli import UserError
+    from ldmkit.errors import UserError
     from ldmkit.training.ldm import TrainConfig
 
     try:
