@@ -295,9 +295,9 @@ class BertTextEncoder(_FrozenHFText):
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         sha = None
         if package is not None:
-            from ldmkit.io.format import state_dict_sha256
+            from ldmkit.util import tensors_sha256
 
-            sha = state_dict_sha256(model.state_dict())
+            sha = tensors_sha256(model.state_dict())
         return cls(PretrainedTextConfig(cls._hf_config_dict(model), max_length, 0, use_mask, hidden_layer, package,
                                         sha), model, tok)
 

@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ldmkit.io.format import atomic_write, state_dict_sha256, write_json
+from ldmkit.io.format import atomic_write, write_json
+from ldmkit.util import weights_sha256
 
 FORMAT = "ldmkit-latents"
 FORMAT_VERSION = 2
@@ -82,11 +83,6 @@ def image_to_uint8(x: torch.Tensor) -> torch.Tensor:
 def uint8_to_image(x: torch.Tensor) -> torch.Tensor:
     """uint8 [..., 3, H, W] -> float in [-1, 1]."""
     return x.float() / 127.5 - 1.0
-
-
-def weights_sha256(module: torch.nn.Module) -> str:
-    """SHA-256 over the module's state dict (names, dtypes, shapes and bytes, in name order)."""
-    return state_dict_sha256(module.state_dict())
 
 
 def _config_dict(autoencoder) -> dict | None:

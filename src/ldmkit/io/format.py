@@ -13,7 +13,6 @@ Nothing here imports arbitrary paths named in a file.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import tempfile
@@ -32,6 +31,13 @@ INDEX_FILE = "model_index.json"
 
 
 # ----------------------------------------------------------------------------- atomic writes
+def _file_mode() -> int:
+    """The mode open() gives a new file under this process's umask (mkstemp would give 0600)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call `write(tmp_path)`, fsync the file, then rename it over `path`.
 
@@ -40,9 +46,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, _file_mode())
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -60,6 +67,62 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     except OSError:
         pass
     return path
+
+
+TMP_SUFFIX = ".tmp"
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the `.NAME.*.tmp` files an atomic write killed midway left in `folder` (the target
+    files themselves are intact); call it only while holding the folder's `FolderLock`."""
+    removed = []
+    for p in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+class FolderLock:
+    """An exclusive lock on a folder a command writes into (`OUT/.lock`, flock): a second writer
+    is refused at once with a message naming the folder. The kernel drops the lock when the
+    process ends, however it ends, so a killed run never leaves a stale lock behind.
+
+        with FolderLock(out, "ldm train"):
+            ...
+    """
+
+    def __init__(self, folder: str | os.PathLike, what: str = "a command"):
+        self.folder, self.what, self._fd = Path(folder), what, None
+
+    def acquire(self) -> "FolderLock":
+        import fcntl
+
+        from ldmkit.errors import UserError
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT, _file_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UserError(f"{self.folder} is in use by another process (another {self.what} writes "
+                            "there); wait for it to finish or choose another output folder") from None
+        os.truncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
@@ -186,16 +249,6 @@ def save_component(module: torch.nn.Module, folder: str | os.PathLike, extra_con
         save_extra(folder)
     write_json(folder / CONFIG_FILE, {"type": kind, "config": config, **(extra_config or {})})
     return folder
-
-
-def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over a state dict (names, dtypes, shapes and bytes, in name order)."""
-    h = hashlib.sha256()
-    for name, t in sorted(state.items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def check_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str, strict: bool = True) -> None:
