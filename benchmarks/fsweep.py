@@ -177,17 +177,17 @@ def build_unet(channels_in: int, widths: tuple[int, ...]):
 def sample(model, schedule, shape, labels: torch.Tensor, sampler: str, steps: int, guidance: float, seed: int,
            device, batch: int = 250) -> torch.Tensor:
     """Class-conditional samples with CFG (null class = NULL_CLASS); seeds fixed per image index."""
-    from ldmkit.diffusion import cfg_denoiser, get_sampler
+    from ldmkit.diffusion import cfg, sample as run_sampler
 
-    fn = get_sampler(sampler)
     out = []
     for lo in range(0, len(labels), batch):
         y = labels[lo:lo + batch].to(device)
         g = torch.Generator().manual_seed(seed + lo)
         x_T = torch.randn((len(y), *shape), generator=g).to(device)
         model_fn = lambda x, t, c: model(x, t, class_labels=c)  # noqa: E731
-        denoise = cfg_denoiser(model_fn, y, torch.full_like(y, NULL_CLASS), guidance)
-        out.append(fn(denoise, x_T, schedule, steps).cpu())
+        network = cfg(model_fn, y, torch.full_like(y, NULL_CLASS), guidance)
+        out.append(run_sampler(sampler, network, x_T, schedule, "eps", steps,
+                               generator=[torch.Generator().manual_seed(seed + lo + k) for k in range(len(y))]).cpu())
     return torch.cat(out)
 
 
@@ -247,7 +247,7 @@ def train_ldm(f: int, ae, latents: torch.Tensor, labels: torch.Tensor, ref_image
         t = sample_timesteps(schedule, len(y), generator=g, device=device)
         noise = torch.randn(z0.shape, generator=g).to(device)
         out = model(q_sample(schedule, z0, noise, t), t, class_labels=y.to(device))
-        loss = training_loss(schedule, out, z0, noise, t).mean()
+        loss = training_loss(schedule, "eps", out, z0, noise, t).mean()
         lr = p.lr * min(1.0, step / 20)
         for group in opt.param_groups:
             group["lr"] = lr

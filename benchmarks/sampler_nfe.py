@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from ldmkit.diffusion import SAMPLERS, DiscreteSchedule, FlowSchedule, convert, noise_to, plan  # noqa: E402
+from ldmkit.diffusion import DiscreteSchedule, FlowSchedule, convert, noise_to, plan, sample  # noqa: E402
 
 N, D = 4096, 4
 MU = torch.linspace(-1.0, 1.0, D, dtype=torch.float64).reshape(1, D, 1, 1)
@@ -37,17 +37,17 @@ STEPS = (5, 10, 15, 20, 30, 40, 60, 80, 120, 160)
 TARGET_RMS = 0.02
 
 
-def optimal_denoiser(schedule):
-    def denoise(x, t):
+def optimal_network(schedule, prediction):
+    def network(x, t):
         t = t[0].double()
         if isinstance(schedule, FlowSchedule):
             a, sg = 1 - t / schedule.num_train_timesteps, t / schedule.num_train_timesteps
         else:
             a, sg = schedule.alpha_sigma(t)
         x0 = MU + a * SD**2 / (a**2 * SD**2 + sg**2) * (x - a * MU)
-        return convert(x0, "x0", schedule.prediction_type, x, a, sg)
+        return convert(x0, "x0", prediction, x, a, sg)
 
-    return denoise
+    return network
 
 
 def rms_error(name, schedule, steps):
@@ -55,17 +55,18 @@ def rms_error(name, schedule, steps):
     lvl = float(p.sigmas[0])
     g = torch.Generator().manual_seed(0)
     x0 = MU + SD * torch.randn(N, D, 1, 1, generator=g, dtype=torch.float64)
-    x_T = noise_to(schedule, x0, torch.randn(N, D, 1, 1, generator=g, dtype=torch.float64), lvl)
-    a, s = (1 - lvl, lvl) if isinstance(schedule, FlowSchedule) else (1 / (1 + lvl**2) ** 0.5, lvl / (1 + lvl**2) ** 0.5)
+    x_T = noise_to(x0, torch.randn(N, D, 1, 1, generator=g, dtype=torch.float64), lvl)  # the samplers' VP state
+    a, s = (0.0, 1.0) if lvl == float("inf") else (1 / (1 + lvl**2) ** 0.5, lvl / (1 + lvl**2) ** 0.5)
     exact = MU + SD * (x_T - a * MU) / (a**2 * SD**2 + s**2) ** 0.5
     nfe = {"count": 0}
-    den = optimal_denoiser(schedule)
+    prediction = "flow" if isinstance(schedule, FlowSchedule) else "eps"
+    net = optimal_network(schedule, prediction)
 
     def counted(x, t):
         nfe["count"] += 1
-        return den(x, t)
+        return net(x, t)
 
-    out = SAMPLERS[name](counted, x_T, schedule, steps)
+    out = sample(name, counted, x_T, schedule, prediction, steps)
     return nfe["count"], ((out - exact) ** 2).mean().sqrt().item()
 
 
@@ -105,7 +106,7 @@ def overhead(repeats: int):
         ours_t, theirs_t = [], []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            SAMPLERS[name](fake, x, schedule, 50)
+            sample(name, fake, x, schedule, "eps", 50)
             ours_t.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             sched = make()

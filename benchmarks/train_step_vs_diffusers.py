@@ -102,7 +102,7 @@ def make_step(model, which: str, case: str, device: str):
         else:  # as Stage2 feeds the denoiser: masked trailing padding trimmed first
             cond = trim_padding(Conditioning(context=ctx, mask=mask))[0]
             out = model(x_t, tt, context=cond.context, context_mask=cond.mask)
-        loss = training_loss(schedule, out, z0, noise, t).mean()
+        loss = training_loss(schedule, "eps", out, z0, noise, t).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from ldmkit.diffusion import SAMPLERS, DiscreteSchedule, cfg_denoiser, concat_conditions, rescale_cfg
+from ldmkit.diffusion import DiscreteSchedule, cfg, concat_conditions, rescale_cfg, sample
 
 
 class CountingModel:
@@ -36,7 +36,7 @@ def _inputs(B=3):
 def test_cfg_one_forward_and_formula():
     x, t, cond, uncond = _inputs()
     model = CountingModel()
-    out = cfg_denoiser(model, cond, uncond, scale=7.5)(x, t)
+    out = cfg(model, cond, uncond, scale=7.5)(x, t)
     assert model.batches == [6]  # uncond and cond in one batch of 2B
     c = model(x, t, cond)
     u = model(x, t, {"context": uncond["context"].expand(3, -1, -1), "labels": uncond["labels"].expand(3)})
@@ -46,7 +46,7 @@ def test_cfg_one_forward_and_formula():
 def test_cfg_scale_one_runs_only_the_conditional_pass():
     x, t, cond, uncond = _inputs()
     model = CountingModel()
-    out = cfg_denoiser(model, cond, uncond, scale=1.0)(x, t)
+    out = cfg(model, cond, uncond, scale=1.0)(x, t)
     assert model.batches == [3]
     torch.testing.assert_close(out, model(x, t, cond))
 
@@ -68,7 +68,7 @@ def test_rescale_follows_lin_et_al():
 def test_cfg_with_rescale_equals_manual():
     x, t, cond, uncond = _inputs()
     model = CountingModel()
-    out = cfg_denoiser(model, cond, uncond, scale=5.0, rescale=0.7)(x, t)
+    out = cfg(model, cond, uncond, scale=5.0, rescale=0.7)(x, t)
     c = model(x, t, cond)
     u = model(x, t, {"context": uncond["context"].expand(3, -1, -1), "labels": uncond["labels"].expand(3)})
     torch.testing.assert_close(out, rescale_cfg(u + 5.0 * (c - u), c, 0.7))
@@ -102,9 +102,9 @@ def test_concat_errors():
     with pytest.raises(ValueError, match="cannot batch"):
         concat_conditions(None, torch.zeros(2, 4), batch=2)
     with pytest.raises(ValueError, match=r"guidance rescale=1.5 is outside the allowed range \[0, 1\]"):
-        cfg_denoiser(CountingModel(), {}, {}, scale=3.0, rescale=1.5)
+        cfg(CountingModel(), {}, {}, scale=3.0, rescale=1.5)
     with pytest.raises(ValueError, match="guidance scale"):
-        cfg_denoiser(CountingModel(), {}, {}, scale=-1.0)
+        cfg(CountingModel(), {}, {}, scale=-1.0)
 
 
 def test_cfg_drives_a_sampler_deterministically():
@@ -112,8 +112,8 @@ def test_cfg_drives_a_sampler_deterministically():
     cond = {k: v[:2] for k, v in cond.items()}
     model = CountingModel()
     s = DiscreteSchedule("scaled_linear", beta_start=0.00085, beta_end=0.012)
-    denoise = cfg_denoiser(model, cond, uncond, scale=4.0, rescale=0.5)
-    a = SAMPLERS["dpmpp_2m"](denoise, x, s, 6)
-    b = SAMPLERS["dpmpp_2m"](denoise, x, s, 6)
+    guided = cfg(model, cond, uncond, scale=4.0, rescale=0.5)
+    a = sample("dpmpp_2m", guided, x, s, "eps", 6)
+    b = sample("dpmpp_2m", guided, x, s, "eps", 6)
     assert torch.equal(a, b) and torch.isfinite(a).all()
     assert model.batches == [4] * 12

@@ -194,7 +194,7 @@ def _single_pipeline(models, style):
 
     index, comps = _load(models, style, "single")
     return Pipeline(comps["autoencoder"], comps["denoiser"], schedule_from_dict(index["schedule"]),
-                    comps["conditioner"], conditioning="text", defaults=index["defaults"],
+                    comps["conditioner"], prediction=index["objective"], conditioning="text", defaults=index["defaults"],
                     latent_size=index["latent_size"])
 
 

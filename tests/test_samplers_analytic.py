@@ -2,8 +2,9 @@
 
 Data x0 ~ N(mu_d, s_d^2) independently per dimension d. With x_t = a x0 + sigma eps:
     E[x0 | x_t] = mu + a s^2 / (a^2 s^2 + sigma^2) (x_t - a mu)
-(the optimal denoiser, turned into eps / v / flow outputs as the schedule asks). The probability-flow
-ODE between Gaussians is linear, so its solution from x_T is the monotone affine map
+(the optimal denoiser; the samplers get it through ``Denoiser`` from the optimal network of each
+prediction type, so the wrapper is tested on the way). The probability-flow ODE between Gaussians is
+linear, so its solution from x_T is the monotone affine map
     x0* = mu + s (x_T - a_T mu) / sqrt(a_T^2 s^2 + sigma_T^2).
 Every sampler must recover the data mean/std from 4096 samples (tolerance: 4 standard errors + a
 discretisation allowance); deterministic samplers must converge to x0* as steps grow, Euler at first order
@@ -15,15 +16,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldmkit.diffusion import SAMPLERS, DiscreteSchedule, FlowSchedule, convert, noise_to, plan
+from ldmkit.diffusion import (SAMPLERS, DiscreteSchedule, FlowSchedule, convert, flow_time, noise_to, plan,
+                              sample)
 
 N, D = 4096, 4
 MU = torch.linspace(-1.0, 1.0, D, dtype=torch.float64).reshape(1, D, 1, 1)
 SD = torch.linspace(0.5, 1.5, D, dtype=torch.float64).reshape(1, D, 1, 1)  # like scaled SD latents
 
 
-def optimal_denoiser(schedule):
-    def denoise(x, t):
+def optimal_network(schedule, prediction):
+    """The Bayes-optimal network of a prediction type: sees x_in = a x0 + sigma eps at timestep t."""
+    def network(x, t):
         assert t.shape == (x.shape[0],) and (t == t[0]).all()
         t = t[0].double()  # one level per call: scalar coefficients keep this test fast
         if isinstance(schedule, FlowSchedule):
@@ -31,21 +34,22 @@ def optimal_denoiser(schedule):
         else:
             a, sg = schedule.alpha_sigma(t)
         x0 = MU + a * SD**2 / (a**2 * SD**2 + sg**2) * (x - a * MU)
-        return convert(x0, "x0", schedule.prediction_type, x, a, sg)
+        return convert(x0, "x0", prediction, x, a, sg)
 
-    return denoise
+    return network
 
 
 def start_state(schedule, sigma0, seed=0):
     """Exact marginal at the first level: x_T = noise_to(x0 ~ data, eps, sigma0)."""
     g = torch.Generator().manual_seed(seed)
     x0 = MU + SD * torch.randn(N, D, 1, 1, generator=g, dtype=torch.float64)
-    return noise_to(schedule, x0, torch.randn(N, D, 1, 1, generator=g, dtype=torch.float64), sigma0)
+    return noise_to(x0, torch.randn(N, D, 1, 1, generator=g, dtype=torch.float64), sigma0)
 
 
 def _a_sigma(schedule, level):
-    if isinstance(schedule, FlowSchedule):
-        return 1 - level, level
+    """(alpha, sigma) of the samplers' VP state at k-sigma ``level``."""
+    if level == float("inf"):
+        return 0.0, 1.0
     return 1 / (1 + level**2) ** 0.5, level / (1 + level**2) ** 0.5
 
 
@@ -63,25 +67,27 @@ def exact_solution(schedule, x_T, p):
     return MU + a1 * SD**2 / std1**2 * (x1 - a1 * MU)
 
 
-SD15_EPS = DiscreteSchedule("scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
-SD15_V = DiscreteSchedule("scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, prediction_type="v")
+SD15 = DiscreteSchedule("scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+SD15_EPS, SD15_V = (SD15, "eps"), (SD15, "v")  # (schedule, prediction) pairs
 
 
-def _run(name, schedule, steps, seed=0, **opts):
-    p = plan(name, schedule, steps, **opts)
-    x_T = start_state(schedule, float(p.sigmas[0]), seed)
+def _run(name, case, steps, seed=0, start=0, level=None, **opts):
+    schedule, prediction = case
+    p = plan(name, schedule, steps)
+    x_T = start_state(schedule, float(p.sigmas[start] if level is None else level), seed)
     g = torch.Generator().manual_seed(seed + 1)
-    out = SAMPLERS[name](optimal_denoiser(schedule), x_T, schedule, steps, generator=g, **opts)
+    out = sample(name, optimal_network(schedule, prediction), x_T, schedule, prediction, steps, start=start,
+                 generator=g, **opts)
     return x_T, out, p
 
 
-CASES = [(name, sched, opts) for name in SAMPLERS if not name.startswith("flow_")
-         for sched in (SD15_EPS, SD15_V) for opts in ([{}, {"eta": 1.0}] if name == "ddim" else [{}])]
-CASES += [(name, FlowSchedule(shift=s), {}) for name in ("flow_euler", "flow_heun") for s in (1.0, 3.0)]
+CASES = [(name, case, opts) for name in SAMPLERS if not name.startswith("flow_")
+         for case in (SD15_EPS, SD15_V) for opts in ([{}, {"eta": 1.0}] if name == "ddim" else [{}])]
+CASES += [(name, (FlowSchedule(shift=s), "flow"), {}) for name in ("flow_euler", "flow_heun") for s in (1.0, 3.0)]
 
 
 @pytest.mark.parametrize("name,schedule,opts", CASES,
-                         ids=[f"{n}-{s.prediction_type}{'-eta1' if o else ''}" for n, s, o in CASES])
+                         ids=[f"{n}-{c[1]}{'-eta1' if o else ''}" for n, c, o in CASES])
 def test_sampler_recovers_gaussian_moments(name, schedule, opts):
     # Ancestral samplers draw x_prev from q(x_prev | x_t, x0_pred), which ignores Var[x0 | x_t]: they
     # under-disperse by O(step size) (Bao et al. 2022) -- 50 steps lose ~5% of the std here -- so they get
@@ -103,14 +109,14 @@ def ode_error(name, schedule, steps):
     return (out - exact_solution(schedule, x_T, p)).abs().max().item()
 
 
-@pytest.mark.parametrize("schedule", [SD15_EPS, SD15_V, FlowSchedule(shift=3.0)], ids=["eps", "v", "flow"])
+@pytest.mark.parametrize("schedule", [SD15_EPS, SD15_V, (FlowSchedule(shift=3.0), "flow")], ids=["eps", "v", "flow"])
 def test_deterministic_samplers_converge_and_second_order_beats_euler(schedule):
-    flow = isinstance(schedule, FlowSchedule)
+    flow = isinstance(schedule[0], FlowSchedule)
     names = ("flow_euler", "flow_heun") if flow else ("ddim", "euler", "heun", "dpmpp_2m")
     grid = (5, 10, 20, 40)
     err = {n: [ode_error(n, schedule, k) for k in grid] for n in names}
     for n in names:
-        print(f"{schedule.prediction_type:4s} {n:10s} max|x - x0*| at steps {grid}: "
+        print(f"{schedule[1]:4s} {n:10s} max|x - x0*| at steps {grid}: "
               + ", ".join(f"{e:.2e}" for e in err[n])
               + f"; ratio err(20)/err(40) = {err[n][2] / err[n][3]:.2f}")
     euler = "flow_euler" if flow else "euler"
@@ -130,7 +136,7 @@ def test_deterministic_samplers_converge_and_second_order_beats_euler(schedule):
         assert dpm[-1] < dpm[0] / 10, f"dpmpp_2m does not converge: {dpm}"
         assert all(d < e / 5 for d, e in zip(dpm[1:], err[euler][1:])), f"dpmpp_2m not better than euler: {dpm}"
     for n in ((heun,) if flow else (heun, "dpmpp_2m")):
-        print(f"{schedule.prediction_type:4s} error ratio {euler}/{n} at steps {grid}: "
+        print(f"{schedule[1]:4s} error ratio {euler}/{n} at steps {grid}: "
               + ", ".join(f"{e / h:.1f}" for e, h in zip(err[euler], err[n])))
         assert err[n][2] < err[euler][2] / 5, f"{n} not clearly better than {euler} at 20 steps"
 
@@ -147,7 +153,7 @@ def _exact_from(schedule, x_start, level, last_level):
 
 
 @pytest.mark.parametrize("name,schedule", [("heun", SD15_EPS), ("dpmpp_2m_karras", SD15_V), ("dpmpp_2m", SD15_EPS),
-                                           ("flow_heun", FlowSchedule(shift=3.0))])
+                                           ("flow_heun", (FlowSchedule(shift=3.0), "flow"))])
 def test_img2img_start_level_is_consistent(name, schedule):
     """Starting at `start` from x0 noised to plan.sigmas[start] follows the exact ODE from that level;
     the same run started from the neighbouring level is clearly worse (so a level off by one fails).
@@ -156,11 +162,10 @@ def test_img2img_start_level_is_consistent(name, schedule):
 
     steps = 40
     start = img2img_start(steps, 0.5)
-    p = plan(name, schedule, steps)
+    p = plan(name, schedule[0], steps)
     errs = []
     for lvl in (p.sigmas[start], p.sigmas[start + 1]):
-        x_T = start_state(schedule, float(lvl))
-        out = SAMPLERS[name](optimal_denoiser(schedule), x_T, schedule, steps, start=start)
+        x_T, out, _ = _run(name, schedule, steps, start=start, level=float(lvl))
         exact = _exact_from(schedule, x_T, float(lvl), float(p.sigmas[-2]))
         errs.append((out - exact).abs().max().item())
     print(f"{name}: img2img error {errs[0]:.2e}, with the level off by one {errs[1]:.2e}")
@@ -169,16 +174,33 @@ def test_img2img_start_level_is_consistent(name, schedule):
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_callback_replaces_state(name):
-    schedule = FlowSchedule() if name.startswith("flow_") else SD15_EPS
-    x_T = start_state(schedule, float(plan(name, schedule, 6).sigmas[0]))[:8]
-    den = optimal_denoiser(schedule)
+    case = (FlowSchedule(), "flow") if name.startswith("flow_") else SD15_EPS
+    net = optimal_network(*case)
+    x_T = start_state(case[0], float(plan(name, case[0], 6).sigmas[0]))[:8]
     g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
-    plain = SAMPLERS[name](den, x_T, schedule, 6, generator=g())
+
+    def run(callback=None):
+        return sample(name, net, x_T, case[0], case[1], 6, generator=g(), callback=callback)
+
+    plain = run()
     seen = []
-    same = SAMPLERS[name](den, x_T, schedule, 6, generator=g(),
-                          callback=lambda i, s, x, x0: seen.append((i, s)) or x.clone())
+    same = run(lambda i, s, x, x0: seen.append((i, s)) or x.clone())
     torch.testing.assert_close(same, plain, rtol=1e-12, atol=1e-12)
     assert [i for i, _ in seen] == list(range(6)) and seen[-1][1] == 0.0
-    last = SAMPLERS[name](den, x_T, schedule, 6, generator=g(),
-                          callback=lambda i, s, x, x0: torch.full_like(x, 0.123) if i == 5 else None)
+    last = run(lambda i, s, x, x0: torch.full_like(x, 0.123) if i == 5 else None)
     assert torch.all(last == 0.123)
+
+
+@pytest.mark.parametrize("name", [n for n, s in SAMPLERS.items() if s.stochastic] + ["ddim"])
+def test_per_image_generators_make_an_image_independent_of_its_batch(name):
+    """Image k drawn with generator k is the same alone or in a batch with other images' generators."""
+    case = SD15_EPS
+    net = optimal_network(*case)
+    x_T = start_state(case[0], float(plan(name, case[0], 8).sigmas[0]))[:3]
+    opts = {"eta": 1.0} if name == "ddim" else {}
+    batch = sample(name, net, x_T, case[0], case[1], 8,
+                   generator=[torch.Generator().manual_seed(s) for s in (7, 8, 9)], **opts)
+    alone = sample(name, net, x_T[1:2], case[0], case[1], 8, generator=[torch.Generator().manual_seed(8)], **opts)
+    torch.testing.assert_close(batch[1:2], alone, rtol=0, atol=1e-12)
+    other = sample(name, net, x_T[1:2], case[0], case[1], 8, generator=[torch.Generator().manual_seed(1)], **opts)
+    assert (other - alone).abs().max() > 1e-3  # the generator does matter

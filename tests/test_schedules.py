@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from ldmkit.diffusion import (SAMPLERS, DiscreteSchedule, FlowSchedule, convert, get_sampler, img2img_start,
-                              loss_weight, make_schedule, noise_to, plan, posterior, q_sample, sample_timesteps,
-                              schedule_from_dict, snr, spaced_timesteps, to_x0, training_loss, training_target)
+from ldmkit.diffusion import (DiscreteSchedule, Denoiser, FlowSchedule, convert, flow_time, get_sampler,
+                              img2img_start, loss_weight, make_schedule, noise_to, plan, posterior, prediction_of,
+                              q_sample, sample, sample_timesteps, schedule_from_dict, snr, spaced_timesteps, to_x0,
+                              training_loss, training_target)
 
 ALL_DISCRETE = [
     DiscreteSchedule("linear"),
@@ -89,9 +90,10 @@ def test_flow_schedule_shift_and_plan():
     s = torch.tensor([0.0, 0.25, 0.5, 1.0])
     torch.testing.assert_close(f.shift_sigma(s), 3 * s.double() / (1 + 2 * s.double()))
     p = plan("flow_euler", f, 8)
-    assert p.sigmas[0].item() == 1.0 and p.sigmas[-1].item() == 0.0
+    s_grid = flow_time(p.sigmas)  # flow time of each level: starts at s = 1 (sigma = inf), ends clean
+    assert s_grid[0].item() == 1.0 and p.sigmas[0].item() == math.inf and p.sigmas[-1].item() == 0.0
     assert (p.sigmas[1:] < p.sigmas[:-1]).all()
-    torch.testing.assert_close(p.timesteps, p.sigmas[:-1] * 1000)
+    torch.testing.assert_close(p.timesteps, s_grid[:-1] * 1000)
 
 
 def test_serialisation_round_trip_and_factory():
@@ -103,11 +105,18 @@ def test_serialisation_round_trip_and_factory():
     assert make_schedule("sd15").steps_offset == 1
     assert make_schedule("squaredcos_cap_v2").beta_schedule == "cosine"
     assert make_schedule("sd3").shift == 3.0
-    assert DiscreteSchedule(prediction_type="v_prediction").prediction_type == "v"
+    # schedule dicts written before predictions left the schedule still load; the prediction is read apart
+    old = {**DiscreteSchedule().to_dict(), "prediction_type": "v_prediction"}
+    assert schedule_from_dict(old) == DiscreteSchedule() and prediction_of(old) == "v"
+    assert prediction_of(FlowSchedule().to_dict()) == "flow" and prediction_of({}, "eps") == "eps"
     with pytest.raises(ValueError, match="unknown schedule 'quadratic'.*'linear'"):
         make_schedule("quadratic")
     with pytest.raises(ValueError, match="prediction type"):
-        DiscreteSchedule(prediction_type="flow")
+        prediction_of({"prediction_type": "velocity"})
+    with pytest.raises(ValueError, match="unknown schedule fields"):
+        schedule_from_dict({"kind": "discrete", "beta": 3})
+    with pytest.raises(ValueError, match="JSON object"):
+        schedule_from_dict([1, 2])
     with pytest.raises(ValueError, match="timestep spacing"):
         DiscreteSchedule(timestep_spacing="even")
     with pytest.raises(ValueError, match="schedule kind"):
@@ -170,9 +179,13 @@ def test_noise_to_levels():
     s = ALL_DISCRETE[1]
     x0, n = torch.ones(1, 2), torch.zeros(1, 2)
     sig = s.sigmas[400]
-    torch.testing.assert_close(noise_to(s, x0, n, sig), q_sample(s, x0, n, torch.tensor([400])))
-    torch.testing.assert_close(noise_to(s, x0, n, 0.0), x0)
-    torch.testing.assert_close(noise_to(FlowSchedule(), x0, n + 2, 0.25), 0.75 * x0 + 0.5)
+    torch.testing.assert_close(noise_to(x0, n, sig), q_sample(s, x0, n, torch.tensor([400])))
+    torch.testing.assert_close(noise_to(x0, n, 0.0), x0)
+    torch.testing.assert_close(noise_to(x0, n + 2, math.inf), n + 2)  # pure noise
+    # a flow state (1 - s) x0 + s eps is the VP state at sigma = s / (1 - s), scaled by sqrt((1-s)^2 + s^2)
+    s_f = 0.25
+    flow_state = (1 - s_f) * x0 + s_f * (n + 2)
+    torch.testing.assert_close(noise_to(x0, n + 2, s_f / (1 - s_f)) * ((1 - s_f) ** 2 + s_f**2) ** 0.5, flow_state)
 
 
 # ---------------------------------------------------------------- objectives
@@ -181,30 +194,31 @@ def test_noise_to_levels():
 @pytest.mark.parametrize("pred", ["eps", "v", "x0", "flow"])
 def test_min_snr_weight_is_the_x0_weight_in_every_parameterisation(pred):
     """w_pred * ||out - target||^2 == min(SNR, gamma) * ||x0_pred - x0||^2 for every prediction type."""
-    s = FlowSchedule() if pred == "flow" else DiscreteSchedule("scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                                              prediction_type=pred)
+    s = FlowSchedule() if pred == "flow" else DiscreteSchedule("scaled_linear", beta_start=0.00085, beta_end=0.012)
     g = torch.Generator().manual_seed(3)
     x0, noise = torch.randn(6, 2, 4, 4, generator=g), torch.randn(6, 2, 4, 4, generator=g)
     t = torch.tensor([0.02, 0.1, 0.3, 0.5, 0.8, 0.97]) if pred == "flow" else torch.tensor([0, 10, 100, 400, 800, 999])
     xt = q_sample(s, x0, noise, t)
-    target = training_target(s, x0, noise, t)
-    assert training_loss(s, target, x0, noise, t).abs().max().item() < 1e-12
+    target = training_target(s, pred, x0, noise, t)
+    assert training_loss(s, pred, target, x0, noise, t).abs().max().item() < 1e-12
     out = target + 0.1 * torch.randn(target.shape, generator=g)
-    x0_err = ((to_x0(s, out, xt, t) - x0) ** 2).reshape(6, -1).mean(1).double()
+    x0_err = ((to_x0(s, pred, out, xt, t) - x0) ** 2).reshape(6, -1).mean(1).double()
     r = snr(s, t)
     expected = torch.minimum(r, torch.full_like(r, 5.0)) * x0_err
-    got = training_loss(s, out, x0, noise, t, weighting="min_snr", gamma=5.0).double()
+    got = training_loss(s, pred, out, x0, noise, t, weighting="min_snr", gamma=5.0).double()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
-    assert torch.all(loss_weight(s, t) == 1)
+    assert torch.all(loss_weight(s, pred, t) == 1)
 
 
 def test_training_targets():
     x0, noise = torch.randn(2, 3), torch.randn(2, 3)
-    s = DiscreteSchedule(prediction_type="v")
+    s = DiscreteSchedule()
     a, sg = (float(v) for v in s.alpha_sigma(torch.tensor(100)))
-    torch.testing.assert_close(training_target(s, x0, noise, torch.tensor([100, 100])), a * noise - sg * x0)
-    torch.testing.assert_close(training_target(FlowSchedule(), x0, noise, torch.tensor([0.3, 0.3])), noise - x0)
-    torch.testing.assert_close(training_target(DiscreteSchedule(), x0, noise, torch.tensor([5, 6])), noise)
+    torch.testing.assert_close(training_target(s, "v", x0, noise, torch.tensor([100, 100])), a * noise - sg * x0)
+    torch.testing.assert_close(training_target(FlowSchedule(), "flow", x0, noise, torch.tensor([0.3, 0.3])),
+                               noise - x0)
+    torch.testing.assert_close(training_target(s, "eps", x0, noise, torch.tensor([5, 6])), noise)
+    torch.testing.assert_close(training_target(s, "x0", x0, noise, torch.tensor([5, 6])), x0)
 
 
 def test_sample_timesteps():
@@ -245,41 +259,54 @@ def test_stratified_timesteps_cover_every_stratum_once():
 # ---------------------------------------------------------------- bad input
 
 
-def _denoise(x, t):
+def _network(x, t):
     return torch.zeros_like(x)
 
 
 def test_bad_input_errors():
     s = DiscreteSchedule()
     x = torch.randn(1, 2, 4, 4)
+
+    def run(name, schedule, steps, prediction="eps", network=_network, **kw):
+        return sample(name, network, x, schedule, prediction, steps, **kw)
+
     with pytest.raises(ValueError, match=r"unknown sampler 'plms'.*euler"):
         get_sampler("plms")
     for steps in (0, 1001, 2.5):
         with pytest.raises(ValueError, match=r"steps=.* must be an integer in \[1, 1000\]"):
-            SAMPLERS["euler"](_denoise, x, s, steps)
+            run("euler", s, steps)
     for strength in (-0.1, 1.5):
         with pytest.raises(ValueError, match=r"strength=.* outside the allowed range \[0, 1\]"):
             img2img_start(10, strength)
     assert img2img_start(10, 1.0) == 0 and img2img_start(10, 0.0) == 10 and img2img_start(10, 0.35) == 7
     with pytest.raises(ValueError, match=r"steps=1000 with 'leading' spacing and steps_offset=1 reaches timestep 1000"):
-        SAMPLERS["ddim"](_denoise, x, DiscreteSchedule(steps_offset=1), 1000)
-    ztsnr_eps = DiscreteSchedule(rescale_zero_terminal_snr=True, timestep_spacing="trailing")
-    with pytest.raises(ValueError, match="zero SNR"):
-        SAMPLERS["ddim"](_denoise, x, ztsnr_eps, 10)
+        run("ddim", DiscreteSchedule(steps_offset=1), 1000)
+    ztsnr = DiscreteSchedule(rescale_zero_terminal_snr=True, timestep_spacing="trailing")
+    with pytest.raises(ValueError, match="eps prediction at zero signal"):
+        run("ddim", ztsnr, 10)
+    run("ddim", ztsnr, 10, prediction="v")  # v recovers x0 there
     with pytest.raises(ValueError, match=r"start=11 must be an integer in \[0, 10\]"):
-        SAMPLERS["ddim"](_denoise, x, s, 10, start=11)
+        run("ddim", s, 10, start=11)
     with pytest.raises(ValueError, match="timestep spacing"):
-        SAMPLERS["ddim"](_denoise, x, s, 10, spacing="uniform")
+        run("ddim", s, 10, spacing="uniform")
     with pytest.raises(ValueError, match="needs a FlowSchedule"):
-        SAMPLERS["flow_euler"](_denoise, x, s, 10)
+        run("flow_euler", s, 10, prediction="flow")
     with pytest.raises(ValueError, match="needs a DiscreteSchedule"):
-        SAMPLERS["euler"](_denoise, x, FlowSchedule(), 10)
+        run("euler", FlowSchedule(), 10, prediction="flow")
+    with pytest.raises(ValueError, match="does not fit a FlowSchedule"):
+        run("flow_euler", FlowSchedule(), 10, prediction="eps")
+    with pytest.raises(ValueError, match="has no option"):
+        run("euler", s, 10, eta=1.0)
     with pytest.raises(ValueError, match="shape mismatch"):
         q_sample(s, x, torch.randn(1, 2, 4, 5), torch.tensor([3]))
-    with pytest.raises(ValueError, match="denoise returned shape"):
-        SAMPLERS["euler"](lambda x, t: x[:, :1], x, s, 3)
+    with pytest.raises(ValueError, match="network returned shape"):
+        run("euler", s, 3, network=lambda x, t: x[:, :1])
     with pytest.raises(ValueError, match="callback returned shape"):
-        SAMPLERS["dpmpp_2m"](_denoise, x, s, 3, callback=lambda i, sg, x, x0: x[0])
+        run("dpmpp_2m", s, 3, callback=lambda i, sg, x, x0: x[0])
+    with pytest.raises(ValueError, match="cannot start at sigma = inf"):
+        get_sampler("euler").fn(Denoiser(_network, s, "v"), x, torch.tensor([math.inf, 1.0, 0.0]))
+    with pytest.raises(ValueError, match="generators for a batch"):
+        run("euler_a", s, 3, generator=[torch.Generator(), torch.Generator()])
     with pytest.raises(ValueError, match=r"timestep t=1000.* outside"):
         q_sample(s, x, x, torch.tensor([1000]))
     with pytest.raises(ValueError, match="batch"):

@@ -1,21 +1,28 @@
-"""Diffusion math: schedules, forward process, objectives, samplers, guidance. Pure tensor code.
+"""Diffusion math: schedules, forward process, objectives, the denoiser, samplers, guidance. Pure tensor code.
+
+    network --cfg--> model(x, t) --Denoiser--> D(x, sigma) -> x0 --sampler(D, x, plan.sigmas)--> sample
 
 See docs/internals.md, section "Diffusion math (ldmkit.diffusion)", for the contract.
 """
 
-from .forward import PREDICTIONS, coefficients, convert, noise_to, posterior, q_sample, to_eps, to_score, to_v, to_x0
-from .guidance import cfg_denoiser, concat_conditions, rescale_cfg
-from .objectives import (OBJECTIVES, loss_weight, model_timestep, sample_timesteps, snr, training_loss,
-                         training_target)
-from .samplers import (DETERMINISTIC, SAMPLERS, Plan, get_sampler, img2img_start, karras_sigmas, plan,
-                       sampler_names)
-from .schedules import (PRESETS, SCHEDULES, DiscreteSchedule, FlowSchedule, Schedule, make_schedule,
-                        schedule_from_dict, spaced_timesteps)
+from .denoiser import Denoiser
+from .forward import coefficients, convert, noise_to, posterior, q_sample, to_x0
+from .guidance import cfg, concat_conditions, rescale_cfg
+from .objectives import (OBJECTIVES, TIMESTEP_SAMPLING, loss_weight, model_timestep, sample_timesteps, snr,
+                         training_loss, training_target)
+from .samplers import (GRIDS, SAMPLERS, Plan, Sampler, get_sampler, img2img_start, karras_sigmas, plan, sample,
+                       sampler_names, split_options)
+from .schedules import (PREDICTIONS, PRESETS, SCHEDULES, DiscreteSchedule, FlowSchedule, Schedule, flow_time,
+                        make_schedule, prediction_name, prediction_of, schedule_from_dict, sigma_of_flow_time,
+                        spaced_timesteps, vp_of_sigma)
 
 __all__ = [
-    "PREDICTIONS", "coefficients", "convert", "noise_to", "posterior", "q_sample", "to_eps", "to_score", "to_v",
-    "to_x0", "cfg_denoiser", "concat_conditions", "rescale_cfg", "OBJECTIVES", "loss_weight", "model_timestep",
-    "sample_timesteps", "snr", "training_loss", "training_target", "DETERMINISTIC", "SAMPLERS", "Plan",
-    "get_sampler", "img2img_start", "karras_sigmas", "plan", "sampler_names", "PRESETS", "SCHEDULES",
-    "DiscreteSchedule", "FlowSchedule", "Schedule", "make_schedule", "schedule_from_dict", "spaced_timesteps",
+    "Denoiser", "coefficients", "convert", "noise_to", "posterior", "q_sample", "to_x0", "cfg",
+    "concat_conditions", "rescale_cfg", "OBJECTIVES", "TIMESTEP_SAMPLING", "loss_weight", "model_timestep",
+    "sample_timesteps", "snr", "training_loss", "training_target", "GRIDS", "SAMPLERS", "Plan", "Sampler",
+    "get_sampler", "img2img_start", "karras_sigmas", "plan", "sample", "sampler_names", "split_options", "PREDICTIONS",
+    "PRESETS", "SCHEDULES", "DiscreteSchedule", "FlowSchedule", "Schedule", "flow_time", "make_schedule",
+    "prediction_name", "prediction_of", "schedule_from_dict", "sigma_of_flow_time", "spaced_timesteps",
+    "vp_of_sigma",
 ]
+

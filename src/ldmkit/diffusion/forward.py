@@ -9,15 +9,17 @@ DDPM family ``alpha = sqrt(abar)``, ``sigma = sqrt(1 - abar)``; flow
   so x0 = alpha x_t - sigma v and eps = sigma x_t + alpha v
 * flow velocity:   u = d x_t / ds = eps - x0, so x0 = x_t - s u, eps = x_t + (1 - s) u
 * score:           grad log q(x_t) = -eps / sigma
+
+Samplers see every schedule through one variable, the variance-preserving state at a noise
+level sigma (k-diffusion's sigma: 0 = clean, inf = pure noise; flow time s is sigma / (1 + sigma)):
+``x = (x0 + sigma eps) / sqrt(1 + sigma^2)`` -- ``noise_to`` puts data there.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .schedules import DiscreteSchedule, FlowSchedule, Schedule, vp_of_sigma
-
-PREDICTIONS = ("eps", "v", "x0", "flow")
+from .schedules import PREDICTIONS, DiscreteSchedule, Schedule, vp_of_sigma
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -49,16 +51,11 @@ def q_sample(schedule: Schedule, x0: torch.Tensor, noise: torch.Tensor, t) -> to
     return a * x0 + s * noise
 
 
-def noise_to(schedule: Schedule, x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
-    """Put clean x0 at a sampler noise level (k-sigma for discrete schedules, flow time for flow)."""
+def noise_to(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
+    """Clean x0 put at the samplers' noise level ``sigma`` (scalar or [B]; inf = pure noise):
+    ``(x0 + sigma noise) / sqrt(1 + sigma^2)``. The img2img start and inpainting re-noising use it."""
     _check_same_shape(x0=x0, noise=noise)
-    sigma = torch.as_tensor(sigma, dtype=torch.float64)
-    if isinstance(schedule, FlowSchedule):
-        a, s = 1 - sigma, sigma
-    elif torch.isinf(sigma).any():
-        a, s = torch.zeros_like(sigma), torch.ones_like(sigma)
-    else:
-        a, s = vp_of_sigma(sigma)
+    a, s = vp_of_sigma(sigma)
     return _bcast(a, x0) * x0 + _bcast(s, x0) * noise
 
 
@@ -98,25 +95,10 @@ def convert(output: torch.Tensor, from_type: str, to_type: str, x_t: torch.Tenso
     return -eps / sigma
 
 
-def _from_schedule(schedule, output, x_t, t, to_type):
+def to_x0(schedule: Schedule, prediction: str, output, x_t, t):
+    """The clean estimate from a network's ``prediction`` at training timestep t (discrete t or flow s)."""
     a, s = coefficients(schedule, t, x_t)
-    return convert(output, schedule.prediction_type, to_type, x_t, a, s)
-
-
-def to_x0(schedule: Schedule, output, x_t, t):
-    return _from_schedule(schedule, output, x_t, t, "x0")
-
-
-def to_eps(schedule: Schedule, output, x_t, t):
-    return _from_schedule(schedule, output, x_t, t, "eps")
-
-
-def to_v(schedule: Schedule, output, x_t, t):
-    return _from_schedule(schedule, output, x_t, t, "v")
-
-
-def to_score(schedule: Schedule, output, x_t, t):
-    return _from_schedule(schedule, output, x_t, t, "score")
+    return convert(output, prediction, "x0", x_t, a, s)
 
 
 def posterior(schedule: DiscreteSchedule, x0: torch.Tensor, x_t: torch.Tensor, t, t_prev=None):

@@ -1,7 +1,8 @@
-"""Classifier-free guidance (Ho & Salimans 2022) as a wrapper that makes a sampler's ``denoise``.
+"""Classifier-free guidance (Ho & Salimans 2022) as a wrapper around the network.
 
-    denoise = cfg_denoiser(model_fn, cond, uncond, scale=7.5, rescale=0.0)
-    x0 = SAMPLERS["euler"](denoise, noise, schedule, 30)
+    model = cfg(model_fn, cond, uncond, scale=7.5, rescale=0.0)      # model(x, t) -> output
+    denoise = Denoiser(model, schedule, "eps", plan)                # -> D(x, sigma) -> x0
+    x0 = SAMPLERS["euler"].fn(denoise, noise, plan.sigmas)
 
 ``model_fn(x, t, cond)`` is called once per step on the batch [uncond; cond]: x and t are repeated,
 and the two conditionings are concatenated along dim 0. A conditioning may be a tensor, None, a
@@ -72,14 +73,14 @@ def rescale_cfg(guided: torch.Tensor, cond_out: torch.Tensor, rescale: float) ->
     return rescale * rescaled + (1 - rescale) * guided
 
 
-def cfg_denoiser(model_fn: Callable, cond: Any, uncond: Any, scale: float, rescale: float = 0.0) -> Callable:
-    """Turn ``model_fn(x, t, cond)`` into ``denoise(x, t)`` with classifier-free guidance."""
+def cfg(model_fn: Callable, cond: Any, uncond: Any, scale: float, rescale: float = 0.0) -> Callable:
+    """Turn ``model_fn(x, t, cond)`` into ``model(x, t)`` with classifier-free guidance."""
     if not scale >= 0:
         raise ValueError(f"guidance scale={scale} must be >= 0")
     if not 0.0 <= rescale <= 1.0:
         raise ValueError(f"guidance rescale={rescale} is outside the allowed range [0, 1]")
 
-    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         B = x.shape[0]
         if scale == 1.0:
             return model_fn(x, t, _only(cond, B))
@@ -92,7 +93,7 @@ def cfg_denoiser(model_fn: Callable, cond: Any, uncond: Any, scale: float, resca
         guided = u + scale * (c - u)
         return rescale_cfg(guided, c, rescale) if rescale > 0 else guided
 
-    return denoise
+    return model
 
 
 def _only(cond: Any, batch: int) -> Any:

@@ -5,7 +5,7 @@ A training step with any schedule reads:
     t = sample_timesteps(schedule, B, generator)
     x_t = q_sample(schedule, x0, noise, t)
     out = model(x_t, model_timestep(schedule, t), ...)
-    loss = training_loss(schedule, out, x0, noise, t).mean()
+    loss = training_loss(schedule, prediction, out, x0, noise, t).mean()
 
 Targets: eps -> noise, x0 -> x0, v -> alpha eps - sigma x0, flow -> eps - x0.
 
@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 
 from .forward import _check_same_shape, coefficients
-from .schedules import FlowSchedule, Schedule
+from .schedules import PREDICTIONS, FlowSchedule, Schedule, prediction_name
 
-OBJECTIVES = ("eps", "v", "x0", "flow")
+OBJECTIVES = PREDICTIONS
 WEIGHTINGS = ("uniform", "min_snr")
 TIMESTEP_SAMPLING = ("uniform", "stratified", "logit_normal")
 
@@ -71,9 +71,10 @@ def model_timestep(schedule: Schedule, t) -> torch.Tensor:
     return schedule.model_timestep(t)
 
 
-def training_target(schedule: Schedule, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+def training_target(schedule: Schedule, prediction: str, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+    """What a network predicting ``prediction`` should output for x_t = q_sample(schedule, x0, noise, t)."""
     _check_same_shape(x0=x0, noise=noise)
-    kind = schedule.prediction_type
+    kind = prediction_name(prediction)
     if kind == "eps":
         return noise
     if kind == "x0":
@@ -90,8 +91,8 @@ def snr(schedule: Schedule, t) -> torch.Tensor:
     return a**2 / s**2
 
 
-def loss_weight(schedule: Schedule, t, weighting: str = "uniform", gamma: float = 5.0) -> torch.Tensor:
-    """Per-sample loss weight [B] (float64) for the schedule's prediction type."""
+def loss_weight(schedule: Schedule, prediction: str, t, weighting: str = "uniform", gamma: float = 5.0) -> torch.Tensor:
+    """Per-sample loss weight [B] (float64) for a network predicting ``prediction``."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {WEIGHTINGS}")
     t = torch.as_tensor(t).detach().cpu()
@@ -101,7 +102,7 @@ def loss_weight(schedule: Schedule, t, weighting: str = "uniform", gamma: float 
         raise ValueError(f"min-SNR gamma={gamma} must be > 0")
     r = snr(schedule, t)
     capped = torch.minimum(r, torch.full_like(r, gamma))
-    kind = schedule.prediction_type
+    kind = prediction_name(prediction)
     if kind == "x0":
         return capped
     if kind == "eps":
@@ -112,14 +113,14 @@ def loss_weight(schedule: Schedule, t, weighting: str = "uniform", gamma: float 
     return capped * s**2
 
 
-def training_loss(schedule: Schedule, model_output: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t,
-                  weighting: str = "uniform", gamma: float = 5.0) -> torch.Tensor:
-    """Per-sample weighted MSE [B] between the model output and the schedule's target (float32 or wider)."""
+def training_loss(schedule: Schedule, prediction: str, model_output: torch.Tensor, x0: torch.Tensor,
+                  noise: torch.Tensor, t, weighting: str = "uniform", gamma: float = 5.0) -> torch.Tensor:
+    """Per-sample weighted MSE [B] between the network output and its target (float32 or wider)."""
     _check_same_shape(model_output=model_output, x0=x0, noise=noise)
-    target = training_target(schedule, x0, noise, t)
+    target = training_target(schedule, prediction, x0, noise, t)
     err = (model_output.float() - target.float()) ** 2
     per_sample = err.reshape(err.shape[0], -1).mean(1)
-    w = loss_weight(schedule, t, weighting, gamma)
+    w = loss_weight(schedule, prediction, t, weighting, gamma)
     if w.dim() == 0:
         w = w.expand(per_sample.shape[0])
     if w.shape[0] != per_sample.shape[0]:

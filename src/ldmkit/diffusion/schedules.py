@@ -14,7 +14,9 @@ Two families:
 
 Tables are float64. The numbers follow diffusers' schedulers (its
 ``beta_schedule`` names are accepted) so that SD-format weights see the noise
-levels they were trained with.
+levels they were trained with. What a network predicts (eps, v, x0, flow
+velocity) is not part of the schedule: ``ldmkit.diffusion.denoiser`` turns any
+prediction into the denoised estimate the samplers work with.
 """
 
 from __future__ import annotations
@@ -27,8 +29,7 @@ import torch
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 SPACINGS = ("leading", "trailing", "linspace")
-DISCRETE_PREDICTIONS = ("eps", "v", "x0")
-_ALIASES = {"squaredcos_cap_v2": "cosine", "epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+_ALIASES = {"squaredcos_cap_v2": "cosine"}
 
 
 def _check_choice(what: str, value, allowed) -> None:
@@ -97,7 +98,6 @@ class DiscreteSchedule:
     num_train_timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
-    prediction_type: str = "eps"
     rescale_zero_terminal_snr: bool = False
     timestep_spacing: str = "leading"
     steps_offset: int = 0
@@ -105,9 +105,7 @@ class DiscreteSchedule:
 
     def __post_init__(self):
         object.__setattr__(self, "beta_schedule", _ALIASES.get(self.beta_schedule, self.beta_schedule))
-        object.__setattr__(self, "prediction_type", _ALIASES.get(self.prediction_type, self.prediction_type))
         _check_choice("beta schedule", self.beta_schedule, BETA_SCHEDULES)
-        _check_choice("prediction type", self.prediction_type, DISCRETE_PREDICTIONS)
         _check_choice("timestep spacing", self.timestep_spacing, SPACINGS)
         if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps={self.num_train_timesteps!r} must be an integer >= 2")
@@ -194,22 +192,16 @@ class DiscreteSchedule:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DiscreteSchedule":
-        d = dict(d)
-        kind = d.pop("kind", "discrete")
-        if kind != "discrete":
-            raise ValueError(f"schedule kind {kind!r} is not 'discrete'")
-        return cls(**d)
+        return cls(**_fields(cls, d, "discrete"))
 
 
 @dataclass(frozen=True)
 class FlowSchedule:
     num_train_timesteps: int = 1000
     shift: float = 1.0
-    prediction_type: str = "flow"
     kind: str = field(default="flow", init=False)
 
     def __post_init__(self):
-        _check_choice("prediction type", self.prediction_type, ("flow",))
         if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps={self.num_train_timesteps!r} must be an integer >= 2")
         if not self.shift > 0:
@@ -234,14 +226,47 @@ class FlowSchedule:
 
     @classmethod
     def from_dict(cls, d: dict) -> "FlowSchedule":
-        d = dict(d)
-        kind = d.pop("kind", "flow")
-        if kind != "flow":
-            raise ValueError(f"schedule kind {kind!r} is not 'flow'")
-        return cls(**d)
+        return cls(**_fields(cls, d, "flow"))
 
 
 Schedule = DiscreteSchedule | FlowSchedule
+
+# what a network may predict; a schedule dict written before predictions left the schedule may
+# still name one (``prediction_of`` reads it)
+PREDICTIONS = ("eps", "v", "x0", "flow")
+_PREDICTION_ALIASES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+
+
+def prediction_name(name: str) -> str:
+    """"eps" | "v" | "x0" | "flow" (diffusers' "epsilon", "v_prediction", "sample" accepted)."""
+    name = _PREDICTION_ALIASES.get(name, name)
+    _check_choice("prediction type", name, PREDICTIONS)
+    return name
+
+
+def prediction_of(d: dict, default: str | None = None) -> str | None:
+    """The prediction type an older schedule dict records (flow schedules: "flow"), else ``default``."""
+    if not isinstance(d, dict):
+        return default
+    if d.get("kind") == "flow":
+        return "flow"
+    value = d.get("prediction_type")
+    return prediction_name(value) if value is not None else default
+
+
+def _fields(cls, d: dict, kind: str) -> dict:
+    if not isinstance(d, dict):
+        raise ValueError(f"a schedule must be a JSON object, got {type(d).__name__}")
+    d = dict(d)
+    d.pop("prediction_type", None)  # older model folders kept the prediction type here
+    got = d.pop("kind", kind)
+    if got != kind:
+        raise ValueError(f"schedule kind {got!r} is not {kind!r}")
+    known = {f.name for f in cls.__dataclass_fields__.values() if f.init}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown schedule fields {unknown}; known: {sorted(known)}")
+    return d
 
 
 def _sigma_of_abar(abar: torch.Tensor) -> torch.Tensor:
@@ -249,10 +274,23 @@ def _sigma_of_abar(abar: torch.Tensor) -> torch.Tensor:
 
 
 def vp_of_sigma(sigma) -> tuple[torch.Tensor, torch.Tensor]:
-    """k-sigma -> (alpha, sigma_vp) with alpha = 1/sqrt(1+sigma^2), sigma_vp = sigma * alpha."""
+    """k-sigma -> (alpha, sigma_vp) with alpha = 1/sqrt(1+sigma^2), sigma_vp = sigma * alpha
+    (sigma = inf, pure noise: (0, 1))."""
     sigma = torch.as_tensor(sigma, dtype=torch.float64)
     alpha = 1 / (sigma**2 + 1).sqrt()
-    return alpha, sigma * alpha
+    return alpha, torch.where(torch.isinf(sigma), torch.ones_like(sigma), sigma * alpha)
+
+
+def flow_time(sigma) -> torch.Tensor:
+    """k-sigma -> flow time s = sigma / (1 + sigma) (inf -> 1), the inverse of ``sigma = s / (1 - s)``."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    return torch.where(torch.isinf(sigma), torch.ones_like(sigma), sigma / (1 + sigma))
+
+
+def sigma_of_flow_time(s) -> torch.Tensor:
+    """Flow time s in [0, 1] -> k-sigma s / (1 - s) (1 -> inf)."""
+    s = torch.as_tensor(s, dtype=torch.float64)
+    return torch.where(s >= 1, torch.full_like(s, math.inf), s / (1 - s).clamp(min=1e-300))
 
 
 def _check_range(what: str, x: torch.Tensor, lo: float, hi: float) -> None:
@@ -266,7 +304,6 @@ SCHEDULES = ("linear", "scaled_linear", "cosine", "squaredcos_cap_v2", "flow")
 PRESETS: dict[str, dict] = {
     "ddpm": dict(name="linear"),
     "sd15": dict(name="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1),
-    "sd21v": dict(name="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, prediction_type="v"),
     "sd3": dict(name="flow", shift=3.0),
 }
 
@@ -283,6 +320,8 @@ def make_schedule(name: str, **kw) -> Schedule:
 
 
 def schedule_from_dict(d: dict) -> Schedule:
+    if not isinstance(d, dict):
+        raise ValueError(f"a schedule must be a JSON object, got {type(d).__name__}")
     kind = d.get("kind", "discrete")
     _check_choice("schedule kind", kind, ("discrete", "flow"))
     return (FlowSchedule if kind == "flow" else DiscreteSchedule).from_dict(d)

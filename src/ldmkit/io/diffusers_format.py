@@ -251,7 +251,7 @@ SCHEDULER_OF_SAMPLER = {
 
 def schedule_from_diffusers(cfg: dict) -> tuple[dict, dict, list[str]]:
     """diffusers scheduler_config.json -> (our DiscreteSchedule dict, sampler defaults, notes)."""
-    from ldmkit.diffusion.schedules import DiscreteSchedule
+    from ldmkit.diffusion.schedules import DiscreteSchedule, prediction_name
 
     notes = []
     if cfg.get("trained_betas") is not None:
@@ -268,11 +268,11 @@ def schedule_from_diffusers(cfg: dict) -> tuple[dict, dict, list[str]]:
         num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
         beta_start=float(cfg.get("beta_start", 0.0001)),
         beta_end=float(cfg.get("beta_end", 0.02)),
-        prediction_type=cfg.get("prediction_type", "epsilon"),
         rescale_zero_terminal_snr=bool(cfg.get("rescale_betas_zero_snr", False)),
         timestep_spacing=spacing,
         steps_offset=int(cfg.get("steps_offset", 0)),
     ).to_dict()
+    schedule["prediction_type"] = prediction_name(cfg.get("prediction_type", "epsilon"))  # read by prediction_of
     options = {}
     if sampler == "ddim":  # DDIM's own default is True; PNDM (served by DDIM here) defaults to False
         options["set_alpha_to_one"] = bool(cfg.get("set_alpha_to_one", cls == "DDIMScheduler"))

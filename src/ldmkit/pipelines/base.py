@@ -13,19 +13,18 @@ what is concatenated to the denoiser's input; `Pipeline.generate` does the rest:
     for each batch of images:
         cond, uncond  = conditioner.encode(prompts), conditioner.encode(negatives) | null
         x_T           = per-image noise (image i: seed + i)  |  noise_to(z0, noise, sigma_start)
-        z0            = sampler(cfg_denoiser(model_fn, cond, uncond, guidance), x_T, ...)
+        D             = Denoiser(cfg(model_fn, cond, uncond, guidance), schedule, prediction, plan)
+        z0            = sampler(D, x_T, plan.sigmas[start:], generator=per-image generators)
         images        = decode(z0)  (sliced / tiled)
 
-Determinism: image i of a call uses seed + i for its starting noise, drawn on
-the CPU in float32, so the batch size and the device do not change which noise
-an image starts from. Stochastic samplers (ddpm, euler_a) also draw noise at
-every step from one generator per batch (seeded with the batch's first seed),
-so for them only the same batch size reproduces an image.
+Determinism: image i of a call has its own CPU generator seeded with seed + i: it draws the
+image's starting noise (float32) and, for stochastic samplers (ddpm, euler_a, ddim with eta > 0),
+the image's share of every step's noise. So an image depends on its seed only, not on the batch
+it was made in or the device.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from ldmkit.conditioning.base import trim_padding
+from ldmkit.diffusion import (Denoiser, cfg, get_sampler, img2img_start, noise_to, plan, prediction_name,
+                              prediction_of, sampler_names, split_options)
 from ldmkit.pipelines import vae_decode
+from ldmkit.util import file_sha256, parse_dtype, progress, weights_sha256
 
 CONDITIONINGS = ("text", "class", "none")
 CONCAT_KINDS = (None, "inpaint", "upscale", "semantic")
@@ -65,26 +67,6 @@ class Settings:
     vae_tile: int | None = None    # latent tile side for tiled decode; None = auto, 0 = never
     progress: bool = True
     sampler_options: dict = field(default_factory=dict)  # e.g. DDIM's set_alpha_to_one, clip_x0, eta
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
-
-
-def module_sha256(module: torch.nn.Module) -> str:
-    """Hash of a module's tensors (for pipelines built in memory, without a weights file)."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def denoiser_weights_file(path: Path) -> Path | None:
@@ -137,7 +119,8 @@ class Pipeline:
     """
 
     def __init__(self, autoencoder: torch.nn.Module, denoiser: torch.nn.Module, schedule,
-                 conditioner: torch.nn.Module | None = None, *, conditioning: str | None = None,
+                 conditioner: torch.nn.Module | None = None, *, prediction: str | None = None,
+                 conditioning: str | None = None,
                  concat: str | None = None, defaults: dict | None = None, latent_size: Sequence[int] | None = None,
                  model_hash: str | None = None, model_name: str | None = None,
                  spatial: torch.nn.Module | None = None):
@@ -145,6 +128,10 @@ class Pipeline:
         self.denoiser = denoiser.eval()
         self.conditioner = conditioner.eval() if conditioner is not None else None
         self.schedule = schedule
+        flow = getattr(schedule, "kind", "discrete") == "flow"
+        self.prediction = prediction_name(prediction or ("flow" if flow else "eps"))
+        if (self.prediction == "flow") != flow:
+            raise ValueError(f"a {self.prediction!r}-prediction denoiser does not fit a {schedule.kind} schedule")
         if conditioning is None:
             conditioning = "none" if conditioner is None else "text"
         if conditioning not in CONDITIONINGS:
@@ -160,7 +147,7 @@ class Pipeline:
         cfg = denoiser.config
         self.latent_channels = autoencoder.latent_channels
         self.factor = autoencoder.downsample_factor
-        train = latent_size or [getattr(cfg, "sample_size", 8)] * 2
+        train = latent_size or [getattr(cfg, "sample_size", None) or 8] * 2  # sample_size may be null
         self.latent_size = (int(train[0]), int(train[-1]))
         self.model_name = model_name
         self._model_hash = model_hash
@@ -209,7 +196,7 @@ class Pipeline:
     def model_hash(self) -> str:
         """First 10 hex digits of the sha256 of the denoiser weights file (A1111's convention)."""
         if self._model_hash is None:
-            self._model_hash = module_sha256(self.denoiser)[:10]
+            self._model_hash = weights_sha256(self.denoiser)[:10]
         return self._model_hash
 
     @property
@@ -267,8 +254,6 @@ class Pipeline:
                  width=None, batch_size=None, max_model_batch=None, decode_batch=1, vae_tile=None,
                  progress=True, sampler_options=None) -> Settings:
         """Fill unset values from model_index.json "defaults" (then built-in ones) and check them all."""
-        from ldmkit.diffusion.samplers import sampler_names
-
         d = self.defaults
         flow = getattr(self.schedule, "kind", "discrete") == "flow"
         sampler = sampler or d.get("sampler") or ("flow_euler" if flow else "dpmpp_2m")
@@ -344,13 +329,15 @@ class Pipeline:
         return trim_padding(cond, uncond)  # masked trailing padding costs attention time, changes nothing
 
     # ------------------------------------------------------------------ the sampling loop
-    def noise(self, seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
-        """Starting noise: image i from its own CPU generator seeded with seeds[i] (float32)."""
-        out = []
-        for s in seeds:
-            g = torch.Generator("cpu").manual_seed(int(s))
-            out.append(torch.randn(tuple(shape), generator=g, dtype=torch.float32))
-        return torch.stack(out).to(self.device)
+    @staticmethod
+    def generators(seeds: Sequence[int]) -> list[torch.Generator]:
+        """One CPU generator per image, seeded with its seed: it draws all of that image's noise."""
+        return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+    def noise(self, generators: Sequence[torch.Generator], shape: Sequence[int]) -> torch.Tensor:
+        """Starting noise (float32): image i from generator i."""
+        return torch.stack([torch.randn(tuple(shape), generator=g, dtype=torch.float32)
+                            for g in generators]).to(self.device)
 
     def model_fn(self, concat: torch.Tensor | None, labels: torch.Tensor | None,
                  max_batch: int | None) -> Callable:
@@ -394,51 +381,46 @@ class Pipeline:
                        desc: str = "sampling") -> torch.Tensor:
         """Denoise one batch. `z0` (scaled latents) with `strength` < 1 starts part way (img2img);
         `mask` (latent, 1 = generate) re-imposes z0 outside it after every step (inpainting by blending)."""
-        from ldmkit.diffusion.forward import noise_to
-        from ldmkit.diffusion.guidance import cfg_denoiser
-        from ldmkit.diffusion.samplers import DETERMINISTIC, get_sampler, img2img_start, plan
-
         h, w = s.height // self.factor, s.width // self.factor
-        noise = self.noise(seeds, (self.latent_channels, h, w))
-        p = plan(s.sampler, self.schedule, s.steps, **s.sampler_options)
+        gens = self.generators(seeds)
+        noise = self.noise(gens, (self.latent_channels, h, w))
+        sampler = get_sampler(s.sampler)
+        fn_opts, grid_opts, den_opts = split_options(s.sampler, s.sampler_options)
+        p = plan(s.sampler, self.schedule, s.steps, **grid_opts)
         start = img2img_start(s.steps, strength) if z0 is not None else 0
         if z0 is not None:
             z0 = z0.to(self.device, torch.float32)
         if start >= len(p.timesteps):  # strength 0: nothing to denoise
             return z0.clone()
+        sigma0 = p.sigmas[start]
         if z0 is None or start == 0:
             x = noise  # full strength starts from pure noise, exactly as text-to-image
         else:
-            x = noise_to(self.schedule, z0, noise, p.sigmas[start]).float()
+            x = noise_to(z0, noise, sigma0).float()
         if mask is not None:
             mask = mask.to(self.device, torch.float32)
-            x = mask * x + (1 - mask) * noise_to(self.schedule, z0, noise, p.sigmas[start]).float()
+            x = mask * x + (1 - mask) * noise_to(z0, noise, sigma0).float()
 
         cond, uncond = self._encode(conditions, negatives)
         fn = self.model_fn(concat, labels, s.max_model_batch)
         if cond is None:
-            def denoise(x, t):
+            def network(x, t):
                 return fn(x, t, None)
         else:
-            denoise = cfg_denoiser(fn, cond, uncond, s.guidance, s.guidance_rescale)
+            network = cfg(fn, cond, uncond, s.guidance, s.guidance_rescale)
+        denoise = Denoiser(network, self.schedule, self.prediction, p, clip=den_opts.get("clip_x0"))
 
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(p.timesteps) - start, desc=desc, leave=False, disable=not s.progress)
+        bar = progress(total=len(p.timesteps) - start, desc=desc, leave=False, disable=not s.progress)
 
         def callback(i, sigma, x, x0_pred):
             bar.update(1)
             if mask is None:
                 return None
-            known = noise_to(self.schedule, z0, noise, sigma).to(x.dtype)
+            known = noise_to(z0, noise, sigma).to(x.dtype)
             return mask * x + (1 - mask) * known
 
-        generator = None
-        if s.sampler not in DETERMINISTIC:
-            generator = torch.Generator("cpu").manual_seed(int(seeds[0]))
         try:
-            out = get_sampler(s.sampler)(denoise, x, self.schedule, s.steps, generator=generator,
-                                         callback=callback, start=start, **s.sampler_options)
+            out = sampler.fn(denoise, x, p.sigmas[start:], generator=gens, callback=callback, **fn_opts)
         finally:
             bar.close()
         if mask is not None:  # the final level may not be exactly clean (e.g. DDIM without alpha_to_one)
@@ -551,23 +533,11 @@ def load(path, device=None, dtype=None, **options) -> Pipeline:
     if not sched:
         raise ValueError(f"{p}: model_index.json has no 'schedule'")
     schedule = schedule_from_dict(sched)
-    objective = index.get("objective")
-    if objective and objective != "flow" and getattr(schedule, "prediction_type", objective) != objective:
-        schedule = dataclasses.replace(schedule, prediction_type=objective)
+    prediction = index.get("objective") or prediction_of(sched)
     weights = denoiser_weights_file(p)
     model_hash = file_sha256(weights)[:10] if weights is not None else None
     conditioning = index.get("conditioning") or ("none" if comps.get("conditioner") is None else "text")
     return Pipeline(comps["autoencoder"], comps["denoiser"], schedule, comps.get("conditioner"),
-                    conditioning=conditioning, concat=index.get("concat"), defaults=index.get("defaults"),
+                    prediction=prediction, conditioning=conditioning, concat=index.get("concat"), defaults=index.get("defaults"),
                     latent_size=index.get("latent_size"), model_hash=model_hash, model_name=p.name,
                     spatial=comps.get("spatial"))
-
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
-    return DTYPES[name]

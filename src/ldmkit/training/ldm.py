@@ -849,7 +849,7 @@ def make_schedule(c: TrainConfig):
         return FlowSchedule(num_train_timesteps=c.num_train_timesteps)
     betas = {"scaled_linear": (0.00085, 0.012)}.get(c.schedule, (1e-4, 0.02))
     return DiscreteSchedule(beta_schedule=c.schedule, num_train_timesteps=c.num_train_timesteps,
-                            beta_start=betas[0], beta_end=betas[1], prediction_type=c.objective,
+                            beta_start=betas[0], beta_end=betas[1],
                             timestep_spacing="trailing" if c.schedule != "scaled_linear" else "leading",
                             steps_offset=0 if c.schedule != "scaled_linear" else 1)
 
@@ -872,7 +872,7 @@ def diffusion_loss(model_fn, z0: torch.Tensor, t: torch.Tensor, noise: torch.Ten
     z_t = q_sample(schedule, z0, noise, t)
     t_model = model_timestep(schedule, t).to(z0.device, torch.float32)
     out = model_fn(z_t, t_model)
-    return training_loss(schedule, out, z0, noise, t, weighting=c.loss_weighting).mean()
+    return training_loss(schedule, c.objective, out, z0, noise, t, weighting=c.loss_weighting).mean()
 
 
 def load_frozen_autoencoder(folder: str, device: torch.device) -> nn.Module:
@@ -1019,7 +1019,8 @@ def make_pipeline(model: Stage2, autoencoder: nn.Module, schedule, c: TrainConfi
     `ldm upscale` or `ldm semantic` will run."""
     from ldmkit.pipelines import Pipeline
 
-    return Pipeline(autoencoder, model.denoiser, schedule, model.conditioner, conditioning=c.conditioning,
+    return Pipeline(autoencoder, model.denoiser, schedule, model.conditioner, prediction=c.objective,
+                    conditioning=c.conditioning,
                     concat=c.spatial, latent_size=list(latent_shape[1:]), defaults=model_defaults(c))
 
 
