@@ -28,7 +28,11 @@ _KNOWN = {
     "builtins.UnicodeEncodeError": "text that cannot be encoded",
     "builtins.OverflowError": "a value too large",
     "builtins.MemoryError": "not enough memory",
+    "yaml.error.YAMLError": "not valid YAML",
+    "torch.OutOfMemoryError": "not enough memory",
 }
+# torch reports a failed CPU allocation as a plain RuntimeError; this is its message
+_OUT_OF_MEMORY_TEXT = ("DefaultCPUAllocator: can't allocate memory", "CUDA out of memory")
 
 
 def known_bad_input(exc: BaseException) -> str | None:
@@ -37,6 +41,8 @@ def known_bad_input(exc: BaseException) -> str | None:
         hit = _KNOWN.get(f"{cls.__module__}.{cls.__qualname__}")
         if hit:
             return hit
+    if isinstance(exc, RuntimeError) and any(t in str(exc) for t in _OUT_OF_MEMORY_TEXT):
+        return "not enough memory"
     return None
 
 
@@ -77,3 +83,86 @@ class _Reading:
         if exc is not None and not isinstance(exc, UserError) and known_bad_input(exc):
             raise UserError(describe(exc, self.where)) from None
         return False
+
+
+# ----------------------------------------------------------------------------- checking values
+def _is_int(value) -> bool:
+    import numbers
+
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_int(name: str, value, lo: int, hi: int, optional: bool = False) -> None:
+    """Refuse `value` unless it is an integer in [lo, hi] (or None when `optional`), naming `name`."""
+    if value is None and optional:
+        return
+    if not _is_int(value) or not lo <= value <= hi:
+        none = " or null" if optional else ""
+        raise UserError(f"{name}={value!r} must be an integer in [{lo}, {hi}]{none}")
+
+
+def check_ints(name: str, value, lo: int, hi: int, min_len: int = 1, max_len: int = 64) -> None:
+    """Refuse `value` unless it is a list/tuple of min_len..max_len integers in [lo, hi]."""
+    if not isinstance(value, (list, tuple)) or not min_len <= len(value) <= max_len \
+            or not all(_is_int(v) and lo <= v <= hi for v in value):
+        raise UserError(f"{name}={value!r} must be a list of {min_len} to {max_len} integers in [{lo}, {hi}]")
+
+
+def check_number(name: str, value, lo: float = float("-inf"), hi: float = float("inf"), optional: bool = False,
+                 lo_open: bool = False, hi_open: bool = False) -> None:
+    """Refuse `value` unless it is a finite number in the range (brackets per lo_open / hi_open)."""
+    import math
+    import numbers
+
+    if value is None and optional:
+        return
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        if math.isinf(lo) and math.isinf(hi):
+            rng = ""
+        elif math.isinf(hi):
+            rng = f" {'>' if lo_open else '>='} {lo:g}"
+        elif math.isinf(lo):
+            rng = f" {'<' if hi_open else '<='} {hi:g}"
+        else:
+            rng = f" in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise UserError(f"{name}={value!r} must be a finite number{rng}" + (" or null" if optional else ""))
+
+
+def check_str(name: str, value, choices=None, optional: bool = False) -> None:
+    """Refuse `value` unless it is a string (one of `choices` when given)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or (choices is not None and value not in choices):
+        allowed = f" one of {sorted(c for c in choices if c is not None)}" if choices is not None else " a string"
+        raise UserError(f"{name}={value!r} must be{allowed}")
+
+
+def check_text(name: str, text: str) -> None:
+    """Refuse text that holds undecodable bytes (arguments decoded with surrogateescape, say)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{name} {one_line(ascii(text), 80)} is not valid UTF-8 text (it holds undecodable "
+                        "bytes); pass it in UTF-8") from None
+
+
+def check_device(name: str, flag: str = "--device"):
+    """`name` as a torch.device that exists here (imports torch when called)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"{flag} {name!r} is not a torch device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"{flag} {name!r}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"{flag} {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type not in ("cpu", "mps"):
+        raise UserError(f"{flag} {name!r}: ldmkit runs on cpu or cuda")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{flag} {name!r}: MPS is not available on this machine")
+    return device
