@@ -36,6 +36,9 @@ from ldmkit.autoencoder.bottlenecks import DiagonalGaussian, VectorQuantizer
 from ldmkit.nn import AttentionBlock2D, Downsample2D, ResnetBlock2D, Upsample2D
 
 
+MAX_CHANNELS = 65536  # the most channels (image, latent or feature) a config may ask for
+
+
 @dataclass(frozen=True)
 class AutoencoderConfig:
     kind: str = "kl"                      # "kl" (diagonal Gaussian) or "vq" (vector quantiser)
@@ -61,6 +64,7 @@ class AutoencoderConfig:
     sample_size: int = 256                # training resolution (informative)
 
     def __post_init__(self):
+        self._check_values()
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
         if self.kind not in ("kl", "vq"):
             raise ValueError(f"kind={self.kind!r}: must be 'kl' or 'vq'")
@@ -77,6 +81,31 @@ class AutoencoderConfig:
             raise ValueError(f"latent_channels={self.latent_channels}: must be >= 1")
         if self.scaling_factor <= 0:
             raise ValueError(f"scaling_factor={self.scaling_factor}: must be > 0")
+
+    def _check_values(self) -> None:
+        """Types and sane ranges of every field (a config read from JSON may hold anything)."""
+        from ldmkit.errors import check_int, check_ints, check_number, check_str
+
+        check_str("kind", self.kind, ("kl", "vq"))
+        for name in ("in_channels", "out_channels", "channels", "latent_channels", "norm_groups"):
+            check_int(name, getattr(self, name), 1, MAX_CHANNELS)
+        check_ints("ch_mult", self.ch_mult, 1, 64, max_len=64)  # the count (1..6) is checked below
+        widest = self.channels * max(self.ch_mult)
+        if widest > MAX_CHANNELS:
+            raise ValueError(f"channels={self.channels} x ch_mult={tuple(self.ch_mult)} gives {widest} channels; "
+                             f"at most {MAX_CHANNELS} are allowed")
+        check_int("num_res_blocks", self.num_res_blocks, 1, 64)
+        check_int("num_codes", self.num_codes, 1, 1 << 24)
+        check_int("vq_restart_after", self.vq_restart_after, 0, 1 << 40)
+        check_int("sample_size", self.sample_size, 1, 1 << 16, optional=True)
+        check_number("dropout", self.dropout, 0.0, 1.0, hi_open=True)
+        check_number("vq_beta", self.vq_beta, 0.0)
+        check_number("vq_ema_decay", self.vq_ema_decay, 0.0, 1.0)
+        check_number("scaling_factor", self.scaling_factor, 0.0, lo_open=True)
+        check_number("shift_factor", self.shift_factor)
+        for name in ("mid_attention", "vq_ema", "vq_l2_normalize"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
 
     @property
     def downsample_factor(self) -> int:

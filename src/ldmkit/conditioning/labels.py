@@ -27,8 +27,14 @@ class ClassConfig:
     class_names: tuple = ()  # optional names: encode() then also accepts them
 
     def __post_init__(self):
+        from ldmkit.errors import check_int
+
         if isinstance(self.class_names, list):
             object.__setattr__(self, "class_names", tuple(self.class_names))
+        check_int("num_classes", self.num_classes, 1, 1 << 24)
+        check_int("context_dim", self.context_dim, 1, 65536, optional=True)
+        if not isinstance(self.class_names, tuple) or not all(isinstance(n, str) for n in self.class_names):
+            raise ValueError(f"class_names={self.class_names!r} must be a list of names")
         if self.num_classes < 1:
             raise ValueError(f"num_classes={self.num_classes} must be >= 1")
         if self.class_names and len(self.class_names) != self.num_classes:

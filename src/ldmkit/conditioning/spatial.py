@@ -33,9 +33,14 @@ class SpatialConfig:
     latent_size: tuple = (8, 8)  # default size for null(); encode() takes it from the inputs
 
     def __post_init__(self):
+        from ldmkit.errors import check_int, check_ints
+
         if isinstance(self.latent_size, list):
             object.__setattr__(self, "latent_size", tuple(self.latent_size))
-        if self.kind not in KINDS:
+        check_int("latent_channels", self.latent_channels, 1, 65536)
+        check_int("num_classes", self.num_classes, 0, 65536)
+        check_ints("latent_size", self.latent_size, 1, 65536, min_len=2, max_len=2)
+        if not isinstance(self.kind, str) or self.kind not in KINDS:
             raise ValueError(f"spatial kind {self.kind!r} is not one of {KINDS}")
         if self.kind == "semantic" and self.num_classes < 1:
             raise ValueError("semantic spatial conditioning needs num_classes >= 1")

@@ -24,16 +24,20 @@ from torch import nn
 from ldmkit.conditioning.base import Conditioner, Conditioning, check_batch, warn_truncated
 from ldmkit.nn.transformer import BasicTransformerBlock
 
+MAX_TOKENS = 16384  # the longest token sequence a text encoder config may ask for
 PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
 SPECIAL_TOKENS = [PAD, UNK, BOS, EOS]  # ids 0..3
 TOKENIZER_FILE = "tokenizer.json"
 
 
 def _check_prompts(prompts) -> list[str]:
+    from ldmkit.errors import check_text
+
     prompts = check_batch(prompts, "prompts")
     for p in prompts:
         if not isinstance(p, str):
             raise ValueError(f"prompts must be strings, got {type(p).__name__}: {p!r}")
+        check_text("prompt", p)
     return prompts
 
 
@@ -87,8 +91,14 @@ class TransformerTextConfig:
     dropout: float = 0.0
 
     def __post_init__(self):
-        if self.max_length < 2:
-            raise ValueError(f"max_length={self.max_length} must be >= 2 ([BOS] and [EOS])")
+        from ldmkit.errors import check_int, check_number
+
+        check_int("vocab_size", self.vocab_size, len(SPECIAL_TOKENS), 1 << 24)
+        check_int("max_length", self.max_length, 2, MAX_TOKENS)  # >= 2: [BOS] and [EOS]
+        check_int("width", self.width, 1, 65536)
+        check_int("depth", self.depth, 1, 1024)
+        check_int("heads", self.heads, 1, 65536)
+        check_number("dropout", self.dropout, 0.0, 1.0, hi_open=True)
         if self.width % self.heads:
             raise ValueError(f"width={self.width} is not divisible by heads={self.heads}")
 
@@ -135,10 +145,21 @@ class TransformerTextEncoder(Conditioner):
 
         from ldmkit.io.format import config_from_dict
 
+        from ldmkit.errors import UserError, one_line, reading
+
         path = Path(folder) / TOKENIZER_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing (the text encoder's tokenizer)")
-        return cls(config_from_dict(TransformerTextConfig, config), Tokenizer.from_file(str(path)))
+        cfg = config_from_dict(TransformerTextConfig, config)
+        with reading(f"tokenizer file {path}"):
+            text = path.read_text(encoding="utf-8")
+        try:
+            tokenizer = Tokenizer.from_str(text)
+        except Exception as exc:  # noqa: BLE001 - the tokenizers library reports a bad file as a plain Exception
+            if type(exc) is not Exception:
+                raise
+            raise UserError(f"tokenizer file {path}: not a readable tokenizer ({one_line(str(exc))})") from None
+        return cls(cfg, tokenizer)
 
     def save_extra_files(self, folder) -> None:
         from ldmkit.io.format import atomic_write
@@ -174,6 +195,60 @@ class TransformerTextEncoder(Conditioner):
 
 # ------------------------------------------------------------------------------------------------
 # frozen pretrained encoders (transformers)
+_HF_INT_FIELDS = {"vocab_size": (1, 1 << 24), "hidden_size": (1, 65536), "intermediate_size": (1, 1 << 20),
+                  "num_hidden_layers": (1, 1024), "num_attention_heads": (1, 65536),
+                  "max_position_embeddings": (1, 1 << 20), "projection_dim": (1, 65536),
+                  "type_vocab_size": (1, 1 << 16)}
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                        "added_tokens.json")
+
+
+def check_hf_text_config(cfg, where: str) -> None:
+    """The sizes of a transformers text-model config (read from a file) before a model is built from it."""
+    from ldmkit.errors import UserError, check_int
+
+    if not isinstance(cfg, dict):
+        raise UserError(f"{where}: the text encoder config must be a JSON object, got {type(cfg).__name__}")
+    try:
+        for name, (lo, hi) in _HF_INT_FIELDS.items():
+            if name in cfg:
+                check_int(name, cfg[name], lo, hi)
+        if "model_type" in cfg and not isinstance(cfg["model_type"], str):
+            raise UserError(f"model_type={cfg['model_type']!r} must be a string")
+        hidden, heads = cfg.get("hidden_size"), cfg.get("num_attention_heads")
+        if hidden is not None and heads is not None and hidden % heads:
+            raise UserError(f"hidden_size={hidden} is not divisible by num_attention_heads={heads}")
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+
+
+def load_hf_tokenizer(load, folder, what: str = "tokenizer") -> object:
+    """`load()` (a transformers tokenizer constructor reading `folder`) with the folder's files checked
+    first, so that a damaged file is a one-line error naming it."""
+    from ldmkit.errors import UserError, one_line, reading
+    from ldmkit.io.format import read_json
+
+    folder = Path(folder)
+    files = {name: read_json(folder / name) for name in TOKENIZER_JSON_FILES if (folder / name).is_file()}
+    fast = files.get("tokenizer.json")
+    if fast is not None and (not isinstance(fast.get("model"), dict) or not isinstance(fast.get("added_tokens"), list)):
+        raise UserError(f"tokenizer file {folder / 'tokenizer.json'} lacks its \"model\" object or its "
+                        "\"added_tokens\" list: not a tokenizers file")
+    if (folder / "merges.txt").is_file():
+        with reading(str(folder / "merges.txt")):
+            (folder / "merges.txt").read_text(encoding="utf-8")
+    try:
+        if fast is not None:  # the tokenizers library's own check of the file
+            from tokenizers import Tokenizer
+
+            Tokenizer.from_file(str(folder / "tokenizer.json"))
+        return load()
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library reports a bad file as a plain Exception
+        if type(exc) is not Exception:
+            raise
+        raise UserError(f"{what} {folder}: not a readable tokenizer ({one_line(str(exc))})") from None
+
+
 @dataclass(frozen=True)
 class PretrainedTextConfig:
     """A frozen transformers text model: its own config dict travels with our checkpoint."""
@@ -187,6 +262,19 @@ class PretrainedTextConfig:
     # the package name and the SHA-256 of the state dict (checked on load)
     package: str | None = None
     weights_sha256: str | None = None
+
+    def __post_init__(self):
+        from ldmkit.errors import check_int, check_str
+
+        if not isinstance(self.hf_config, dict):
+            raise ValueError(f"hf_config must be a JSON object (the transformers config), got {self.hf_config!r:.60}")
+        check_int("max_length", self.max_length, 1, MAX_TOKENS)
+        check_int("clip_skip", self.clip_skip, 0, 1024)
+        check_int("hidden_layer", self.hidden_layer, 0, 1024, optional=True)
+        if not isinstance(self.use_mask, bool):
+            raise ValueError(f"use_mask={self.use_mask!r} must be true or false")
+        check_str("package", self.package, optional=True)
+        check_str("weights_sha256", self.weights_sha256, optional=True)
 
 
 _ENCODE_CACHE_SIZE = 4096  # prompts whose encodings a frozen encoder keeps
@@ -316,9 +404,11 @@ class BertTextEncoder(_FrozenHFText):
                                  f"model was trained with (SHA-256 {enc.config.weights_sha256[:12]}... vs "
                                  f"{cfg.weights_sha256[:12]}...); install the version the model was made with")
             return enc
+        check_hf_text_config(cfg.hf_config, f"{Path(folder) / 'config.json'}")
         model = BertModel(BertConfig.from_dict(cfg.hf_config), add_pooling_layer="pooler.dense.weight" in
                           _weight_names(folder))
-        return cls(cfg, model, AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
+        return cls(cfg, model, load_hf_tokenizer(
+            lambda: AutoTokenizer.from_pretrained(str(folder), local_files_only=True), folder))
 
     def _encode(self, prompts: list[str]) -> Conditioning:
         ids, mask = self._tokenize(prompts)
@@ -361,8 +451,10 @@ class CLIPTextEncoder(_FrozenHFText):
         from ldmkit.io.format import config_from_dict
 
         cfg = config_from_dict(PretrainedTextConfig, config)
+        check_hf_text_config(cfg.hf_config, f"{Path(folder) / 'config.json'}")
         model = CLIPTextModel(CLIPTextConfig.from_dict(cfg.hf_config))
-        return cls(cfg, model, CLIPTokenizer.from_pretrained(str(folder), local_files_only=True))
+        return cls(cfg, model, load_hf_tokenizer(
+            lambda: CLIPTokenizer.from_pretrained(str(folder), local_files_only=True), folder))
 
     def __init__(self, config: PretrainedTextConfig, model: nn.Module, tokenizer):
         super().__init__(config, model, tokenizer)
@@ -402,9 +494,11 @@ def _package_model_path(package: str) -> str:
 def _weight_names(folder) -> set:
     from safetensors import safe_open
 
+    from ldmkit.errors import reading
+
     path = Path(folder) / "model.safetensors"
     if not path.is_file():
         return set()
-    with safe_open(str(path), framework="pt") as f:
+    with reading(f"weights file {path}"), safe_open(str(path), framework="pt") as f:
         return {k.removeprefix("model.") for k in f.keys()}
 

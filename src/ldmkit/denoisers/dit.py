@@ -48,6 +48,7 @@ class DiTConfig:
     pos_embed_mode: str = "interpolate"  # positions for other grid sizes: see pos_embed_2d
 
     def __post_init__(self):
+        self._check_values()
         if self.out_channels is None:
             object.__setattr__(self, "out_channels", self.in_channels * (2 if self.learn_sigma else 1))
         if self.hidden_size % self.num_heads:
@@ -62,6 +63,27 @@ class DiTConfig:
             raise ValueError(f"pos_embed_mode={self.pos_embed_mode!r} is not one of {POS_MODES}")
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"num_classes={self.num_classes} must be >= 1 or None")
+
+    def _check_values(self) -> None:
+        """Types and sane ranges of every field (a config read from JSON may hold anything)."""
+        from ldmkit.errors import check_int, check_number, check_str
+
+        big = 65536  # channels
+        check_int("in_channels", self.in_channels, 1, big)
+        check_int("out_channels", self.out_channels, 1, big, optional=True)
+        check_int("sample_size", self.sample_size, 1, big)  # the positional grid: needed
+        check_int("patch_size", self.patch_size, 1, 64)
+        check_int("hidden_size", self.hidden_size, 4, big)
+        check_int("depth", self.depth, 1, 1024)
+        check_int("num_heads", self.num_heads, 1, big)
+        check_number("mlp_ratio", self.mlp_ratio, 0.0, 64.0, lo_open=True)
+        check_int("num_classes", self.num_classes, 1, 1 << 24, optional=True)
+        check_int("cross_attention_dim", self.cross_attention_dim, 1, big, optional=True)
+        check_int("time_freq_shift", self.time_freq_shift, 0, 1 << 16)
+        check_number("norm_eps", self.norm_eps, 0.0, 1.0, lo_open=True)
+        check_str("pos_embed_mode", self.pos_embed_mode, POS_MODES)
+        if not isinstance(self.learn_sigma, bool):
+            raise ValueError(f"learn_sigma={self.learn_sigma!r} must be true or false")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -95,6 +95,7 @@ class UNetConfig:
             v = getattr(self, f.name)
             if isinstance(v, list):
                 object.__setattr__(self, f.name, tuple(v))
+        self._check_values()
         n = len(self.block_out_channels)
         if n < 1:
             raise ValueError("block_out_channels must name at least one level")
@@ -131,6 +132,48 @@ class UNetConfig:
                              f"context_adapter_heads={self.context_adapter_heads} heads")
         if self.context_adapter_layers and not self.has_cross_attention:
             raise ValueError("context_adapter_layers needs cross-attention blocks to feed")
+
+    def _check_values(self) -> None:
+        """Types and sane ranges of every field (a config read from JSON may hold anything)."""
+        from ldmkit.errors import check_int, check_ints, check_number
+
+        big = 65536  # channels
+        check_ints("block_out_channels", self.block_out_channels, 1, big, max_len=16)
+        n = len(self.block_out_channels)
+        for name in ("down_block_types", "up_block_types"):
+            v = getattr(self, name)
+            if not isinstance(v, tuple) or not all(isinstance(t, str) for t in v):
+                raise ValueError(f"{name}={v!r} must be a list of block type names")
+        if self.mid_block_type is not None and not isinstance(self.mid_block_type, str):
+            raise ValueError(f"mid_block_type={self.mid_block_type!r} must be a block type name or null")
+        for name in ("in_channels", "out_channels", "norm_num_groups"):
+            check_int(name, getattr(self, name), 1, big)
+        check_int("cross_attention_dim", self.cross_attention_dim, 1, big, optional=True)
+        check_int("layers_per_block", self.layers_per_block, 1, 64)
+        for name, lo, hi in (("attention_head_dim", 1, big), ("num_attention_heads", 1, big),
+                             ("transformer_layers_per_block", 1, 64)):
+            v = getattr(self, name)
+            if name == "num_attention_heads" and v is None:
+                continue
+            if isinstance(v, tuple):
+                check_ints(name, v, lo, hi, min_len=n, max_len=n)
+            else:
+                check_int(name, v, lo, hi)
+        v = self.only_cross_attention
+        if not (isinstance(v, bool) or (isinstance(v, tuple) and all(isinstance(b, bool) for b in v))):
+            raise ValueError(f"only_cross_attention={v!r} must be true/false or one per level")
+        check_int("num_class_embeds", self.num_class_embeds, 1, 1 << 24, optional=True)
+        check_int("freq_shift", self.freq_shift, 0, 1 << 16)
+        check_int("downsample_padding", self.downsample_padding, 0, 16)
+        check_int("sample_size", self.sample_size, 1, big, optional=True)  # informational: null allowed
+        check_number("norm_eps", self.norm_eps, 0.0, 1.0, lo_open=True)
+        check_number("dropout", self.dropout, 0.0, 1.0, hi_open=True)
+        check_int("context_adapter_layers", self.context_adapter_layers, 0, 64)
+        check_int("context_adapter_width", self.context_adapter_width, 1, big)
+        check_int("context_adapter_heads", self.context_adapter_heads, 1, big)
+        for name in ("use_linear_projection", "upcast_attention", "flip_sin_to_cos", "position_features"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
 
     @property
     def heads(self) -> tuple:
