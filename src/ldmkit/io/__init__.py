@@ -31,10 +31,12 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
 
 def detect_format(path: str | os.PathLike) -> str:
     """"ldmkit", "diffusers" or "single_file" (ValueError when none fits)."""
+    from ldmkit.io.format import FORMAT_NAME, read_json
+
     p = Path(path)
     if p.is_dir():
-        if is_ldmkit_model(p):
-            return "ldmkit"
+        if (p / INDEX_FILE).is_file() and read_json(p / INDEX_FILE).get("format") == FORMAT_NAME:
+            return "ldmkit"  # (a model_index.json that is not a JSON object is refused by read_json)
         if (p / INDEX_FILE).is_file() or (p / "unet").is_dir():
             return "diffusers"
         raise ValueError(f"{p} is a folder but neither an ldmkit model (model_index.json with format 'ldmkit') "

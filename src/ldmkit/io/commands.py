@@ -49,13 +49,14 @@ def _convert(args) -> int:
 
     src = resolve_model_path(args.source)
     kind = detect_format(src)
-    opts = {k: getattr(args, k) for k in SINGLE_FILE_OPTIONS if getattr(args, k) not in (None, False)}
+    opts = {k: getattr(args, k) for k in SINGLE_FILE_OPTIONS
+            if getattr(args, k) is not None and getattr(args, k) is not False}  # 0 is a given value
     if opts and kind != "single_file":
         flags = ", ".join("--" + k.replace("_", "-") for k in opts)
         raise UserError(f"{flags} only apply to original single-file checkpoints; {src} is a {kind} model")
     for k in ("num_heads", "num_head_channels"):
-        if k in opts and opts[k] < 1:
-            raise UserError(f"--{k.replace('_', '-')}={opts[k]} must be >= 1")
+        if k in opts and not 1 <= opts[k] <= 65536:
+            raise UserError(f"--{k.replace('_', '-')}={opts[k]} must be in [1, 65536]")
     dest = Path(args.dest)
     if dest.resolve() == src.resolve():
         raise UserError(f"--to {dest} is the source itself; choose another folder")

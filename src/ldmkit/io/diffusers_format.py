@@ -55,7 +55,14 @@ class DiffusersParts:
 # ----------------------------------------------------------------------------- reading weights
 def _read_weights(folder: Path, stem: str, variant: str | None = None) -> dict[str, torch.Tensor]:
     """Tensors of one diffusers component folder (safetensors preferred, sharded allowed)."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file as _load_file
+
+    from ldmkit.errors import UserError, reading
+    from ldmkit.io.format import read_torch_weights
+
+    def load_file(path: str) -> dict:
+        with reading(f"weights file {path}"):
+            return _load_file(path)
 
     names = [f"{stem}.{variant}" if variant else None, stem]
     for name in [n for n in names if n]:
@@ -64,8 +71,12 @@ def _read_weights(folder: Path, stem: str, variant: str | None = None) -> dict[s
             return load_file(str(single))
         index = folder / f"{name}.safetensors.index.json"
         if index.is_file():
+            weight_map = read_json(index).get("weight_map", {})
+            shards = weight_map.values() if isinstance(weight_map, dict) else [None]
+            if not all(isinstance(n, str) and n and "/" not in n and n not in (".", "..") for n in shards):
+                raise UserError(f"{index}: weight_map must map tensor names to shard file names in {folder}")
             state = {}
-            for shard in sorted(set(read_json(index).get("weight_map", {}).values())):
+            for shard in sorted(set(shards)):
                 state.update(load_file(str(folder / shard)))
             return state
     if variant is None:  # only a variant was downloaded (e.g. diffusion_pytorch_model.fp16.safetensors)
@@ -74,13 +85,31 @@ def _read_weights(folder: Path, stem: str, variant: str | None = None) -> dict[s
             return load_file(str(found[0]))
     for name in [n for n in names if n]:
         pickled = folder / f"{name}.bin"
-        if pickled.is_file():
-            try:
-                return torch.load(str(pickled), map_location="cpu", weights_only=True)
-            except Exception as exc:
-                raise ValueError(f"{pickled} cannot be read safely with torch.load(weights_only=True) ({exc}); "
-                                 "re-save the model with safetensors") from None
+        if pickled.is_file():  # torch.load(weights_only=True) only; re-save such models with safetensors
+            return read_torch_weights(pickled)
     raise FileNotFoundError(f"no weights in {folder}: expected {stem}.safetensors (or .bin)")
+
+
+def check_scheduler_config(cfg: dict, where: str) -> None:
+    """Types and ranges of the scheduler_config.json fields ldmkit reads (before any schedule is built)."""
+    from ldmkit.errors import UserError, check_int, check_number, check_str
+    from ldmkit.io.format import MAX_TIMESTEPS
+
+    try:
+        for name, value in cfg.items():
+            if name == "num_train_timesteps":
+                check_int(name, value, 2, MAX_TIMESTEPS)
+            elif name == "steps_offset":
+                check_int(name, value, 0, MAX_TIMESTEPS)
+            elif name in ("beta_start", "beta_end", "clip_sample_range"):
+                check_number(name, value)
+            elif name in ("_class_name", "beta_schedule", "prediction_type", "timestep_spacing"):
+                check_str(name, value)
+            elif name in ("clip_sample", "set_alpha_to_one", "rescale_betas_zero_snr", "use_karras_sigmas") \
+                    and not isinstance(value, bool) and value is not None:
+                raise UserError(f"{name}={value!r} must be true or false")
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
 
 
 def read_diffusers(path, variant: str | None = None) -> DiffusersParts:
@@ -95,6 +124,8 @@ def read_diffusers(path, variant: str | None = None) -> DiffusersParts:
         raise ValueError(f"{root}: pipeline {pipeline!r} is not supported; ldmkit reads StableDiffusionPipeline "
                          "folders (SD 1.x / 2.x text-to-image)")
     sched_file = root / "scheduler" / "scheduler_config.json"
+    scheduler_config = read_json(sched_file)
+    check_scheduler_config(scheduler_config, str(sched_file))
     return DiffusersParts(
         unet_config=read_json(root / "unet" / "config.json"),
         unet_state=_read_weights(root / "unet", UNET_WEIGHTS, variant),
@@ -103,7 +134,7 @@ def read_diffusers(path, variant: str | None = None) -> DiffusersParts:
         text_config=read_json(root / "text_encoder" / "config.json"),
         text_state=_read_weights(root / "text_encoder", TEXT_WEIGHTS, variant),
         tokenizer=root / "tokenizer" if (root / "tokenizer").is_dir() else None,
-        scheduler_config=read_json(sched_file),
+        scheduler_config=scheduler_config,
         notes=[f"{root.name}: diffusers {pipeline} folder"],
     )
 
@@ -184,12 +215,24 @@ _VAE_FIXED = {"act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": T
 
 
 def autoencoder_config_from_diffusers(cfg: dict) -> dict:
+    from ldmkit.errors import UserError, check_ints, check_number
+
     _check_fixed(cfg, _VAE_FIXED, "diffusers AutoencoderKL")
     for k, expect in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-        bad = [t for t in cfg.get(k, []) if t != expect]
+        types = cfg.get(k, [])
+        if not isinstance(types, list):
+            raise UserError(f"diffusers AutoencoderKL {k}={types!r} must be a list of block type names")
+        bad = [t for t in types if t != expect]
         if bad:
             raise ValueError(f"diffusers AutoencoderKL {k} entries {bad} are not supported (only {expect})")
-    widths = list(cfg.get("block_out_channels", [64]))
+    widths = cfg.get("block_out_channels", [64])
+    check_ints("diffusers AutoencoderKL block_out_channels", widths, 1, 65536, max_len=6)
+    for name in ("scaling_factor", "shift_factor"):
+        check_number(f"diffusers AutoencoderKL {name}", cfg.get(name), optional=True)
+    size = cfg.get("sample_size", 512)
+    if isinstance(size, list) and size:  # some configs give [height, width]
+        size = size[0]
+    widths = list(widths)
     base = widths[0]
     if any(w % base for w in widths):
         raise ValueError(f"autoencoder block_out_channels={widths} are not multiples of the first width {base}")
@@ -203,9 +246,9 @@ def autoencoder_config_from_diffusers(cfg: dict) -> dict:
         "latent_channels": cfg.get("latent_channels", 4),
         "norm_groups": cfg.get("norm_num_groups", 32),
         "mid_attention": bool(cfg.get("mid_block_add_attention", True)),
-        "scaling_factor": float(cfg.get("scaling_factor", 0.18215)),
+        "scaling_factor": float(cfg.get("scaling_factor") or 0.18215),
         "shift_factor": float(cfg.get("shift_factor") or 0.0),
-        "sample_size": cfg.get("sample_size", 512),
+        "sample_size": size,
     }
 
 
@@ -362,12 +405,16 @@ def _tokenizer(parts: DiffusersParts, max_positions: int):
     if (folder / "tokenizer").is_dir():
         folder = folder / "tokenizer"
     if not folder.is_dir():
-        raise FileNotFoundError(f"tokenizer folder {folder} does not exist")
+        raise FileNotFoundError(f"tokenizer folder {folder} "
+                                + ("is not a folder" if folder.exists() else "does not exist"))
+    from ldmkit.conditioning.text import load_hf_tokenizer
+
     if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
-        tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+        tok = load_hf_tokenizer(lambda: CLIPTokenizer.from_pretrained(str(folder), local_files_only=True), folder)
     elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-        tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
-                            pad_token="<|endoftext|>" if parts.pad_with_eos else "!", model_max_length=max_positions)
+        tok = load_hf_tokenizer(lambda: CLIPTokenizer(
+            str(folder / "vocab.json"), str(folder / "merges.txt"),
+            pad_token="<|endoftext|>" if parts.pad_with_eos else "!", model_max_length=max_positions), folder)
     else:
         raise FileNotFoundError(f"{folder} holds no CLIP tokenizer (vocab.json + merges.txt, or tokenizer.json)")
     return tok
@@ -376,8 +423,9 @@ def _tokenizer(parts: DiffusersParts, max_positions: int):
 def build_text_conditioner(parts: DiffusersParts, max_length: int | None = None, clip_skip: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ldmkit.conditioning.text import CLIPTextEncoder, PretrainedTextConfig
+    from ldmkit.conditioning.text import CLIPTextEncoder, PretrainedTextConfig, check_hf_text_config
 
+    check_hf_text_config(parts.text_config, "text encoder config")
     cfg = {k: v for k, v in parts.text_config.items()
            if k not in ("_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype")}
     model_type = cfg.pop("model_type", "clip_text_model")
@@ -440,9 +488,17 @@ def parts_to_model(parts: DiffusersParts, device=None, dtype: torch.dtype | None
     from ldmkit.denoisers.unet import UNet, UNetConfig
     from ldmkit.io.format import config_from_dict
 
-    ucfg = unet_config_from_diffusers(parts.unet_config)
-    in_ch = ucfg["in_channels"]
-    latent = int(parts.vae_config.get("latent_channels", 4))
+    from ldmkit.errors import UserError
+
+    try:
+        unet_config = UNetConfig.from_dict(unet_config_from_diffusers(parts.unet_config))
+    except ValueError as exc:
+        raise UserError(f"UNet config: {exc}") from None
+    try:
+        ae_config = config_from_dict(AutoencoderConfig, autoencoder_config_from_diffusers(parts.vae_config))
+    except ValueError as exc:
+        raise UserError(f"VAE config: {exc}") from None
+    in_ch, latent = unet_config.in_channels, ae_config.latent_channels
     concat = {latent: None, 2 * latent + 1: "inpaint"}.get(in_ch, "unsupported")
     if concat == "unsupported":
         raise ValueError(f"UNet with {in_ch} input channels for {latent}-channel latents is not a text-to-image "
@@ -451,15 +507,14 @@ def parts_to_model(parts: DiffusersParts, device=None, dtype: torch.dtype | None
     upcast = bool(parts.vae_config.get("force_upcast", True)) if upcast_vae is None else bool(upcast_vae)
     dtype = dtype or torch.float32
     ae_dtype = torch.float32 if (upcast and dtype == torch.float16) else dtype
-    unet_config = UNetConfig.from_dict(ucfg)
     unet = _build_on_meta(lambda: UNet(unet_config), parts.unet_state, "UNet (denoiser)", dtype)
-    ae_config = config_from_dict(AutoencoderConfig, autoencoder_config_from_diffusers(parts.vae_config))
     ae = _build_on_meta(lambda: Autoencoder(ae_config), parts.vae_state, "VAE (autoencoder)", ae_dtype)
     text = build_text_conditioner(parts, max_length=max_length, clip_skip=clip_skip).to(dtype=dtype)
     if device is not None:
         for m in (unet, ae, text):
             m.to(device=device)
-    size = int(unet.config.sample_size)
+    # the latent training size; a UNet config may leave it null: then the VAE's image size says it
+    size = unet.config.sample_size or max(1, (ae_config.sample_size or 512) // ae.downsample_factor)
     index = {
         "format": "ldmkit", "format_version": 1,
         "schedule": schedule, "objective": schedule["prediction_type"], "conditioning": "text", "concat": concat,
@@ -471,6 +526,29 @@ def parts_to_model(parts: DiffusersParts, device=None, dtype: torch.dtype | None
     return index, {"autoencoder": ae, "denoiser": unet, "conditioner": text}
 
 
+def _ldmkit_settings(index_file: Path) -> dict:
+    """The "_ldmkit" entry save_diffusers writes into model_index.json, checked ({} when absent)."""
+    from ldmkit.errors import UserError, check_int, check_ints
+
+    extra = read_json(index_file).get("_ldmkit") if index_file.is_file() else None
+    if extra is None:
+        return {}
+    try:
+        if not isinstance(extra, dict):
+            raise UserError("_ldmkit must be a JSON object")
+        for key in ("defaults", "conditioner"):
+            if extra.get(key) is not None and not isinstance(extra[key], dict):
+                raise UserError(f"_ldmkit.{key} must be a JSON object")
+        cond = extra.get("conditioner") or {}
+        check_int("_ldmkit.conditioner.max_length", cond.get("max_length"), 1, 1 << 20, optional=True)
+        check_int("_ldmkit.conditioner.clip_skip", cond.get("clip_skip"), 0, 1024, optional=True)
+        if extra.get("latent_size") is not None:
+            check_ints("_ldmkit.latent_size", extra["latent_size"], 1, 65536, max_len=2)
+    except UserError as exc:
+        raise UserError(f"{index_file}: {exc}") from None
+    return extra
+
+
 def load_diffusers(path, device=None, dtype: torch.dtype | None = None, variant: str | None = None, **opts):
     """Load a diffusers Stable Diffusion folder as an ldmkit model (see `ldmkit.io.load_model`).
 
@@ -479,14 +557,13 @@ def load_diffusers(path, device=None, dtype: torch.dtype | None = None, variant:
     root = Path(path)
     parts = read_diffusers(root, variant=variant)
     index_file = root / "model_index.json"
-    extra = read_json(index_file).get("_ldmkit") if index_file.is_file() else None
-    extra = extra if isinstance(extra, dict) else {}
+    extra = _ldmkit_settings(index_file)
     cond = extra.get("conditioner") or {}
     opts.setdefault("max_length", cond.get("max_length"))
-    opts.setdefault("clip_skip", int(cond.get("clip_skip", 0)))
+    opts.setdefault("clip_skip", cond.get("clip_skip", 0))
     index, comps = parts_to_model(parts, device=device, dtype=dtype, **opts)
     # written by save_diffusers: our settings that diffusers' files have no place for
-    index["defaults"].update(extra.get("defaults", {}))
+    index["defaults"].update(extra.get("defaults") or {})
     if extra.get("latent_size"):
         index["latent_size"] = list(extra["latent_size"])
     return index, comps

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tempfile
 import typing
 from pathlib import Path
@@ -134,15 +135,31 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, write)
 
 
-def read_json(path: str | os.PathLike) -> dict:
+_JSON_KINDS = {dict: "a JSON object", list: "a JSON array", str: "a JSON string", int: "a JSON integer",
+               float: "a JSON number", bool: "true or false", type(None): "null"}
+
+
+def json_kind(value: Any) -> str:
+    """What a parsed JSON value is, in JSON's words ("a JSON array", "null" ...)."""
+    return _JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def read_json(path: str | os.PathLike, expect: type | tuple | None = dict) -> Any:
+    """Parse a JSON file; `expect` (default dict: a JSON object) is the type its top level must have
+    (None: anything). Bad bytes, bad syntax and the wrong shape are `UserError`s naming the file."""
+    from ldmkit.errors import UserError, reading
+
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
+        raise FileNotFoundError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+    with reading(str(path)):
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+            value = json.load(f)
+    if expect is not None and not isinstance(value, expect):
+        kinds = expect if isinstance(expect, tuple) else (expect,)
+        want = " or ".join(_JSON_KINDS.get(k, k.__name__) for k in kinds)
+        raise UserError(f"{path} must hold {want}, got {json_kind(value)}")
+    return value
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
@@ -274,17 +291,37 @@ def load_component(folder: str | os.PathLike, device: str | torch.device | None 
     """Rebuild the network in a component folder and load its weights (safetensors only)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"component folder {folder} does not exist")
+        raise FileNotFoundError(f"component folder {folder} "
+                                + ("is not a folder" if folder.exists() else "does not exist"))
+    from ldmkit.errors import UserError, known_bad_input, one_line, reading
+
     meta = read_json(folder / CONFIG_FILE)
     kind = meta.get("type")
-    if kind not in COMPONENT_TYPES:
-        raise ValueError(f"{folder / CONFIG_FILE}: unknown component type {kind!r}; known: {sorted(COMPONENT_TYPES)}")
+    if not isinstance(kind, str) or kind not in COMPONENT_TYPES:
+        raise UserError(f"{folder / CONFIG_FILE}: unknown component type {kind!r}; known: {sorted(COMPONENT_TYPES)}")
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        raise UserError(f"{folder / CONFIG_FILE}: \"config\" must be a JSON object with the {kind} settings, "
+                        f"got {json_kind(config) if 'config' in meta else 'nothing'}")
     weights = folder / WEIGHTS_FILE
-    module = COMPONENT_TYPES[kind](meta.get("config", {}), folder)
+    try:
+        module = COMPONENT_TYPES[kind](config, folder)
+    except ValueError as exc:  # a config value out of its range: name the file it came from
+        if str(folder) in str(exc):
+            raise
+        raise UserError(f"{folder / CONFIG_FILE}: {exc}") from None
+    except (MemoryError, RuntimeError) as exc:  # sizes within the checked ranges can still add up
+        if known_bad_input(exc) != "not enough memory":
+            raise
+        raise UserError(f"{folder / CONFIG_FILE}: the {kind} it describes does not fit in memory "
+                        f"({one_line(str(exc), 200)})") from None
     if not getattr(module, "weights_external", False):  # else from_component loaded and checked them
         if not weights.is_file():
             raise FileNotFoundError(f"{weights} is missing")
-        state = load_file(str(weights))
+        with reading(f"weights file {weights}"):
+            state = load_file(str(weights))
+        if hasattr(module, "upgrade_state"):  # an older layout of the same weights
+            state = module.upgrade_state(state)
         check_state_dict(module, state, str(weights))
         module.load_state_dict(state, strict=True)
     module.eval()
@@ -317,6 +354,112 @@ def is_ldmkit_model(path: str | os.PathLike) -> bool:
         return False
 
 
+_COMPONENT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+MAX_TIMESTEPS = 1_000_000  # the longest training schedule a model file may ask for
+
+
+def check_schedule_dict(schedule: Any, where: str) -> None:
+    """Types and ranges of a schedule's fields as a file holds them (before a schedule is built)."""
+    from ldmkit.errors import UserError, check_int, check_number, check_str
+
+    if not isinstance(schedule, dict):
+        raise UserError(f"{where}: the schedule must be a JSON object, got {json_kind(schedule)}")
+    try:
+        for name, value in schedule.items():
+            if name == "num_train_timesteps":
+                check_int(f"schedule {name}", value, 2, MAX_TIMESTEPS)
+            elif name == "steps_offset":
+                check_int(f"schedule {name}", value, 0, MAX_TIMESTEPS)
+            elif name in ("beta_start", "beta_end", "shift"):
+                check_number(f"schedule {name}", value)
+            elif name in ("beta_schedule", "timestep_spacing", "kind", "prediction_type"):
+                check_str(f"schedule {name}", value, optional=name == "prediction_type")
+            elif name == "rescale_zero_terminal_snr" and not isinstance(value, bool):
+                raise UserError(f"schedule {name}={value!r} must be true or false")
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+
+
+def check_model_index(index: dict, where: str) -> None:
+    """The shape of an ldmkit model_index.json: component names, schedule, latent size, defaults."""
+    from ldmkit.errors import UserError, check_ints, check_number, check_str
+
+    try:
+        names = index.get("components")
+        if names is not None and (not isinstance(names, list) or not all(
+                isinstance(n, str) and _COMPONENT_NAME.match(n) and n not in (".", "..") for n in names)):
+            raise UserError(f"components={names!r} must be a list of component folder names")
+        for key in ("defaults", "schedule"):
+            if index.get(key) is not None and not isinstance(index[key], dict):
+                raise UserError(f"{key} must be a JSON object, got {json_kind(index[key])}")
+        defaults = index.get("defaults") or {}
+        options = defaults.get("sampler_options")
+        if options is not None and not isinstance(options, dict):
+            raise UserError(f"defaults.sampler_options must be a JSON object, got {json_kind(options)}")
+        for key in ("steps", "height", "width", "batch_size", "noise_level"):
+            value = defaults.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise UserError(f"defaults.{key}={defaults[key]!r} must be an integer")
+        for key in ("guidance", "guidance_rescale"):
+            if defaults.get(key) is not None:
+                check_number(f"defaults.{key}", defaults[key])
+        check_str("defaults.sampler", defaults.get("sampler"), optional=True)
+        if index.get("latent_size") is not None:
+            check_ints("latent_size", index["latent_size"], 1, 65536, max_len=2)
+        for key in ("conditioning", "concat", "objective"):
+            check_str(key, index.get(key), optional=True)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+    if index.get("schedule") is not None:
+        check_schedule_dict(index["schedule"], where)
+
+
+def pickle_refusal(exc: BaseException) -> str:
+    """The line of torch's weights-only refusal that says what the file pickles (not its advice)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    lines = [ln.strip() for ln in text.splitlines()
+             if "GLOBAL" in ln or "Unsupported" in ln or "WeightsUnpickler error" in ln]
+    if not lines:
+        return "it is not a plain state dict of tensors"
+    line = lines[0]
+    return line[line.index("WeightsUnpickler error"):] if "WeightsUnpickler error" in line else line
+
+
+def read_torch_weights(path: str | os.PathLike, what: str = "weights file") -> dict[str, torch.Tensor]:
+    """A state dict from a PyTorch checkpoint, read with `torch.load(weights_only=True)` only: a file that
+    pickles anything but tensors is refused (nothing in it runs), a damaged one is a one-line error."""
+    import pickle
+    import struct
+    import warnings
+
+    from ldmkit.errors import UserError, one_line
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} " + ("is not a file" if path.exists() else "does not exist"))
+    try:
+        with warnings.catch_warnings():  # torch warns about odd pickle protocols in damaged files
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise UserError(f"{what} {path}: not a readable PyTorch checkpoint ({one_line(str(exc), 200)})") from None
+        raise UserError(f"{what} {path}: refused: not a weights-only checkpoint, it pickles Python objects "
+                        f"({one_line(pickle_refusal(exc), 200)}); nothing in it was run") from None
+    except (EOFError, RuntimeError, KeyError, ValueError, IndexError, UnicodeDecodeError, struct.error) as exc:
+        # how torch.load reports a damaged or foreign file
+        raise UserError(f"{what} {path}: not a readable PyTorch checkpoint ({type(exc).__name__}: "
+                        f"{one_line(str(exc), 200)})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        kind = (f"a {type(obj).__name__}" if not isinstance(obj, dict) else "an empty dict" if not obj
+                else "a dict with entries that are not tensors")
+        raise UserError(f"{what} {path} holds {kind}, not a state dict of named tensors")
+    return obj
+
+
 def load_model(folder: str | os.PathLike, device: str | torch.device | None = None,
                dtype: torch.dtype | None = None) -> tuple[dict, dict[str, torch.nn.Module]]:
     """Read a model folder in our format: returns (index, {component name: module})."""
@@ -324,6 +467,7 @@ def load_model(folder: str | os.PathLike, device: str | torch.device | None = No
     index = read_json(folder / INDEX_FILE)
     if index.get("format") != FORMAT_NAME:
         raise ValueError(f"{folder / INDEX_FILE} is not an ldmkit model index (format={index.get('format')!r})")
+    check_model_index(index, str(folder / INDEX_FILE))
     names = index.get("components") or [p.name for p in sorted(folder.iterdir()) if (p / CONFIG_FILE).is_file()]
     components = {}
     for name in names:

@@ -19,11 +19,13 @@ def load_image(path: str | os.PathLike, mode: str | None = "RGB", what: str = "i
     (None: keep the file's mode, e.g. a palette class map)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
+        raise FileNotFoundError(f"{what} {path} " + ("is not a file" if path.exists() else "does not exist"))
     try:
         with Image.open(path) as img:
             img.load()
             return img.convert(mode) if mode is not None else img.copy()
+    except Image.DecompressionBombError as exc:  # a header claiming more pixels than PIL's limit
+        raise ValueError(f"cannot read {what} {path}: image too large ({exc})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"cannot read {what} {path}: {exc}") from None
 

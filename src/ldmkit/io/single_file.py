@@ -91,8 +91,10 @@ def read_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
     if suffix in SAFETENSORS_SUFFIXES:
         from safetensors import safe_open
 
+        from ldmkit.errors import reading
+
         state = {}
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with reading(f"checkpoint {path}"), safe_open(str(path), framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
             for k in f.keys():
                 state[k] = f.get_tensor(k)
@@ -100,15 +102,29 @@ def read_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
     if suffix not in PICKLE_SUFFIXES:
         raise ValueError(f"unsupported checkpoint file {path.name!r}: expected one of "
                          f"{SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES}")
+    import pickle
+    import struct
+
+    from ldmkit.errors import UserError, one_line
+    from ldmkit.io.format import pickle_refusal
+
     try:
-        with torch.serialization.safe_globals(_METADATA_GLOBALS):
+        with torch.serialization.safe_globals(_METADATA_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about odd pickle protocols in damaged files
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError and friends: the file needs unsafe unpickling
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(
-            f"{path.name} cannot be read safely: it pickles Python objects other than tensors ({first}). "
-            "ldmkit only loads .ckpt files through torch.load(weights_only=True); convert the file to "
-            ".safetensors with a tool you trust, or use the .safetensors release of the weights") from None
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise UserError(f"checkpoint {path}: not a readable PyTorch checkpoint ({one_line(str(exc), 200)})") \
+                from None
+        raise UserError(
+            f"checkpoint {path} cannot be read safely: it pickles Python objects other than tensors "
+            f"({one_line(pickle_refusal(exc), 200)}); nothing in it was run. ldmkit only loads .ckpt files through "
+            "torch.load(weights_only=True); convert the file to .safetensors with a tool you trust, or use the "
+            ".safetensors release of the weights") from None
+    except (EOFError, RuntimeError, KeyError, ValueError, IndexError, UnicodeDecodeError, struct.error) as exc:
+        # how torch.load reports a damaged or foreign file
+        raise UserError(f"checkpoint {path}: not a readable PyTorch checkpoint ({type(exc).__name__}: "
+                        f"{one_line(str(exc), 200)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         meta = {k: v for k, v in obj.items() if k in ("global_step", "epoch") and isinstance(v, (int, float))}
         obj = obj["state_dict"]
@@ -422,12 +438,33 @@ def _read_original_config(path) -> dict:
     """The few facts we need from a CompVis YAML (v1-inference.yaml, v2-inference-v.yaml ...)."""
     import yaml
 
-    with open(path) as f:
+    from ldmkit.errors import UserError, check_int, check_number, reading
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"original config {path} " + ("is not a file" if path.exists() else "does not exist"))
+    with reading(f"original config {path}"), open(path, encoding="utf-8") as f:
         cfg = yaml.safe_load(f) or {}
-    params = (cfg.get("model") or {}).get("params") or {}
-    unet = (params.get("unet_config") or {}).get("params") or {}
+
+    def table(node, where: str) -> dict:
+        if node is None:
+            return {}
+        if not isinstance(node, dict):
+            raise UserError(f"original config {path}: {where} must be a mapping, got {type(node).__name__}")
+        return node
+
+    cfg = table(cfg, "the file")
+    params = table(table(cfg.get("model"), "model").get("params"), "model.params")
+    unet = table(table(params.get("unet_config"), "model.params.unet_config").get("params"),
+                 "model.params.unet_config.params")
     out = {k: params[k] for k in ("parameterization", "linear_start", "linear_end", "timesteps", "scale_factor")
            if k in params}
+    try:
+        for k in ("linear_start", "linear_end", "scale_factor"):
+            check_number(k, out.get(k), optional=True)
+        check_int("timesteps", out.get("timesteps"), 2, 1_000_000, optional=True)
+    except UserError as exc:
+        raise UserError(f"original config {path}: {exc}") from None
     for k in ("num_heads", "num_head_channels", "image_size"):
         if isinstance(unet.get(k), int) and unet[k] > 0:
             out[k] = unet[k]
