@@ -51,14 +51,58 @@ def _train(args) -> int:
     return 0
 
 
+MAX_SIZE = 16384  # pixels
+MAX_IMAGES = 10_000_000
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed takes
+
+
+def _check_common(args) -> None:
+    """Flags of ae-stats / eval-autoencoder that need no model (bad ones fail before any loading)."""
+    from ldmkit.errors import check_device
+
+    if args.size is not None and not 1 <= args.size <= MAX_SIZE:
+        raise ValueError(f"--size {args.size} must be in [1, {MAX_SIZE}] pixels")
+    if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
+        raise ValueError(f"--seed {args.seed} is outside the allowed range [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
+    if args.device != "auto":
+        check_device(args.device)
+    for name in ("num_samples", "num_images", "holdout"):
+        v = getattr(args, name, None)
+        if v is not None and not 1 <= v <= MAX_IMAGES:
+            raise ValueError(f"--{name.replace('_', '-')} {v} must be in [1, {MAX_IMAGES}]")
+    if getattr(args, "batch_size", None) is not None and not 1 <= args.batch_size <= 65536:
+        raise ValueError(f"--batch-size {args.batch_size} must be in [1, 65536]")
+
+
+def _autoencoder_config(folder: Path):
+    """The component's AutoencoderConfig, checked (without building the network)."""
+    from ldmkit.autoencoder.model import AutoencoderConfig
+    from ldmkit.errors import UserError
+    from ldmkit.io.format import config_from_dict, read_json
+
+    meta = read_json(folder / "config.json")
+    if meta.get("type") != "autoencoder" or not isinstance(meta.get("config"), dict):
+        raise UserError(f"{folder / 'config.json'} does not describe an autoencoder (type {meta.get('type')!r})")
+    try:
+        return config_from_dict(AutoencoderConfig, meta["config"])
+    except ValueError as exc:
+        raise UserError(f"{folder / 'config.json'}: {exc}") from None
+
+
+def _check_size(size: int, factor: int) -> None:
+    if size % factor:
+        raise ValueError(f"--size {size} is not a multiple of the autoencoder's downsampling factor {factor}")
+
+
 def _stats(args) -> int:
-    from ldmkit.io.format import read_json
     from ldmkit.training.autoencoder import build_datasets, update_scaling_factor
 
+    _check_common(args)
     folder = _component_folder(args.model)
-    cfg = read_json(folder / "config.json").get("config", {})
-    size = args.size or cfg.get("sample_size", 256)
-    train, _ = build_datasets(args.data, size, cfg.get("in_channels", 3), seed=args.seed, train_augment=False)
+    cfg = _autoencoder_config(folder)
+    size = args.size or cfg.sample_size or 256
+    _check_size(size, cfg.downsample_factor)
+    train, _ = build_datasets(args.data, size, cfg.in_channels, seed=args.seed, train_augment=False)
     stats = update_scaling_factor(folder, train, args.num_samples, seed=args.seed, device=args.device)
     print(json.dumps({"autoencoder": str(folder), **stats}, indent=2))
     return 0
@@ -71,10 +115,13 @@ def _eval(args) -> int:
     from ldmkit.io.format import load_component, write_json
     from ldmkit.training.autoencoder import _device, build_datasets, evaluate
 
+    _check_common(args)
     folder = _component_folder(args.model)
+    _autoencoder_config(folder)
     device = _device(args.device)
     model = load_component(folder, device=device)
-    size = args.size or model.config.sample_size
+    size = args.size or model.config.sample_size or 256
+    _check_size(size, model.downsample_factor)
     _, heldout = build_datasets(args.data, size, model.config.in_channels, holdout=args.holdout, seed=args.seed,
                                 train_augment=False)
     lpips = None if args.no_lpips else LPIPS.from_pretrained(args.vgg_weights, device=device)

@@ -75,7 +75,10 @@ class VGG16Features(nn.Module):
 
     def load_torchvision_state_dict(self, state: dict) -> None:
         """Load a torchvision vgg16 state dict (classifier weights are ignored)."""
+        from ldmkit.io.format import check_state_dict
+
         feats = {k: v for k, v in state.items() if k.startswith("features.")}
+        check_state_dict(self, feats, "the VGG16 weights", strict=False)  # shapes, before load_state_dict
         missing, unexpected = self.load_state_dict(feats, strict=False)
         if missing or unexpected:
             raise ValueError(f"not a VGG16 state dict: missing {missing[:4]}, unexpected {unexpected[:4]}")
@@ -108,7 +111,7 @@ def find_vgg16_weights(path: str | os.PathLike | None = None) -> Path | None:
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise FileNotFoundError(f"VGG16 weights file {p} does not exist")
+            raise FileNotFoundError(f"VGG16 weights file {p} " + ("is not a file" if p.exists() else "does not exist"))
         return p
     env = os.environ.get("LDMKIT_VGG16_WEIGHTS")
     if env:
@@ -141,7 +144,9 @@ class LPIPS(nn.Module):
         return super().train(False)  # always in eval mode
 
     def load_heads(self, path: str | os.PathLike | None = None) -> None:
-        state = torch.load(path or lpips_heads_path(), map_location="cpu", weights_only=True)
+        from ldmkit.io.format import read_torch_weights
+
+        state = read_torch_weights(path or lpips_heads_path(), "LPIPS heads file")
         heads = {k: v for k, v in state.items() if k.startswith("lin")}
         missing = [k for k in (f"lin{i}.model.1.weight" for i in range(5)) if k not in heads]
         if missing:
@@ -159,8 +164,15 @@ class LPIPS(nn.Module):
                 "and no path given (--vgg-weights or $LDMKIT_VGG16_WEIGHTS): LPIPS is unavailable, "
                 "so the perceptual loss is disabled and LPIPS is not reported.")
             return None
+        from ldmkit.io.format import read_torch_weights
+
         model = cls()
-        model.net.load_torchvision_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            model.net.load_torchvision_state_dict(read_torch_weights(path, "VGG16 weights file"))
+        except ValueError as exc:
+            if str(path) in str(exc):
+                raise
+            raise ValueError(f"VGG16 weights file {path}: {exc}") from None
         model.load_heads()
         return model.to(device)
 

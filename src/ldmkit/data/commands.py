@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 DATA_HELP = "'shapes' (bundled synthetic set), 'fashion-mnist' (Debian dataset-fashion-mnist) or an image folder"
+MAX_SIZE = 16384  # pixels
+MAX_LENGTH = 10_000_000  # images drawn from the shapes set
 
 
 def dataset_for_cache(data: str, size: int, length: int, seed: int, class_folders: bool,
@@ -30,14 +32,20 @@ def dataset_for_cache(data: str, size: int, length: int, seed: int, class_folder
         raise ValueError(f"--data {data!r}: not a folder, and not 'shapes' or 'fashion-mnist'")
     ds = ImageFolder(data, size=size, class_folders=class_folders, seed=seed)
     # A cache must not hold stand-ins for unreadable files: read each once and keep the good ones.
+    import warnings
+
     good = []
-    for i, path in enumerate(ds.files):
-        before = ds.skipped
-        ds.item(i)
-        if ds.skipped == before:
-            good.append(path)
+    with warnings.catch_warnings(record=True) as skipped:  # one warning per unreadable file, shown below
+        warnings.simplefilter("always")
+        for i, path in enumerate(ds.files):
+            before = ds.skipped
+            ds.item(i)
+            if ds.skipped == before:
+                good.append(path)
     if not good:
         raise ValueError(f"--data {data}: none of the {len(ds.files)} image files could be read")
+    for w in skipped:  # some files are usable: say which ones are left out
+        warnings.warn(w.message, w.category, stacklevel=2)
     clean = ImageFolder(data, size=size, class_folders=class_folders, seed=seed, files=good)
     clean.skipped = len(ds.files) - len(good)
     return clean, (list(clean.classes) or None)
@@ -49,11 +57,23 @@ def _cache(args) -> int:
     from ldmkit.data.latents import encode_dataset
     from ldmkit.io.format import load_component
 
-    if args.size < 8:
-        raise ValueError(f"--size {args.size} must be at least 8 pixels")
-    if args.length < 1:
-        raise ValueError(f"--length {args.length} must be >= 1")
-    autoencoder = load_component(args.autoencoder, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from ldmkit.autoencoder.model import Autoencoder
+    from ldmkit.errors import check_device
+
+    if not 8 <= args.size <= MAX_SIZE:
+        raise ValueError(f"--size {args.size} must be in [8, {MAX_SIZE}] pixels")
+    if not 1 <= args.length <= MAX_LENGTH:
+        raise ValueError(f"--length {args.length} must be in [1, {MAX_LENGTH}]")
+    if not 1 <= args.batch_size <= 65536:
+        raise ValueError(f"--batch-size {args.batch_size} must be in [1, 65536]")
+    device = check_device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; a latent cache is a folder")
+    autoencoder = load_component(args.autoencoder, device=device)
+    if not isinstance(autoencoder, Autoencoder):
+        raise ValueError(f"--autoencoder {args.autoencoder} holds a {type(autoencoder).__name__} component, "
+                         "not an autoencoder")
     f = autoencoder.downsample_factor
     if args.size % f:
         raise ValueError(f"--size {args.size} is not a multiple of the autoencoder's downsampling factor {f}")

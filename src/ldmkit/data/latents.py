@@ -269,7 +269,9 @@ def read_index(folder: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a latent cache (no {INDEX_FILE}); "
                                 "write one with ldmkit.data.latents.encode_dataset")
-    index = json.loads(path.read_text(encoding="utf-8"))
+    from ldmkit.io.format import read_json
+
+    index = read_json(path)
     if index.get("format") != FORMAT or index.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(f"{path}: format {index.get('format')!r} version {index.get('format_version')!r}; "
                          f"expected {FORMAT!r} version {' or '.join(map(str, READABLE_VERSIONS))}")
@@ -277,7 +279,30 @@ def read_index(folder: str | Path) -> dict:
     for key, default in (("has_images", False), ("image_shape", None), ("has_segmentation", False),
                          ("segmentation_classes", None)):
         index.setdefault(key, default)
+    _check_index(index, path)
     return index
+
+
+def _check_index(index: dict, path: Path) -> None:
+    """The fields a reader relies on, with the types it needs (a damaged index.json is a UserError)."""
+    from ldmkit.errors import UserError
+
+    shards = index.get("shards")
+    problems = []
+    if not isinstance(shards, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("name"), str) and _SHARD_RE.match(s["name"] + ".json")
+            and isinstance(s.get("count"), int) and s["count"] >= 0 for s in shards):
+        problems.append("shards must be a list of {\"name\": \"shard-NNNNN\", \"count\": N}")
+    if not isinstance(index.get("num_items"), int) or isinstance(index.get("num_items"), bool):
+        problems.append("num_items must be an integer")
+    for key in ("has_captions", "has_labels", "has_images", "has_segmentation"):
+        if not isinstance(index.get(key, False), bool):
+            problems.append(f"{key} must be true or false")
+    for key in ("scaling_factor", "shift_factor"):
+        if key in index and (not isinstance(index[key], (int, float)) or isinstance(index[key], bool)):
+            problems.append(f"{key} must be a number")
+    if problems:
+        raise UserError(f"{path} is damaged: {'; '.join(problems)}; rebuild the cache")
 
 
 class CachedLatents(torch.utils.data.Dataset):
@@ -299,9 +324,19 @@ class CachedLatents(torch.utils.data.Dataset):
         self.folder = Path(folder)
         self.index = read_index(self.folder)
         means, stds, captions, labels, images, segs = [], [], [], [], [], []
+        from ldmkit.errors import UserError, reading
+        from ldmkit.io.format import read_json
+
         for shard in self.index["shards"]:
-            tensors = load_file(str(self.folder / f"{shard['name']}.safetensors"))
-            side = json.loads((self.folder / f"{shard['name']}.json").read_text(encoding="utf-8"))
+            shard_file = self.folder / f"{shard['name']}.safetensors"
+            with reading(f"latent cache shard {shard_file}"):
+                tensors = load_file(str(shard_file))
+            side = read_json(self.folder / f"{shard['name']}.json")
+            moments = [tensors.get(k) for k in ("mean", "std")]
+            if not all(isinstance(side.get(k), (list, type(None))) for k in ("captions", "labels")) \
+                    or not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in moments):
+                raise UserError(f"{self.folder}/{shard['name']}: the shard lacks mean/std latents [n, c, h, w] or "
+                                "its .json lacks the captions/labels lists: the cache is damaged, rebuild it")
             if tensors["mean"].shape[0] != shard["count"] or tensors["std"].shape != tensors["mean"].shape:
                 raise ValueError(f"{self.folder}/{shard['name']}.safetensors holds {tensors['mean'].shape[0]} "
                                  f"latents; index.json says {shard['count']}: the cache is damaged, rebuild it")

@@ -44,6 +44,14 @@ class FeatureClassifierConfig:
     dropout: float = 0.2
 
     def __post_init__(self):
+        from ldmkit.errors import check_int, check_ints, check_number
+
+        check_int("in_channels", self.in_channels, 1, 3)
+        check_int("image_size", self.image_size, 1, 65536)
+        check_int("num_classes", self.num_classes, 2, 1 << 20)
+        check_ints("widths", self.widths, 1, 65536, max_len=16)
+        check_int("feature_dim", self.feature_dim, 1, 65536)
+        check_number("dropout", self.dropout, 0.0, 1.0, hi_open=True)
         if self.in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
         if self.num_classes < 2:
@@ -297,13 +305,21 @@ def load_classifier(folder, device="cpu") -> tuple[FeatureClassifier, dict]:
     if not cfg_path.is_file() or not weights.is_file():
         raise FileNotFoundError(f"{folder} is not a feature classifier folder (needs config.json and "
                                 f"model.safetensors; create one with `ldm train-classifier`)")
-    from ldmkit.io.format import check_state_dict, config_from_dict, read_json
+    from ldmkit.errors import UserError, reading
+    from ldmkit.io.format import check_state_dict, config_from_dict, json_kind, read_json
 
     cfg_json = read_json(cfg_path)
     if cfg_json.get("type") != COMPONENT_TYPE:
         raise ValueError(f"{folder} holds a {cfg_json.get('type')!r} component, expected {COMPONENT_TYPE!r}")
-    model = FeatureClassifier(config_from_dict(FeatureClassifierConfig, cfg_json["config"]))
-    state = load_file(str(weights))
+    if not isinstance(cfg_json.get("config"), dict):
+        raise UserError(f"{cfg_path}: \"config\" must be a JSON object with the classifier settings, got "
+                        f"{json_kind(cfg_json.get('config')) if 'config' in cfg_json else 'nothing'}")
+    try:
+        model = FeatureClassifier(config_from_dict(FeatureClassifierConfig, cfg_json["config"]))
+    except UserError as exc:
+        raise UserError(f"{cfg_path}: {exc}") from None
+    with reading(f"weights file {weights}"):
+        state = load_file(str(weights))
     check_state_dict(model, state, str(weights))
     model.load_state_dict(state)
     model.to(device).eval()

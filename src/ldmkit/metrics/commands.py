@@ -81,19 +81,26 @@ def _device(name):
     return dev
 
 
-def _positive(name, value):
+def _positive(name, value, most: int = 10 ** 7):
     if value is not None and value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
+    if value is not None and value > most:
+        raise ValueError(f"{name}={value} is too large; at most {most}")
 
 
 def _eval(args) -> int:
     from ldmkit.metrics import evaluate as ev
     from ldmkit.metrics.features import load_feature_network
 
-    for name in ("num", "num_reference", "batch_size", "kid_subsets", "k"):
-        _positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    from ldmkit.pipelines.commands import MAX_IMAGES, SEED_RANGE
+
+    for name, most in (("num", MAX_IMAGES), ("num_reference", 10 ** 7), ("batch_size", 65536),
+                       ("kid_subsets", 10 ** 5), ("k", 10 ** 7), ("kid_subset_size", 10 ** 7)):
+        _positive(f"--{name.replace('_', '-')}", getattr(args, name), most)
     if args.kid_subset_size < 2:
         raise ValueError(f"--kid-subset-size must be >= 2, got {args.kid_subset_size}")
+    if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1] - args.num:
+        raise ValueError(f"--seed={args.seed} is outside the allowed range [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
     device = _device(args.device)
     network = load_feature_network(args.features, device=device)
     classifier = load_feature_network(args.classifier, device=device) if args.classifier else None
@@ -144,10 +151,21 @@ def _save_samples(image_set, folder) -> None:
 def _train_classifier(args) -> int:
     from ldmkit.metrics.classifier import PRESETS, labelled_dataset, save_classifier, train_classifier
 
-    for name in ("epochs", "batch_size", "limit", "test_limit", "max_steps"):
-        _positive(f"--{name.replace('_', '-')}", getattr(args, name))
-    if not args.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    import math
+    from pathlib import Path
+
+    from ldmkit.pipelines.commands import SEED_RANGE
+
+    for name, most in (("epochs", 10 ** 4), ("batch_size", 65536), ("limit", 10 ** 8), ("test_limit", 10 ** 8),
+                       ("max_steps", 10 ** 9)):
+        _positive(f"--{name.replace('_', '-')}", getattr(args, name), most)
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
+    if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
+        raise ValueError(f"--seed={args.seed} is outside the allowed range [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; the classifier is written as a folder")
     device = _device(args.device)
     config = PRESETS[args.dataset]
     train = labelled_dataset(args.dataset, "train", config.image_size, limit=args.limit)

@@ -46,7 +46,8 @@ def images_from_folder(folder, limit: int | None = None) -> ImageSet:
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist")
+        raise FileNotFoundError(f"image folder {folder} "
+                                + ("is not a folder" if folder.exists() else "does not exist"))
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if limit is not None:
         paths = paths[:limit]

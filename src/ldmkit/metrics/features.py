@@ -242,7 +242,10 @@ class InceptionFeatures(nn.Module):
                 f"Inception FID weights not found (looked in {looked}). ldmkit cannot download them; copy "
                 f"{INCEPTION_FILENAME} (pytorch-fid's release file) there, pass its path as "
                 "'inception:/path/to/file', or use an offline classifier from `ldm train-classifier`")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        from ldmkit.io.format import check_state_dict, read_torch_weights
+
+        state = read_torch_weights(path, "Inception weights file")
+        check_state_dict(self.net, state, str(path), strict=False)  # shapes, before load_state_dict
         missing, unexpected = self.net.load_state_dict(state, strict=False)
         bad_missing = [k for k in missing if not k.endswith("num_batches_tracked")]
         if bad_missing or unexpected:

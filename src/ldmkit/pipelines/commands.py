@@ -90,18 +90,31 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+MAX_IMAGES = 100_000  # images one command makes (--num x prompts)
+MAX_SIDE = 16384  # pixels: the largest image height or width
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed takes
+
+
 def _prompts(args) -> list | None:
+    from ldmkit.errors import check_text, reading
+
     if args.prompts_file:
         if args.prompt:
             raise ValueError("pass either --prompt or --prompts-file, not both")
         path = Path(args.prompts_file)
         if not path.is_file():
-            raise FileNotFoundError(f"prompts file {path} does not exist")
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+            raise FileNotFoundError(f"prompts file {path} " + ("is not a file" if path.exists() else "does not exist"))
+        with reading(f"prompts file {path}"):
+            lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
         prompts = [ln for ln in lines if ln]
         if not prompts:
             raise ValueError(f"prompts file {path} has no prompts (one per line)")
+        if len(prompts) * args.num > MAX_IMAGES:
+            raise ValueError(f"prompts file {path}: {len(prompts)} prompts x --num {args.num} = "
+                             f"{len(prompts) * args.num} images; at most {MAX_IMAGES} per run")
         return prompts
+    if args.prompt is not None:
+        check_text("--prompt", args.prompt)
     return [args.prompt] if args.prompt is not None else None
 
 
@@ -109,10 +122,25 @@ def _check_args(args) -> None:
     """Checks that need no model, so bad input fails before a slow load."""
     from ldmkit.diffusion.samplers import sampler_names
 
+    import math
+
+    from ldmkit.errors import check_text
+
     if args.sampler is not None and args.sampler not in sampler_names():
         raise ValueError(f"unknown sampler {args.sampler!r}; valid samplers: {', '.join(sampler_names())}")
     if args.num < 1:
         raise ValueError(f"--num={args.num} must be >= 1")
+    if args.num > MAX_IMAGES:
+        raise ValueError(f"--num={args.num} is too many images for one run; at most {MAX_IMAGES}")
+    if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1] - (args.num - 1):
+        raise ValueError(f"--seed={args.seed} is outside the allowed range [{SEED_RANGE[0]}, {SEED_RANGE[1]}] "
+                         "(image k uses seed + k)")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise ValueError(f"--guidance={args.guidance} must be a finite number >= 0")
+    if args.guidance_rescale is not None and not 0.0 <= args.guidance_rescale <= 1.0:
+        raise ValueError(f"--guidance-rescale={args.guidance_rescale} is outside the allowed range [0, 1]")
+    if args.negative_prompt is not None:
+        check_text("--negative-prompt", args.negative_prompt)
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size={args.batch_size} must be >= 1")
     if args.steps is not None and args.steps < 1:
@@ -124,6 +152,18 @@ def _check_args(args) -> None:
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise ValueError(f"--{name}={v} must be a positive number of pixels")
+        if v is not None and v > MAX_SIDE:
+            raise ValueError(f"--{name}={v} is larger than the {MAX_SIDE} pixels allowed")
+    out = Path(args.out)
+    for parent in [out, *out.parents]:  # a file where a folder is needed fails now, not after sampling
+        if parent.exists():
+            if not parent.is_dir() and (parent != out or out.suffix.lower() != ".png"):
+                raise ValueError(f"--out {out}: {parent} is a file, not a folder")
+            break
+    for name in ("max_model_batch", "decode_batch"):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={v} must be >= 1")
     for name in ("image", "mask"):  # a missing or corrupt input fails before the model loads
         if getattr(args, name, None):
             from ldmkit.io.images import load_image
@@ -133,6 +173,64 @@ def _check_args(args) -> None:
         from ldmkit.pipelines.semantic import class_maps
 
         class_maps(args.seg_map)
+
+
+def _available_memory(device) -> int | None:
+    """Bytes free for tensors on `device` (None when unknown)."""
+    import os
+
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _output_size(args, task: str, pipe) -> tuple[int, int]:
+    """(height, width) in pixels of the images the command will make."""
+    from ldmkit.io.images import load_image
+
+    if task == "upscale":
+        w, h = load_image(args.image).size
+        return h * pipe.factor, w * pipe.factor
+    if task == "semantic2img":
+        w, h = load_image(args.seg_map, mode=None, what="class map").size
+        return h, w
+    d = pipe.defaults
+    if task in ("img2img", "inpaint") and (args.height is None or args.width is None):
+        w, h = load_image(args.image).size
+        return args.height or h, args.width or w
+    return (args.height or int(d.get("height") or pipe.latent_size[0] * pipe.factor),
+            args.width or int(d.get("width") or pipe.latent_size[1] * pipe.factor))
+
+
+def _check_memory(args, task: str, pipe, n: int) -> None:
+    """Refuse sizes whose latents and decoded images alone outgrow the memory there is, before sampling."""
+    h, w = _output_size(args, task, pipe)
+    if max(h, w) > MAX_SIDE:
+        raise ValueError(f"the output would be {w}x{h} pixels; at most {MAX_SIDE} pixels a side are allowed")
+    batch = min(args.batch_size or int(pipe.defaults.get("batch_size") or 4), n)
+    f = pipe.factor
+    latent = pipe.latent_channels * -(-h // f) * -(-w // f) * 4  # float32
+    # per image: the sampler's latents (x, noise, model input and output, twice with CFG) and the decoded
+    # image (float32 from the decoder, its clamp, the uint8 copy)
+    per_image = 12 * latent + 3 * h * w * (4 + 4 + 1)
+    need = batch * per_image
+    free = _available_memory(pipe.device)
+    if free is not None and need > free:
+        raise ValueError(f"{batch} image(s) of {w}x{h} per batch need about {need / 2**30:.1f} GiB for their "
+                         f"latents and decoded pixels alone, more than the {free / 2**30:.1f} GiB free on "
+                         f"{pipe.device}; lower --width/--height or --batch-size")
 
 
 def _out_paths(out: str, n: int, metas: list[dict]) -> tuple[list[Path], Path]:
@@ -167,6 +265,10 @@ def run(args) -> int:
     if prompts is not None:
         prompt = [p for p in prompts for _ in range(args.num)]  # --num images per prompt, in order
     n = args.num * (len(prompts) if prompts else 1)
+    if args.seed + n - 1 > SEED_RANGE[1]:
+        raise ValueError(f"--seed={args.seed}: the last of the {n} images would use seed {args.seed + n - 1}, "
+                         f"above the largest seed {SEED_RANGE[1]}")
+    _check_memory(args, task, pipe, n)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         if task == "text2img":
