@@ -35,7 +35,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) -m ldmkit.demo --out outputs/demo
+	$(PY) examples/shapes/demo.py --out outputs/demo
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py --out benchmarks/results

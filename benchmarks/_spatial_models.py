@@ -58,9 +58,9 @@ def psnr(a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor | None = None) -> 
 def measure(runs: Path, n: int) -> dict:
     from ldmkit import pipelines
     from ldmkit.data.shapes import ShapesDataset
-    from ldmkit.data.shapes_analysis import adherence, analyse, colour_map
+    from ldmkit.metrics.shapes_analysis import adherence, analyse, colour_map
     from ldmkit.io.images import pil_to_tensor
-    from ldmkit.training.ldm import centre_mask, load_semantic, low_res_input, sample_semantic
+    from ldmkit.conditioning.spatial import centre_mask, low_res_input
 
     held = ShapesDataset("train", size=32, length=n, seed=1, segmentation=True)  # the cache used seed 0
     items = [held[i] for i in range(n)]
@@ -98,9 +98,11 @@ def measure(runs: Path, n: int) -> dict:
     out["inpaint"] = {name: {"known_region_psnr_db": mean([p for p, _ in r]), "caption_match_rate": mean([m for _, m in r])}
                       for name, r in rows.items()}
 
-    model, ae, schedule, spatial = load_semantic(runs / "semantic" / "model")
     seg = torch.stack([it["segmentation"] for it in items])
-    x = sample_semantic(model, ae, schedule, spatial, seg, None, seed=0, sampler="ddim", steps=20)
+    sem = pipelines.load(runs / "semantic" / "model", device="cpu")
+    x = torch.stack([pil_to_tensor(r.image) for r in sem.semantic2img(seg, num=len(seg), seed=0, sampler="ddim",
+                                                                       steps=20, batch_size=len(seg),
+                                                                       progress=False)])
     iou, shapes_ok, real_ok = [], 0, 0
     for i, it in enumerate(items):
         fg, want = torch.from_numpy(colour_map(x[i]) >= 0), seg[i] > 0

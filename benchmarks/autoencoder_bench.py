@@ -25,27 +25,30 @@ import torch
 
 def train_fashion_mnist(steps: int, batch_size: int, eval_images: int, seed: int) -> dict:
     from ldmkit.data.fashion_mnist import FashionMNIST, available
-    from ldmkit.training.autoencoder import AETrainConfig, AutoencoderTrainer, evaluate
+    from ldmkit.autoencoder.evaluation import evaluate
+    from ldmkit.io.format import load_component
+    from ldmkit.training import AETrainConfig, AutoencoderMethod, Trainer
 
     if not available():
         return {"skipped": "Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = AETrainConfig(
             data="fashion-mnist", out=tmp, preset="tiny-kl-f4", steps=steps, batch_size=batch_size, lr=1e-3,
-            size=32, ckpt_every=0, sample_every=0, log_every=50, stats_samples=256, seed=seed, device="cpu",
-            perceptual_weight=0.0, disc_weight=0.0, ema_decay=0.999,
-            model_overrides={"in_channels": 1, "out_channels": 1})
-        trainer = AutoencoderTrainer(cfg, progress_bar=True)
-        summary = trainer.run()
+            size=32, checkpoint_every=steps, sample_every=steps, log_every=50, stats_samples=256, seed=seed,
+            device="cpu", perceptual_weight=0.0, disc_weight=0.0, ema_decay=0.999, image_channels=1)
+        trainer = Trainer(AutoencoderMethod(cfg))
+        folder = trainer.run()
+        summary = json.loads((Path(tmp) / "summary.json").read_text())
         held = FashionMNIST("test", channels=1)
-        metrics = evaluate(trainer.eval_model(), held, num_images=eval_images, device="cpu")
-        first = trainer.log.rows[0]["rec"] if trainer.log.rows else None
-        last = trainer.log.rows[-1]["rec"] if trainer.log.rows else None
+        metrics = evaluate(load_component(folder), held, num_images=eval_images, device="cpu")
+        rows = (Path(tmp) / "loss.csv").read_text().splitlines()
+        column = rows[0].split(",").index("rec")
+        first, last = float(rows[1].split(",")[column]), float(rows[-1].split(",")[column])
     return {
         "preset": "tiny-kl-f4 (in/out channels 1)", "data": "Fashion-MNIST train, padded to 32x32",
         "steps": steps, "batch_size": batch_size, "lr": 1e-3,
         "losses": "L1 + 1e-6 KL (no LPIPS: VGG16 weights unavailable; no GAN for this fixed-step run)",
-        "seconds_per_step": summary["seconds_per_step"],
+        "seconds_per_step": trainer.seconds_per_step,
         "l1_first_logged": first, "l1_last_logged": last,
         "heldout": {"split": "t10k", "num_images": metrics["num_images"],
                     "psnr_db": metrics["psnr"]["mean"], "psnr_stderr": metrics["psnr"]["stderr"],

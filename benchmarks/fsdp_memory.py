@@ -31,8 +31,8 @@ def worker(mode: str, ae_dir: str, out: str, steps: int, device: str) -> None:
     import torch
 
     import ldmkit.denoisers.unet as unet
-    from ldmkit.training import distributed
-    from ldmkit.training.ldm import LatentData, LDMTrainer, TrainConfig
+    from ldmkit.data.latents import LatentData
+    from ldmkit.training import LDM, LDMConfig, Trainer, distributed
 
     torch.set_num_threads(1)
     unet.PRESETS["bench-fsdp"] = dataclasses.replace(unet.PRESETS["sd15"], block_out_channels=WIDTHS)
@@ -42,14 +42,16 @@ def worker(mode: str, ae_dir: str, out: str, steps: int, device: str) -> None:
     g = torch.Generator().manual_seed(0)
     data = LatentData(torch.randn(8, 4, 32, 32, generator=g), 0.1 * torch.rand(8, 4, 32, 32, generator=g),
                       captions=["a red circle", "a blue square"] * 4)
-    cfg = TrainConfig(latents="memory", autoencoder=ae_dir, out=out, preset="bench-fsdp", text_encoder="tiny",
-                      steps=steps, batch_size=2, lr=1e-4, warmup_steps=0, progress=False, device=device,
-                      strategy="fsdp", checkpoint_every=10_000, sample_every=10_000)
-    trainer = LDMTrainer(cfg, ctx, data=data)
-    trainer.train_step()  # warm-up
+    cfg = LDMConfig(autoencoder=ae_dir, out=out, preset="bench-fsdp", text_encoder="tiny", steps=steps, batch_size=2,
+                    lr=1e-4, warmup_steps=0, progress=False, device=device, strategy="fsdp", checkpoint_every=10_000,
+                    sample_every=10_000)
+    method = LDM(cfg, data=data)
+    trainer = Trainer(method, ctx, overwrite=True)
+    batches = method.batches(0)
+    trainer.train_step(next(batches))  # warm-up
     t0 = time.perf_counter()
     for _ in range(steps):
-        trainer.train_step()
+        trainer.train_step(next(batches))
     step_s = (time.perf_counter() - t0) / steps
     row = {"mode": mode, "rank": ctx.rank, "step_s": round(step_s, 3),
            "peak_rss_mb": round(peak_rss_mb()),

@@ -12,8 +12,8 @@ downsamples 32x32 images by f.
 Protocol (what is equal, what is measured):
 1. Data: Fashion-MNIST train split (zero-padded to 32x32, first `--train-images`),
    reference set = the test split (first `--reference-images`).
-2. Stage 1, trained once per f with the library trainer (`ldmkit.training.autoencoder`,
-   what `ldm train-autoencoder` runs) on the full train split and then frozen: a KL
+2. Stage 1, trained once per f with the library's autoencoder method (what
+   `ldm train-autoencoder` runs) on the full train split and then frozen: a KL
    autoencoder with L1 + 1e-6 KL loss (no LPIPS: the VGG weights cannot be downloaded
    here; no GAN at this size).  Latents are the posterior means, shifted and scaled to
    unit variance by the factors the trainer stores.  f = 1 uses the pixels.
@@ -111,28 +111,30 @@ def train_flops(fn) -> int:
 def autoencoder_overrides(f: int, channels: int) -> dict:
     """Architecture of the f-autoencoder: grey 32x32 in, (32/f)^2 x c latents out."""
     m = int(math.log2(f))
-    return {"in_channels": 1, "out_channels": 1, "channels": channels, "ch_mult": (1,) + (2,) * m,
-            "num_res_blocks": 1, "latent_channels": LATENT_CHANNELS[f], "norm_groups": 8, "mid_attention": False}
+    return {"image_channels": 1, "channels": channels, "ch_mult": (1,) + (2,) * m, "num_res_blocks": 1,
+            "latent_channels": LATENT_CHANNELS[f], "norm_groups": 8, "mid_attention": False}
 
 
 def train_autoencoder(f: int, p, device, folder: Path) -> tuple[object, dict]:
-    """Stage 1 with the library trainer (`ldmkit.training.autoencoder`, as `ldm train-autoencoder`):
+    """Stage 1 with the library's method (`ldm train-autoencoder`):
     L1 + 1e-6 KL on Fashion-MNIST 32x32; no LPIPS (VGG16 weights cannot be downloaded here) and no GAN
     at this size. The trainer stores the latent scaling/shift factors in the component's config."""
-    from ldmkit.io.format import load_component, read_json
-    from ldmkit.training.autoencoder import AETrainConfig, AutoencoderTrainer
+    from ldmkit.io.format import load_component
+    from ldmkit.io.files import read_json
+    from ldmkit.training import AETrainConfig, AutoencoderMethod, Trainer
 
     summary_path = folder / "summary.json"
     if p.reuse and summary_path.is_file() and (folder / "autoencoder" / "config.json").is_file():
         log(f"LDM-{f}: reusing autoencoder {folder}")
     else:
         cfg = AETrainConfig(data="fashion-mnist", out=str(folder), preset="tiny-kl-f4", steps=p.ae_steps,
-                            batch_size=p.ae_batch, lr=p.ae_lr, betas=(0.9, 0.99), size=32, ema_decay=0.99,
-                            ckpt_every=0, sample_every=0, log_every=10, stats_samples=512, seed=p.seed,
-                            device=str(device), perceptual_weight=0.0, disc_weight=0.0, kl_weight=1e-6,
-                            model_overrides=autoencoder_overrides(f, p.ae_channels))
+                            batch_size=p.ae_batch, lr=p.ae_lr, adam_betas=(0.9, 0.99), size=32, ema_decay=0.99,
+                            checkpoint_every=p.ae_steps, sample_every=p.ae_steps, log_every=10, stats_samples=512,
+                            seed=p.seed, device=str(device), perceptual_weight=0.0, disc_weight=0.0, kl_weight=1e-6,
+                            **autoencoder_overrides(f, p.ae_channels))
         t0 = time.perf_counter()
-        AutoencoderTrainer(cfg).run()
+        trainer = Trainer(AutoencoderMethod(cfg), overwrite=True)
+        trainer.run()
         log(f"LDM-{f}: autoencoder trained in {time.perf_counter() - t0:.0f} s")
     summary = read_json(summary_path)
     ae = load_component(folder / "autoencoder", device=device)
@@ -255,12 +257,13 @@ def train_ldm(f: int, ae, latents: torch.Tensor, labels: torch.Tensor, ref_image
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        ema.update(model)
+        ema.update()
         seconds += time.perf_counter() - t0
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step in eval_at:
-            z = sample(ema.module, schedule, shape, eval_labels, "ddim", p.eval_steps, p.guidance, p.seed + 999,
-                       device)
+            with ema.swapped():
+                z = sample(model, schedule, shape, eval_labels, "ddim", p.eval_steps, p.guidance, p.seed + 999,
+                           device)
             images = decode_all(ae, z, device)
             s = score(images, eval_labels, ref_images, classifier, p.seed)
             s.update(step=step, train_gflop=step * batch * per_sample / 1e9, train_seconds=round(seconds, 1),
@@ -272,7 +275,14 @@ def train_ldm(f: int, ae, latents: torch.Tensor, labels: torch.Tensor, ref_image
     return {"f": f, "latent_shape": list(shape), "batch": batch, "steps": p.steps,
             "train_flops_per_sample": per_sample, "train_flops_per_step": per_sample * batch,
             "params": sum(q.numel() for q in model.parameters()), "points": points,
-            "_model": ema.module, "_schedule": schedule, "_images": last_images}
+            "_model": averaged_copy(model, ema), "_schedule": schedule, "_images": last_images}
+
+
+def averaged_copy(model, ema):
+    import copy
+
+    with ema.swapped():
+        return copy.deepcopy(model).eval()
 
 
 def export_model(run: dict, ae, p, folder: Path) -> Path:

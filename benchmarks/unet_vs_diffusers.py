@@ -46,7 +46,7 @@ def twin_unet(cfg: UNetConfig, sample_size: int, which: str) -> torch.nn.Module:
     UNet holding the same weights (the config is mapped as `ldm convert` maps it)."""
     import diffusers
 
-    from ldmkit.io.diffusers_format import unet_config_to_diffusers
+    from ldmkit.io.diffusers_export import unet_config_to_diffusers
 
     theirs = {k: v for k, v in unet_config_to_diffusers(cfg.to_dict()).items() if not k.startswith("_")}
     theirs["sample_size"] = sample_size

@@ -57,14 +57,13 @@ def test_overfit_real_photo_crops_reaches_25db():
     assert start < 15 and end > 25.0, (start, end)
 
 
-def _train_config(folder, out, steps):
-    from ldmkit.training.autoencoder import AETrainConfig
+def _method(folder, out, steps, **kw):
+    from ldmkit.training.methods.autoencoder import AETrainConfig, AutoencoderMethod
 
-    return AETrainConfig(
-        data=str(folder), out=str(out), preset="tiny-kl-f4", steps=steps, batch_size=2, lr=1e-3, size=16,
-        ckpt_every=2, sample_every=0, log_every=1, holdout=2, stats_samples=4, ema_decay=0.9,
-        perceptual_weight=0.0, disc_start=1, disc_layers=1, disc_channels=8,
-        model_overrides={"channels": 8, "ch_mult": (1, 2), "norm_groups": 4})
+    cfg = dict(data=str(folder), out=str(out), preset="tiny-kl-f4", steps=steps, batch_size=2, lr=1e-3, size=16,
+               checkpoint_every=2, sample_every=100, log_every=1, holdout=2, stats_samples=4, ema_decay=0.9,
+               perceptual_weight=0.0, disc_start=1, disc_layers=1, disc_channels=8, progress=False, device="cpu")
+    return AutoencoderMethod(AETrainConfig(**{**cfg, **kw}))
 
 
 def _assert_same(a, b, path=""):
@@ -83,56 +82,60 @@ def _assert_same(a, b, path=""):
 
 
 def test_resume_after_interruption_is_exact(photo_folder, tmp_path, monkeypatch):
-    from ldmkit.training.autoencoder import AutoencoderTrainer
+    """The autoencoder method on the shared loop: two optimisers (autoencoder, discriminator from step 1),
+    EMA, an interruption after the step-2 checkpoint, resume: the same weights and state as 4 steps straight."""
     from ldmkit.training.common import load_training_state
+    from ldmkit.training.loop import Trainer
 
-    # Uninterrupted reference run: 4 steps.
-    AutoencoderTrainer(_train_config(photo_folder, tmp_path / "a", 4), progress_bar=False).run()
+    Trainer(_method(photo_folder, tmp_path / "a", 4)).run()
     ref = load_training_state(tmp_path / "a" / "checkpoints" / "step-4.pt")
+    assert set(ref["optimizers"]) == {"main", "discriminator"}
 
-    # Interrupted run: Ctrl-C during step 3, after the step-2 checkpoint.
-    trainer = AutoencoderTrainer(_train_config(photo_folder, tmp_path / "b", 4), progress_bar=False)
-    original = AutoencoderTrainer.train_step
+    trainer = Trainer(_method(photo_folder, tmp_path / "b", 4))
+    original = Trainer.train_step
 
-    def interrupt(self, x):
+    def interrupt(self, micro_batches):
         if self.step == 3:
             raise KeyboardInterrupt
-        return original(self, x)
+        return original(self, micro_batches)
 
-    monkeypatch.setattr(AutoencoderTrainer, "train_step", interrupt)
+    monkeypatch.setattr(Trainer, "train_step", interrupt)
     with pytest.raises(KeyboardInterrupt):
         trainer.run()
-    monkeypatch.setattr(AutoencoderTrainer, "train_step", original)
+    monkeypatch.setattr(Trainer, "train_step", original)
+    trainer.lock.release()  # what the end of the interrupted process does
     saved = load_training_state(tmp_path / "b" / "checkpoints" / "step-2.pt")
 
-    resumed = AutoencoderTrainer(_train_config(photo_folder, tmp_path / "b", 4), resume=True, progress_bar=False)
+    resumed = Trainer(_method(photo_folder, tmp_path / "b", 4), resume=tmp_path / "b" / "checkpoints" / "step-2.pt")
     assert resumed.step == 2
-    _assert_same(resumed.opt_ae.state_dict(), saved["opt_ae"])  # identical optimizer state
-    _assert_same(resumed.opt_d.state_dict(), saved["opt_d"])
-    summary = resumed.run()
+    _assert_same(resumed.optimizers["main"].state_dict(), saved["optimizers"]["main"])
+    _assert_same(resumed.optimizers["discriminator"].state_dict(), saved["optimizers"]["discriminator"])
+    folder = resumed.run()
     final = load_training_state(tmp_path / "b" / "checkpoints" / "step-4.pt")
     assert final["step"] == ref["step"] == 4
-    for key in ("model", "loss", "opt_ae", "opt_d", "ema"):
+    for key in ("model", "optimizers", "ema", "schedulers"):
         _assert_same(final[key], ref[key], key)
-    # The loss log has one row per step, without the rows of the interrupted step.
+    # the loss log has one row per step, without the rows of the interrupted step
     rows = (tmp_path / "b" / "loss.csv").read_text().strip().splitlines()
     assert [int(float(r.split(",")[0])) for r in rows[1:]] == [1, 2, 3, 4]
-    # Final component carries the latent statistics.
-    cfg = json.loads((tmp_path / "b" / "autoencoder" / "config.json").read_text())["config"]
+    assert "d" in rows[0].split(",") and "rec" in rows[0].split(",")
+    # the component carries the latent statistics measured at the end, as summary.json says
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    cfg = json.loads((folder / "config.json").read_text())["config"]
     assert cfg["scaling_factor"] == pytest.approx(summary["latent_statistics"]["scaling_factor"])
-    assert (tmp_path / "b" / "loss.png").is_file() and list((tmp_path / "b" / "samples").glob("step-4.png"))
+    assert (tmp_path / "b" / "loss.png").is_file() and list((tmp_path / "b" / "samples").glob("step_0000004.png"))
 
 
-def test_resume_without_checkpoint_is_a_clear_error(photo_folder, tmp_path):
-    from ldmkit.training.autoencoder import AutoencoderTrainer
+def test_resume_without_checkpoint_is_a_clear_error(photo_folder, tmp_path, capsys):
+    from ldmkit.cli import main
 
-    with pytest.raises(ValueError, match="no checkpoint"):
-        AutoencoderTrainer(_train_config(photo_folder, tmp_path / "c", 2), resume=True)
+    rc = main(["train-autoencoder", "--data", str(photo_folder), "--out", str(tmp_path / "c"), "--resume"])
+    assert rc == 2 and "config.json" in capsys.readouterr().err
 
 
 def test_latent_statistics_normalise_latents(photo_folder):
     from ldmkit.data.images import ImageFolder
-    from ldmkit.training.autoencoder import latent_statistics
+    from ldmkit.autoencoder.evaluation import latent_statistics
 
     torch.manual_seed(0)
     model = Autoencoder(AutoencoderConfig(channels=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4))
@@ -152,10 +155,11 @@ def test_cli_train_stats_eval_vq(photo_folder, tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["train-autoencoder", "--data", str(photo_folder), "--preset", "tiny-vq-f4", "--out", str(out),
                "--steps", "2", "--batch-size", "2", "--size", "16", "--holdout", "2", "--disc-weight", "0",
-               "--ckpt-every", "0", "--sample-every", "0", "--stats-samples", "4", "--num-codes", "32", "--quiet"])
+               "--checkpoint-every", "2", "--stats-samples", "4", "--num-codes", "32", "--no-progress"])
     assert rc == 0
-    summary = json.loads(capsys.readouterr().out)
-    assert summary["steps"] == 2 and "codebook" in summary["heldout"]
+    assert "autoencoder written to" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert "codebook" in summary["heldout"]
     cfg_path = out / "autoencoder" / "config.json"
     before = json.loads(cfg_path.read_text())["config"]["scaling_factor"]
     assert before == pytest.approx(summary["latent_statistics"]["scaling_factor"])
@@ -163,9 +167,10 @@ def test_cli_train_stats_eval_vq(photo_folder, tmp_path, capsys):
     stats = json.loads(capsys.readouterr().out)
     assert json.loads(cfg_path.read_text())["config"]["scaling_factor"] == pytest.approx(stats["scaling_factor"])
     assert main(["eval-autoencoder", "--model", str(out / "autoencoder"), "--data", str(photo_folder),
-                 "--holdout", "2", "--no-lpips", "--out", str(tmp_path / "eval.json")]) == 0
+                 "--no-lpips", "--out", str(tmp_path / "eval.json")]) == 0
     result = json.loads((tmp_path / "eval.json").read_text())
-    assert result["num_images"] == 2 and result["kind"] == "vq" and result["codebook"]["num_codes"] == 32
+    # a folder given to eval-autoencoder is scored whole (it is the held-out set), not half of it
+    assert result["num_images"] == len(CROPS) and result["kind"] == "vq" and result["codebook"]["num_codes"] == 32
     assert 0 < result["psnr"]["mean"] < 100 and -1 <= result["ssim"]["mean"] <= 1
     assert result["lpips"].startswith("unavailable")
 
@@ -178,5 +183,7 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     assert "not a folder, and not 'fashion-mnist' or 'shapes'" in capsys.readouterr().err
     rc = main(["train-autoencoder", "--data", "shapes", "--out", str(tmp_path / "o"), "--steps", "0"])
     assert rc == 2 and "steps=0" in capsys.readouterr().err
+    rc = main(["train-autoencoder", "--data", "shapes", "--out", str(tmp_path / "o"), "--threads", "0"])
+    assert rc == 2 and "threads=0" in capsys.readouterr().err
     rc = main(["eval-autoencoder", "--model", str(tmp_path), "--data", "shapes"])
     assert rc == 2 and "no autoencoder component" in capsys.readouterr().err

@@ -10,8 +10,9 @@ The cases are generated (see `all_cases`): corruptions x files x commands, JSON 
 files, bad values x flags. Valid tiny models are built once per module (`world`) and every file case
 works on its own hard-linked copy, whose corrupted files are written anew (never through a link).
 
-`ldm train` and `ldm train-autoencoder` are being rewritten: their cases go in `train_cases` /
-`train_autoencoder_cases` below (empty for now).
+`ldm train` and `ldm train-autoencoder` take their flags from the training configs; their cases
+(`train_cases`, `train_autoencoder_cases`) cover every kind of field, the `--config` / `--resume` /
+`--init-from` files and the run folder's rules.
 """
 from __future__ import annotations
 
@@ -100,6 +101,14 @@ def _build_world(root: Path) -> Path:
     # Stable Diffusion interop: a tiny diffusers folder and the same weights as an original single file
     import interop_models as im
     from safetensors.torch import save_file
+
+    # a latent cache of 8 shapes images (captions) for `ldm train`, and an `ldm train` checkpoint
+    from ldmkit.data.latents import encode_dataset
+    from ldmkit.data.shapes import ShapesDataset
+
+    encode_dataset(make_autoencoder(), ShapesDataset("train", size=32, length=8, seed=0), root / "lat",
+                   progress=False)
+    torch.save({"model": {"w": torch.zeros(2)}, "step": 1}, root / "foreign.pt")
 
     pipe = im.build_pipeline("sd1", workdir=root / "work")
     pipe.save_pretrained(root / "sd1-diffusers")
@@ -850,8 +859,7 @@ def autoencoder_command_cases() -> list[Case]:
         if command == "ae-stats":
             flags["--num-samples"] = ("0", "-1", "1000000000000")
         else:
-            flags.update({"--num-images": ("0", "-1"), "--holdout": ("-1", "1000000000000"),
-                          "--batch-size": ("0", "-1")})
+            flags.update({"--num-images": ("0", "-1"), "--batch-size": ("0", "-1")})
         for flag, values in flags.items():
             for v in values:
                 out.append(Case(f"{command}{flag}={v}", run(flag, v)))
@@ -871,6 +879,8 @@ def autoencoder_command_cases() -> list[Case]:
                                    ("empty-dir", f"{T}/e", (_dir("e"),)),
                                    ("one-image", f"{T}/one", (_copy("img/in.png", "one/in.png"),)),
                                    ("fashion-mnist-size-64", "fashion-mnist", ())):
+            if command == "eval-autoencoder" and label == "one-image":
+                continue  # a one-image folder is a valid (small) evaluation set
             extra = ("--size", "64") if label.startswith("fashion") else ()
             out.append(Case(f"{command}-data-{label}", run(*extra, data=data), setup))
     for label, path, setup in (("missing", f"{T}/none.pth", ()), ("directory", f"{T}/d", (_dir("d"),)),
@@ -886,14 +896,101 @@ def autoencoder_command_cases() -> list[Case]:
 
 
 # ----------------------------------------------------------------------------- commands being rewritten
+TRAIN = ("train", "--latents", f"{W}/lat", "--autoencoder", f"{W}/text/autoencoder", "--out", f"{T}/run",
+         "--steps", "1", "--batch-size", "4", "--no-progress")
+
+
 def train_cases() -> list[Case]:
-    """`ldm train`: being rewritten; add its cases here (they then run like every other case)."""
-    return []
+    """`ldm train`: every kind of config field (numbers, choices, lists, the rules between fields), the
+    --config / --resume / --init-from files and the run folder."""
+    out = []
+    flags = {"--steps": ("0", "-1", "x", "1e999"), "--batch-size": ("0", "-4", "9"), "--lr": ("0", "-1", "nan", "inf",
+             "fast"), "--grad-accum": ("0", "3"), "--warmup-steps": ("-1",), "--ema-decay": ("1", "-0.1", "2"),
+             "--cond-drop": ("1", "-0.5"), "--guidance": ("-1", "nan"), "--sample-steps": ("0", "1001"),
+             "--threads": ("0", "-1"), "--num-train-timesteps": ("1", "0"), "--noise-level-max": ("1000", "-1"),
+             "--seed": ("-1",), "--sample-seeds": ("-1",), "--keep-checkpoints": ("0",), "--checkpoint-every": ("0",),
+             "--objective": ("flowx",), "--denoiser": ("vit",), "--precision": ("fp8", "fp16"),
+             "--strategy": ("zero3",), "--conditioning": ("image",), "--spatial": ("outpaint", "inpaint"),
+             "--text-encoder": ("huge",), "--sampler": ("plms", "flow_euler"), "--preset": ("nope",),
+             "--text-encoder-layer": ("2", "7"), "--method": ("nope",), "--device": ("tpu", "cuda:7"),
+             "--max-bad-steps": ("0",), "--weight-decay": ("-1",), "--grad-clip": ("-1",)}
+    for flag, values in flags.items():
+        for v in values:
+            out.append(Case(f"train{flag}={v}", TRAIN + (flag, v)))
+    for label, extra in (("adam-betas-one", ("--adam-betas", "0.9")), ("adam-betas-big", ("--adam-betas", "2", "2")),
+                         ("dit-position-features", ("--denoiser", "dit", "--preset", "tiny", "--position-features")),
+                         ("adapter-unconditional", ("--context-adapter-layers", "1", "--conditioning", "none")),
+                         ("flow-sampler-eps", ("--objective", "eps", "--sampler", "flow_heun")),
+                         ("no-out", ("--out", "")), ("resume-and-config", ("--resume", "--config", f"{T}/c.json"))):
+        out.append(Case(f"train-{label}", TRAIN + extra, (_json_file("c.json", {}),)))
+    for label, path, setup in (("missing", f"{T}/none", ()), ("a-file", f"{W}/img/in.png", ()),
+                               ("empty-dir", f"{T}/e", (_dir("e"),)),
+                               ("shard-corrupt", f"{T}/lat", (_copy("lat"), _bytes_file("lat/shard-00000.safetensors",
+                                                                                        b"\x00" * 12))),
+                               ("index-list", f"{T}/lat", (_copy("lat"), _json_file("lat/index.json", [1]))),
+                               ("index-null", f"{T}/lat", (_copy("lat"), _json_file("lat/index.json", None)))):
+        out.append(Case(f"train-latents-{label}", TRAIN + ("--latents", path), setup))
+    for label, path, setup in (("missing", f"{T}/none", ()), ("denoiser", f"{W}/text/denoiser", ()),
+                               ("weights-corrupt", f"{T}/ae", (_copy("text/autoencoder", "ae"),
+                                                               _bytes_file("ae/model.safetensors", b"garbage")))):
+        out.append(Case(f"train-autoencoder-path-{label}", TRAIN + ("--autoencoder", path), setup))
+    for label, value in (("list", [1, 2]), ("null", None), ("lr-string", {"lr": "fast"}),
+                         ("batch-null", {"batch_size": None}), ("unknown-key", {"speed": 3}),
+                         ("run-config-list", {"method": "ldm", "config": [1]}), ("steps-float", {"steps": 1.5})):
+        out.append(Case(f"train-config-{label}", TRAIN[:7] + ("--config", f"{T}/c.json"),
+                        (_json_file("c.json", value),)))
+    for label, setup in (("not-json", (_bytes_file("c.json", b"{lr: 1"),)),
+                         ("not-utf8", (_bytes_file("c.json", b'{"lr": "\xff"}'),)), ("missing", ())):
+        out.append(Case(f"train-config-{label}", TRAIN[:7] + ("--config", f"{T}/c.json"), setup))
+    # resuming: no run, a run config of the wrong shape, checkpoints that are not checkpoints
+    resume = ("train", "--out", f"{T}/run", "--resume")
+    out.append(Case("train-resume-no-run", resume))
+    out.append(Case("train-resume-config-list", resume, (_json_file("run/config.json", [1]),)))
+    out.append(Case("train-resume-config-other-method", resume,
+                    (_json_file("run/config.json", {"method": "autoencoder", "config": {}}),)))
+    run_config = {"method": "ldm", "config": {"latents": "x", "autoencoder": "y", "out": "z"}}
+    for label, data in (("truncated", b"PK\x03\x04garbage"), ("zero-bytes", b""), ("text", b"hello")):
+        out.append(Case(f"train-resume-checkpoint-{label}", resume + (f"{T}/ck.pt",),
+                        (_json_file("run/config.json", run_config), _bytes_file("ck.pt", data))))
+    out.append(Case("train-resume-checkpoint-pickle", resume + (f"{T}/evil.pt",),
+                    (_json_file("run/config.json", run_config), _step(lambda p: malicious_pickle(p, "torch-zip-system"), "evil.pt")),
+                    marker=True))
+    for label, path, setup, marker in (
+            ("missing", f"{T}/none.pt", (), False), ("text", f"{T}/x.pt", (_bytes_file("x.pt", b"hello"),), False),
+            ("pickle", f"{T}/evil.pt", (_step(lambda p: malicious_pickle(p, "torch-zip-system"), "evil.pt"),), True),
+            ("other-model", f"{W}/foreign.pt", (), False), ("model-folder-of-another-shape", f"{W}/upscale", (), False)):
+        out.append(Case(f"train-init-from-{label}", TRAIN + ("--init-from", path), setup, marker))
+    # the run folder: an existing run is not overwritten without --overwrite; --out a file
+    out.append(Case("train-existing-run", TRAIN, (_json_file("run/config.json", run_config),)))
+    out.append(Case("train-out-is-a-file", TRAIN[:-4] + ("--out", f"{T}/f") + TRAIN[-3:], (_bytes_file("f", b"x"),)))
+    return out
 
 
 def train_autoencoder_cases() -> list[Case]:
-    """`ldm train-autoencoder`: being rewritten; add its cases here."""
-    return []
+    """`ldm train-autoencoder`: its own fields (architecture, losses, data) and the shared ones."""
+    base = ("train-autoencoder", "--data", "shapes", "--out", f"{T}/run", "--steps", "1", "--batch-size", "2",
+            "--size", "16", "--no-progress")
+    out = []
+    flags = {"--preset": ("nope",), "--steps": ("0",), "--threads": ("0",), "--size": ("7", "100000"),
+             "--ch-mult": ("0", "1 x"), "--num-codes": ("1",), "--disc-loss": ("wasserstein",),
+             "--image-channels": ("2",), "--kl-weight": ("-1", "nan"), "--disc-lr": ("0",), "--holdout": ("0",),
+             "--latent-channels": ("0",), "--batch-size": ("0",)}
+    for flag, values in flags.items():
+        for v in values:
+            out.append(Case(f"train-autoencoder{flag}={_safe(v)}", base + (flag, *v.split())))
+    for label, data, setup in (("missing", f"{T}/none", ()), ("a-file", f"{W}/img/in.png", ()),
+                               ("empty-dir", f"{T}/e", (_dir("e"),)),
+                               ("one-image", f"{T}/one", (_copy("img/in.png", "one/in.png"),)),
+                               ("fashion-mnist-64", "fashion-mnist", ())):
+        extra = ("--size", "64") if label.startswith("fashion") else ()
+        out.append(Case(f"train-autoencoder-data-{label}", base + ("--data", data, *extra), setup))
+    for label, path, setup, marker in (("missing", f"{T}/none.pth", (), False),
+                                       ("text", f"{T}/v.pth", (_bytes_file("v.pth", b"hello"),), False),
+                                       ("pickle", f"{T}/evil.pth",
+                                        (_step(lambda p: malicious_pickle(p, "torch-zip-system"), "evil.pth"),), True)):
+        out.append(Case(f"train-autoencoder-vgg-weights-{label}", base + ("--vgg-weights", path), setup, marker))
+    out.append(Case("train-autoencoder-resume-nothing", ("train-autoencoder", "--out", f"{T}/run", "--resume")))
+    return out
 
 
 # ----------------------------------------------------------------------------- all cases
@@ -942,13 +1039,15 @@ def _paths_in(argv: list[str]) -> list[Path]:
 
 
 def _snapshot(paths: list[Path]) -> dict:
+    """Every file's hash and every folder's listing; a run folder's `.lock` (the writer lock a command
+    takes before it reads anything) is not data and is left out."""
     state = {}
     for p in paths:
-        files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
+        files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file() and q.name != ".lock")
         for f in files:
             state[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
         if p.is_dir():
-            state[str(p) + "/"] = sorted(str(q) for q in p.rglob("*"))
+            state[str(p) + "/"] = sorted(str(q) for q in p.rglob("*") if q.name != ".lock")
     return state
 
 

@@ -82,7 +82,7 @@ def test_sample_writes_pngs_with_metadata_json_and_grid(models, tmp_path, capsys
             ("ddim", 3, 3.0, "32x32", "a red square")
         meta = read_png_metadata(r["file"])
         assert meta == {k: v for k, v in r.items() if k != "file"}
-    assert (tmp_path / "a" / "grid.png").is_file()
+    assert (tmp_path / "a" / "grid-00002.png").is_file()
     weights = (models / "text" / "denoiser" / "model.safetensors").read_bytes()
     assert records[0]["model_hash"] == hashlib.sha256(weights).hexdigest()[:10]
 
@@ -92,6 +92,30 @@ def test_sample_writes_pngs_with_metadata_json_and_grid(models, tmp_path, capsys
     again = out.split()
     for r, path in zip(records, again):  # same seed + settings + device -> the same image
         assert np.array_equal(np.asarray(Image.open(r["file"])), np.asarray(Image.open(path)))
+
+
+def test_outputs_are_never_overwritten_and_seed_minus_one_is_random(models, tmp_path, capsys):
+    """A folder gets new numbers after the files already there; an existing .png name is refused unless
+    --overwrite; the default --seed -1 draws a seed, stored in the PNG (the old `ldm sample` wrote
+    outputs/00000-0.png on every run)."""
+    runs = []
+    for _ in range(2):
+        rc, out, err = ldm(capsys, "sample", "--model", models / "text", "--prompt", "a red square",
+                           "--out", tmp_path / "o", "--json", "--no-progress")
+        assert rc == 0, err
+        runs.append(json.loads(out)[0])
+    assert [Path(r["file"]).name.split("-")[0] for r in runs] == ["00000", "00001"]
+    assert runs[0]["seed"] != runs[1]["seed"]  # drawn, and recorded
+    assert read_png_metadata(runs[1]["file"])["seed"] == runs[1]["seed"]
+    assert Path(runs[1]["file"]).name == f"00001-{runs[1]['seed']}.png"
+    before = (tmp_path / "o" / Path(runs[0]["file"]).name).read_bytes()
+    target = tmp_path / "o" / Path(runs[0]["file"]).name
+    rc, _, err = ldm(capsys, "sample", "--model", models / "text", "--prompt", "x", "--out", target, "--no-progress")
+    assert rc == 2 and "exists" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert target.read_bytes() == before
+    rc, _, err = ldm(capsys, "sample", "--model", models / "text", "--prompt", "x", "--seed", 3, "--out", target,
+                     "--overwrite", "--no-progress")
+    assert rc == 0, err and read_png_metadata(target)["seed"] == 3
 
 
 def test_class_and_unconditional_models(models, tmp_path, capsys):

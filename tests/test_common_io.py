@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from ldmkit.io.format import atomic_write, check_state_dict, config_from_dict, read_json, write_json
+from ldmkit.io.files import atomic_write, check_state_dict, config_from_dict, read_json, write_json
 from ldmkit.io.images import load_image, make_grid, pil_to_tensor, read_png_metadata, save_png, tensor_to_pil
 from ldmkit.training.common import EMA, LossLog, latest_checkpoint, load_training_state, prune_checkpoints, rng_state, save_training_state, set_rng_state
 
@@ -74,19 +74,28 @@ def test_load_image_errors(tmp_path):
         load_image(bad)
 
 
-def test_ema_warmup_and_round_trip():
+def test_ema_warmup_swap_and_frozen_parameters():
     torch.manual_seed(0)
-    model = nn.Linear(4, 4)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].requires_grad_(False)  # frozen parts get no shadow copy
     ema = EMA(model, decay=0.9, warmup=True)
-    assert ema.current_decay() == pytest.approx(0.1)
-    before = ema.module.weight.clone()
+    assert ema.names == ["0.weight", "0.bias"] and ema.current_decay() == pytest.approx(0.1)
+    before = model[0].weight.detach().clone()
     with torch.no_grad():
-        model.weight.add_(1.0)
-    ema.update(model)
-    assert torch.allclose(ema.module.weight, before + 0.9)  # 1 - decay(0) = 0.9 of the step
-    clone = EMA(model, decay=0.9)
-    clone.load_state_dict(ema.state_dict())
-    assert torch.equal(clone.module.weight, ema.module.weight) and clone.num_updates == 1
+        model[0].weight.add_(1.0)
+    ema.update()
+    live = model[0].weight.detach().clone()
+    with ema.swapped():  # the average inside the block: 1 - decay(0) = 0.9 of the step
+        assert torch.allclose(model[0].weight, before + 0.9)
+    assert torch.equal(model[0].weight, live)  # the training weights come back
+    with ema.swapped():  # loading averaged weights: put them into the module, then take them
+        with torch.no_grad():
+            model[0].weight.zero_()
+        ema.take_from_module()
+    assert torch.equal(model[0].weight, live)
+    with ema.swapped():
+        assert torch.equal(model[0].weight, torch.zeros_like(live))
+    assert ema.settings() == {"decay": 0.9, "warmup": True, "num_updates": 1}
 
 
 def test_training_state_round_trip_restores_rngs(tmp_path):
@@ -102,7 +111,7 @@ def test_training_state_round_trip_restores_rngs(tmp_path):
     prune_checkpoints(tmp_path, keep=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-10.pt"]
     (tmp_path / "junk.pt").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="cannot read training state"):
+    with pytest.raises(ValueError, match="training state .*not a readable PyTorch file"):
         load_training_state(tmp_path / "junk.pt")
 
 

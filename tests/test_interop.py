@@ -159,7 +159,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 def test_text2img_matches_diffusers_pipeline(models, style, source, sampler):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-    from ldmkit.pipelines.base import load
+    from ldmkit.pipelines import load
 
     m = models[style]
     pipe = m["pipe"]
@@ -190,7 +190,7 @@ def test_text2img_matches_diffusers_pipeline(models, style, source, sampler):
 
 def _single_pipeline(models, style):
     from ldmkit.diffusion.schedules import schedule_from_dict
-    from ldmkit.pipelines.base import Pipeline
+    from ldmkit.pipelines import Pipeline
 
     index, comps = _load(models, style, "single")
     return Pipeline(comps["autoencoder"], comps["denoiser"], schedule_from_dict(index["schedule"]),

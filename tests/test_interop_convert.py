@@ -16,7 +16,8 @@ import interop_models as im  # noqa: E402
 from ldmkit.cli import main  # noqa: E402
 from ldmkit.io import load_model  # noqa: E402
 from ldmkit.io import single_file as sf  # noqa: E402
-from ldmkit.io.diffusers_format import schedule_from_diffusers, schedule_to_diffusers  # noqa: E402
+from ldmkit.io.diffusers_export import schedule_to_diffusers  # noqa: E402
+from ldmkit.io.diffusers_format import schedule_from_diffusers  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """Semantic synthesis (`"concat": "semantic"`) through the normal pipeline and CLI, on a model folder
 written by a 2-step `ldm train --spatial semantic` run here (CPU, seconds): output size, the denoiser
-input equals the trainer's, CFG keeps the map in both branches, PNG maps, `ldm semantic`, errors."""
+input equals what training feeds, CFG keeps the map in both branches (as condition dropout does), the
+run's sample grid is what `semantic2img` gives, PNG maps, `ldm semantic`, errors."""
 from __future__ import annotations
 
 import json
@@ -13,14 +14,15 @@ from PIL import Image
 from ldmkit import pipelines
 from ldmkit.cli import main
 from ldmkit.io.images import pil_to_tensor, read_png_metadata
-from ldmkit.training.ldm import LDMTrainer, TrainConfig
+from ldmkit.training import LDM, LDMConfig, Trainer
+from ldmkit.training.methods.ldm import Stage2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, one_thread):
-    """(trainer, exported folder, autoencoder folder, cache) of a text-conditioned semantic UNet."""
+    """(trainer, exported folder, root with the autoencoder and the cache) of a text-conditioned semantic UNet."""
     from ldmkit.autoencoder.model import PRESETS, Autoencoder
     from ldmkit.data.latents import encode_dataset
     from ldmkit.data.shapes import SEGMENTATION_CLASSES, ShapesDataset
@@ -33,11 +35,11 @@ def run(tmp_path_factory, one_thread):
     ds = ShapesDataset("train", size=32, length=8, seed=0, segmentation=True)
     encode_dataset(ae, ds, root / "cache", progress=False, store_segmentation=True,
                    segmentation_classes=list(SEGMENTATION_CLASSES))
-    cfg = TrainConfig(latents=str(root / "cache"), autoencoder=str(root / "ae"), out=str(root / "run"),
-                      preset="tiny", text_encoder="tiny", conditioning="text", spatial="semantic", steps=2,
-                      batch_size=4, lr=1e-3, warmup_steps=1, checkpoint_every=100, sample_every=100,
-                      sample_steps=2, sample_sampler="ddim", sample_seeds=(0,), progress=False, seed=2)
-    trainer = LDMTrainer(cfg)
+    cfg = LDMConfig(latents=str(root / "cache"), autoencoder=str(root / "ae"), out=str(root / "run"),
+                    preset="tiny", text_encoder="tiny", conditioning="text", spatial="semantic", steps=2,
+                    batch_size=4, lr=1e-3, warmup_steps=1, checkpoint_every=100, sample_every=100,
+                    sample_steps=2, sample_sampler="ddim", sample_seeds=(0,), progress=False, seed=2, device="cpu")
+    trainer = Trainer(LDM(cfg))
     folder = trainer.run()
     return trainer, folder, root
 
@@ -48,7 +50,7 @@ def pipe(run):
 
 
 def _maps(run, n=2):
-    return run[0].data.segmentation[:n].long()
+    return run[0].method.data.segmentation[:n].long()
 
 
 def _capture(pipe):
@@ -87,13 +89,13 @@ def test_load_and_sample_gives_the_map_size_and_metadata(run, pipe):
     assert not np.array_equal(np.asarray(other[0].image), np.asarray(res[1].image))
 
 
-def test_denoiser_input_is_what_the_trainer_feeds(run, pipe):
-    trainer = run[0]
+def test_denoiser_input_is_what_training_feeds(run, pipe):
+    method = run[0].method
     seg = _maps(run, 3)
     seen = _capture(pipe)
     pipe.semantic2img(seg, ["a red circle", "a blue square", "a green triangle"], steps=2, guidance=1.0,
                       progress=False)
-    concat, labels = trainer.spatial_input({"segmentation": trainer.data.segmentation[:3]}, {}, torch.arange(3))
+    concat, labels = method.spatial_input(torch.arange(3), {}, torch.arange(3))
     assert labels is None and concat.shape == (3, 4, 8, 8)
     assert len(seen) == 2 and seen[0][0].shape == (3, 8, 8, 8)  # guidance 1: no unconditional branch
     for x, _, _ in seen:
@@ -101,23 +103,21 @@ def test_denoiser_input_is_what_the_trainer_feeds(run, pipe):
 
 
 def test_cfg_keeps_the_map_in_both_branches_like_condition_dropout(run, pipe):
-    """The unconditional branch is the trainer's dropped condition: null text, the same map."""
-    from ldmkit.training.ldm import Stage2
-
-    trainer = run[0]
+    """The unconditional branch is training's dropped condition: null text, the same map."""
+    method = run[0].method
     seg = _maps(run)
     prompts = ["a red circle", "a blue square"]
     seen = _capture(pipe)
     outs = []
     pipe.denoiser.register_forward_hook(lambda mod, args, out: outs.append(out.detach().clone()))
     pipe.semantic2img(seg, prompts, steps=2, guidance=3.0, progress=False)
-    concat, _ = trainer.spatial_input({"segmentation": trainer.data.segmentation[:2]}, {}, torch.arange(2))
+    concat, _ = method.spatial_input(torch.arange(2), {}, torch.arange(2))
     x, context, t = seen[0]
     assert x.shape == (4, 8, 8, 8)  # [uncond; cond]
     torch.testing.assert_close(x[:2, 4:], concat, rtol=0, atol=0)
     torch.testing.assert_close(x[2:, 4:], concat, rtol=0, atol=0)
     assert not torch.allclose(context[:2], context[2:])  # only the text differs between the branches
-    # trainer's forward with every condition dropped == the pipeline's unconditional branch
+    # training's forward with every condition dropped == the pipeline's unconditional branch
     model = Stage2(pipe.denoiser, pipe.conditioner).eval()
     with torch.no_grad():
         dropped = model(x[:2, :4], t[:2], prompts, torch.tensor([True, True]), concat=concat)
@@ -156,7 +156,7 @@ def test_cli_semantic_round_trip(run, tmp_path, capsys):
         assert meta == {key: v for key, v in r.items() if key != "file"}
         assert (meta["task"], meta["prompt"], meta["seed"], meta["map"], meta["size"]) == \
             ("semantic2img", "a red circle", 7 + k, str(tmp_path / "map.png"), "32x32")
-        assert meta["guidance"] == 4.0  # the model's default (TrainConfig.guidance)
+        assert meta["guidance"] == 4.0  # the model's default (LDMConfig.guidance)
         assert Image.open(r["file"]).size == (32, 32)
     # the CLI gives what the Python call gives
     pipe = pipelines.load(run[1], device="cpu")
@@ -202,7 +202,6 @@ def test_bad_maps_and_tasks_are_clear_errors(run, pipe, tmp_path):
 def test_models_that_do_not_fit_semantic_are_refused(run, pipe, tmp_path):
     from ldmkit.conditioning import SpatialConditioner, SpatialConfig
     from ldmkit.pipelines import Pipeline
-    from ldmkit.training.ldm import load_semantic
 
     with pytest.raises(ValueError, match="concat='semantic' needs one extra input channel per map class"):
         Pipeline(pipe.autoencoder, _plain_unet(), pipe.schedule, pipe.conditioner, concat="semantic")
@@ -217,8 +216,8 @@ def test_models_that_do_not_fit_semantic_are_refused(run, pipe, tmp_path):
     save_model(tmp_path / "plain", {"autoencoder": pipe.autoencoder, "denoiser": plain.denoiser},
                {"schedule": pipe.schedule.to_dict(), "objective": "eps", "conditioning": "none", "concat": None,
                 "latent_size": [8, 8]})
-    with pytest.raises(ValueError, match="is not a semantic-synthesis model"):
-        load_semantic(tmp_path / "plain")
+    with pytest.raises(ValueError, match="supports text2img, img2img, inpaint, not semantic2img"):
+        pipelines.load(tmp_path / "plain", device="cpu").semantic2img(_maps(run, 1)[0])
 
 
 def _plain_unet():
@@ -255,34 +254,45 @@ def test_cli_errors_are_one_line_and_exit_code_2(run, tmp_path, capsys, argv, me
     assert message in lines[0]
 
 
-def test_sample_semantic_helper_is_the_pipeline(run, pipe):
-    """training.ldm.sample_semantic (kept for scripts) gives the images semantic2img gives."""
-    from ldmkit.training.ldm import Stage2, sample_semantic
+def test_the_runs_sample_grid_is_semantic2img(run, pipe):
+    """The grid the run drew (first row the coloured maps, then a row per seed) holds what the exported
+    model gives through `semantic2img` (what replaced training.ldm.sample_semantic)."""
+    from ldmkit.conditioning.spatial import segmentation_colours
+    from ldmkit.io.images import tensor_to_pil
 
-    seg = _maps(run)
-    x = sample_semantic(Stage2(pipe.denoiser, pipe.conditioner), pipe.autoencoder, pipe.schedule, pipe.spatial,
-                        seg, ["a red circle", "a blue square"], seed=5, sampler="euler_a", steps=2, guidance=2.0)
-    res = pipe.semantic2img(seg, ["a red circle", "a blue square"], seed=5, sampler="euler_a", steps=2,
-                            guidance=2.0, batch_size=2, progress=False)
-    assert torch.equal(x, torch.stack([pil_to_tensor(r.image) for r in res]))
+    trainer, folder, root = run
+    grid = Image.open(root / "run" / "samples" / "step_0000002.png").convert("RGB")
+    cfg = trainer.config
+    n = 4
+    seg = _maps(run, n)
+    prompts = json.loads(read_png_metadata(root / "run" / "samples" / "step_0000002.png")["prompts"])
+    assert prompts == trainer.method.data.captions[:n]
+    res = pipe.semantic2img(seg, prompts, num=n, seed=cfg.sample_seeds[0], batch_size=n, sampler=cfg.sampler,
+                            steps=cfg.sample_steps, guidance=cfg.guidance, progress=False)
+
+    def tile(row, col):
+        return np.asarray(grid.crop((2 + col * 34, 2 + row * 34, 2 + col * 34 + 32, 2 + row * 34 + 32)))
+
+    colours = segmentation_colours(seg)
+    for k in range(n):
+        assert np.array_equal(tile(0, k), np.asarray(tensor_to_pil(colours[k]))), k
+        assert np.array_equal(tile(1, k), np.asarray(res[k].image)), k
 
 
 def test_class_conditional_map_model_trains_grids_and_samples(run, tmp_path):
     """A class-conditional semantic run: its sample grid and the loaded folder go through semantic2img
     with class labels; the label is dropped in the unconditional branch, the map is not."""
-    from ldmkit.training.ldm import Stage2, sample_semantic
-
     trainer, _, root = run
-    cfg = TrainConfig(latents=str(root / "cache"), autoencoder=str(root / "ae"), out=str(tmp_path / "cls"),
-                      preset="tiny", conditioning="class", spatial="semantic", steps=2, batch_size=4, lr=1e-3,
-                      warmup_steps=1, checkpoint_every=100, sample_every=2, sample_steps=2, sample_sampler="ddim",
-                      sample_seeds=(0,), progress=False, seed=2)
-    folder = LDMTrainer(cfg).run()
+    cfg = LDMConfig(latents=str(root / "cache"), autoencoder=str(root / "ae"), out=str(tmp_path / "cls"),
+                    preset="tiny", conditioning="class", spatial="semantic", steps=2, batch_size=4, lr=1e-3,
+                    warmup_steps=1, checkpoint_every=100, sample_every=2, sample_steps=2, sample_sampler="ddim",
+                    sample_seeds=(0,), progress=False, seed=2, device="cpu")
+    folder = Trainer(LDM(cfg)).run()
     assert (tmp_path / "cls" / "samples" / "step_0000002.png").is_file()
     pipe = pipelines.load(folder, device="cpu")
     assert pipe.conditioning == "class" and pipe.tasks == ["semantic2img"]
     seg = _maps(run)
-    labels = trainer.data.labels[:2].tolist()
+    labels = trainer.method.data.labels[:2].tolist()
     seen = []
     pipe.denoiser.register_forward_pre_hook(
         lambda mod, args, kwargs: seen.append((args[0].clone(), kwargs["class_labels"].clone())), with_kwargs=True)
@@ -292,8 +302,8 @@ def test_class_conditional_map_model_trains_grids_and_samples(run, tmp_path):
     null = pipe.conditioner.config.num_classes
     assert cls.tolist() == [null, null, *labels]  # [uncond; cond]: only the label is dropped
     torch.testing.assert_close(x[:2, 4:], x[2:, 4:], rtol=0, atol=0)
-    x2 = sample_semantic(Stage2(pipe.denoiser, pipe.conditioner), pipe.autoencoder, pipe.schedule, pipe.spatial,
-                         seg, labels, steps=2, guidance=2.0, sampler="ddim")
-    assert torch.equal(x2, torch.stack([pil_to_tensor(r.image) for r in res]))
+    again = pipe.semantic2img(seg, class_label=labels, steps=2, guidance=2.0, batch_size=2, progress=False)
+    assert torch.equal(torch.stack([pil_to_tensor(r.image) for r in again]),
+                       torch.stack([pil_to_tensor(r.image) for r in res]))
     with pytest.raises(ValueError, match="class-conditional; pass a class"):
         pipe.semantic2img(seg, "a red circle", steps=2, progress=False)

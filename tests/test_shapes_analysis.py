@@ -3,7 +3,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
 from ldmkit.data.shapes import ShapesDataset, caption, pil_to_tensor, render, parse_caption
-from ldmkit.data.shapes_analysis import adherence, adherence_report, analyse, format_report
+from ldmkit.metrics.shapes_analysis import adherence, adherence_report, analyse, format_report
 
 
 def _degrade(img, rng, noise, blur):
@@ -138,7 +138,7 @@ def test_report_rates_and_table():
 
 
 def test_heldout_causes_groups_prompts_by_what_makes_them_held_out():
-    from ldmkit.data.shapes_analysis import heldout_causes
+    from ldmkit.metrics.shapes_analysis import heldout_causes
 
     samples = [
         {"prompt": "a green triangle", "match": False},

@@ -108,7 +108,7 @@ def test_cli_store_images_and_segmentation(tmp_path, capsys):
     ae = save_component(Autoencoder(PRESETS["tiny-kl-f4"]), tmp_path / "ae")
     assert main(["cache-latents", "--autoencoder", str(ae), "--data", "shapes", "--out", str(tmp_path / "lat"),
                  "--length", "4", "--size", "16", "--store-images", "--segmentation"]) == 0
-    assert "with images and segmentation maps" in capsys.readouterr().out
+    assert "with images and label maps" in capsys.readouterr().out
     cache = CachedLatents(tmp_path / "lat")
     assert cache.images.shape == (4, 3, 16, 16) and cache.segmentation.shape == (4, 16, 16)
     assert cache.segmentation_classes == list(SEGMENTATION_CLASSES)
@@ -117,4 +117,44 @@ def test_cli_store_images_and_segmentation(tmp_path, capsys):
     folder.mkdir()
     assert main(["cache-latents", "--autoencoder", str(ae), "--data", str(folder), "--out", str(tmp_path / "x"),
                  "--segmentation"]) == 2
-    assert "only 'shapes' provides them" in capsys.readouterr().err
+    assert "only 'shapes' has" in capsys.readouterr().err
+
+
+def test_cli_caches_an_image_folder_with_its_label_maps(tmp_path, capsys):
+    """Semantic synthesis trains on any folder of label maps: --maps mirrors the image tree (PNG class
+    ids), the maps get the images' resize / crop, the class names come from --map-classes."""
+    import numpy as np
+    from PIL import Image
+
+    from ldmkit.autoencoder.model import PRESETS, Autoencoder
+    from ldmkit.io.format import save_component
+    from ldmkit.io.files import FolderLock
+
+    torch.manual_seed(0)
+    ae = save_component(Autoencoder(PRESETS["tiny-kl-f4"]), tmp_path / "ae")
+    imgs, maps = tmp_path / "imgs" / "a", tmp_path / "maps" / "a"
+    imgs.mkdir(parents=True)
+    maps.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 32, 3), dtype=np.uint8)).save(imgs / f"{k}.jpg")
+        ids = np.zeros((40, 32), dtype=np.uint8)
+        ids[:, 16:] = 2  # right half class 2, left half class 0
+        Image.fromarray(ids, mode="L").save(maps / f"{k}.png")
+    out = tmp_path / "lat"
+    assert main(["cache-latents", "--autoencoder", str(ae), "--data", str(tmp_path / "imgs"), "--out", str(out),
+                 "--maps", str(tmp_path / "maps"), "--map-classes", "sky,tree,road"]) == 0, capsys.readouterr().err
+    cache = CachedLatents(out)
+    # --size defaults to the autoencoder's training size (tiny-kl-f4: 32), not a fixed 32
+    assert cache.segmentation.shape == (3, 32, 32) and cache.segmentation_classes == ["sky", "tree", "road"]
+    # the 32x40 image and its map are centre-cropped alike: left half 0, right half 2
+    assert (cache.segmentation[:, :, :16] == 0).all() and (cache.segmentation[:, :, 16:] == 2).all()
+    (maps / "2.png").unlink()
+    assert main(["cache-latents", "--autoencoder", str(ae), "--data", str(tmp_path / "imgs"),
+                 "--out", str(tmp_path / "lat2"), "--maps", str(tmp_path / "maps")]) == 2
+    assert "has no label map" in capsys.readouterr().err
+    with FolderLock(out):  # a second writer on the same cache is refused
+        assert main(["cache-latents", "--autoencoder", str(ae), "--data", "shapes", "--out", str(out),
+                     "--length", "4", "--overwrite"]) == 2
+    assert "in use by another process" in capsys.readouterr().err
+    assert CachedLatents(out).segmentation_classes == ["sky", "tree", "road"]  # the first cache is intact

@@ -1,8 +1,8 @@
-"""`compile=True` in the stage-2 trainer (torch.compile, inductor on CPU).
+"""`compile=True` in the training loop with method "ldm" (torch.compile, inductor on CPU).
 
 The compiled run trains the same numbers as the eager one up to float rounding (inductor fuses
 and reorders reductions), its checkpoints hold the plain module's names (no `_orig_mod.`), load
-into an eager trainer, and a compiled run resumed from its checkpoint repeats the uninterrupted
+into an eager run, and a compiled run resumed from its checkpoint repeats the uninterrupted
 compiled run exactly; under DDP and FSDP (2 gloo processes) it matches the eager 1-process run.
 """
 from __future__ import annotations
@@ -13,7 +13,8 @@ import shutil
 import pytest
 import torch
 
-from ldmkit.training.ldm import LatentData, LDMTrainer, TrainConfig
+from ldmkit.data.latents import LatentData
+from ldmkit.training import LDM, LDMConfig, Trainer
 
 CAPTIONS = ["a red circle", "a blue square", "a red circle above a blue square", "a green triangle"]
 
@@ -64,12 +65,20 @@ def ae_dir(tmp_path_factory):
     return str(folder)
 
 
-def config(out, ae, **kw):
-    base = dict(latents="memory", autoencoder=ae, out=str(out), preset="tiny", text_encoder="tiny", steps=4,
+def config(out, ae, **kw) -> LDMConfig:
+    base = dict(autoencoder=ae, out=str(out), preset="tiny", text_encoder="tiny", steps=4,
                 batch_size=4, lr=1e-3, warmup_steps=0, checkpoint_every=2, sample_every=100, sample_steps=2,
                 cond_drop=0.25, progress=False, seed=3, device="cpu")
     base.update(kw)
-    return TrainConfig(**base)
+    return LDMConfig(**base)
+
+
+def make_trainer(cfg, data, ctx=None, resume=None) -> Trainer:
+    return Trainer(LDM(cfg, data=data), ctx, resume=resume)
+
+
+def step(trainer) -> dict:
+    return trainer.train_step(next(iter(trainer.method.batches(trainer.step))))
 
 
 def weights(trainer):
@@ -80,15 +89,17 @@ def test_compiled_training_matches_eager_and_resumes(tmp_path, ae_dir):
     from ldmkit.io.format import load_component
     from ldmkit.training.common import load_training_state
 
-    eager = LDMTrainer(config(tmp_path / "eager", ae_dir), data=make_data())
-    init = weights(eager)
-    eager_losses = torch.tensor([eager.train_step()["loss"] for _ in range(4)])
+    import csv
 
-    compiled = LDMTrainer(config(tmp_path / "compiled", ae_dir, compile=True), data=make_data())
+    eager = make_trainer(config(tmp_path / "eager", ae_dir), make_data())
+    init = weights(eager)
+    eager_losses = torch.tensor([step(eager)["loss"] for _ in range(4)])
+
+    compiled = make_trainer(config(tmp_path / "compiled", ae_dir, compile=True), make_data())
     assert compiled.model.denoiser._compiled_call_impl is not None  # really compiled (nn.Module.compile)
     compiled.run()
-    losses = [float(line.split(",")[1]) for line in
-              (tmp_path / "compiled" / "loss.csv").read_text().splitlines()[1:]]
+    with open(tmp_path / "compiled" / "loss.csv", newline="") as f:
+        losses = [float(row["loss"]) for row in csv.DictReader(f)]
     assert torch.allclose(torch.tensor(losses), eager_losses, rtol=LOSS_RTOL), (losses, eager_losses)
     assert set(weights(compiled)) == set(init)
     assert update_diff(weights(compiled), weights(eager), init) < UPDATE_RTOL
@@ -99,17 +110,18 @@ def test_compiled_training_matches_eager_and_resumes(tmp_path, ae_dir):
     assert not any("_orig_mod" in k for k in state["ema"]["weights"])
     load_component(tmp_path / "compiled" / "model" / "denoiser")  # loads into a plain (eager) UNet
 
-    # an eager trainer loads the compiled run's checkpoint and continues from it
-    back = LDMTrainer(config(tmp_path / "eager2", ae_dir), data=make_data())
-    back.load_checkpoint(tmp_path / "compiled" / "checkpoints" / "step-2.pt")
+    # an eager run resumes the compiled run's checkpoint and continues from it
+    back = make_trainer(config(tmp_path / "eager2", ae_dir), make_data(),
+                        resume=tmp_path / "compiled" / "checkpoints" / "step-2.pt")
     assert back.step == 2
     while back.step < 4:
-        back.train_step()
+        step(back)
     assert update_diff(weights(back), weights(compiled), init) < UPDATE_RTOL
 
     # a compiled run resumed at step 2 ends exactly where the uninterrupted compiled run does
-    again = LDMTrainer(config(tmp_path / "compiled2", ae_dir, compile=True), data=make_data())
-    again.run(resume=tmp_path / "compiled" / "checkpoints" / "step-2.pt")
+    again = make_trainer(config(tmp_path / "compiled2", ae_dir, compile=True), make_data(),
+                         resume=tmp_path / "compiled" / "checkpoints" / "step-2.pt")
+    again.run()
     for k, v in again.model.state_dict().items():
         assert torch.equal(v, compiled.model.state_dict()[k]), k
 
@@ -137,10 +149,10 @@ def test_compiled_training_under_two_gloo_processes(tmp_path, ae_dir, strategy):
     assert run.returncode == 0, run.stderr[-3000:]
     got = torch.load(tmp_path / "multi-rank0.pt", weights_only=True)
 
-    one = LDMTrainer(w.make_config(ae_dir, str(tmp_path / "one"), strategy=strategy), distributed.DistContext(),
-                     data=w.make_data())
+    one = make_trainer(w.make_config(ae_dir, str(tmp_path / "one"), strategy=strategy), w.make_data(),
+                       distributed.DistContext())
     init = weights(one)
-    losses = torch.tensor([one.train_step()["loss"] for _ in range(one.config.steps)])
+    losses = torch.tensor([step(one)["loss"] for _ in range(one.config.steps)], dtype=torch.float64)
     assert torch.allclose(got["losses"], losses, rtol=LOSS_RTOL), (got["losses"], losses)
     assert update_diff(got["weights"], weights(one), init) < UPDATE_RTOL
     assert got["fsdp_units"] == (1 if strategy == "fsdp" else 0)  # compiled: one unit (distributed.wrap)

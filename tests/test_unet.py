@@ -178,27 +178,30 @@ def test_config_roundtrip_through_json_lists():
 
 # --------------------------------------------------------------------------- ldmkit extensions
 def _ext_pair():
+    from ldmkit.denoisers.extensions import ExtendedUNet, ExtendedUNetConfig
+
     torch.manual_seed(0)
     base_cfg = dataclasses.replace(PRESETS["tiny"], cross_attention_dim=24)
-    ext = UNet(dataclasses.replace(base_cfg, position_features=True, context_adapter_layers=2,
-                                   context_adapter_width=16, context_adapter_heads=2))
     base = UNet(base_cfg)
-    base.load_state_dict({k: v for k, v in ext.state_dict().items() if k in base.state_dict()}, strict=True)
+    ext = ExtendedUNet(ExtendedUNetConfig(unet=base_cfg, position_features=True, context_adapter_layers=2,
+                                          context_adapter_width=16, context_adapter_heads=2))
+    ext.unet.load_state_dict(base.state_dict())
     return base_cfg, base, ext
 
 
 def test_extensions_start_as_the_plain_unet_then_train():
-    """position_features / context_adapter_layers add parameters whose output projections start at zero:
-    the extended UNet computes exactly what the plain one does until training moves them."""
+    """position_features / context_adapter_layers wrap the UNet with parameters whose output projections
+    start at zero: the extended UNet computes exactly what the plain one does until training moves them."""
     _, base, ext = _ext_pair()
     x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 24)
     mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
     with torch.no_grad():
         assert torch.equal(ext(x, torch.tensor([3, 700]), ctx, context_mask=mask),
                            base(x, torch.tensor([3, 700]), ctx, context_mask=mask))
-    extra = sorted(set(ext.state_dict()) - set(base.state_dict()))
-    assert "position_in.proj.weight" in extra and "context_adapter.proj_out.weight" in extra
-    assert any(k.endswith("attentions.0.position.proj.weight") for k in extra)
+    extra = sorted(set(ext.state_dict()) - {f"unet.{k}" for k in base.state_dict()})
+    assert "position.conv_in.proj.weight" in extra and "context_adapter.proj_out.weight" in extra
+    assert "position.down_blocks-0-attentions-0.proj.weight" in extra
+    assert set(ext.unet.state_dict()) == set(base.state_dict())  # the UNet inside is diffusers' UNet
     opt = torch.optim.SGD(ext.parameters(), lr=0.1)
     for _ in range(2):  # after one step the zero projections are not zero: every parameter then learns
         opt.zero_grad()
@@ -208,6 +211,23 @@ def test_extensions_start_as_the_plain_unet_then_train():
     assert not dead
     with torch.no_grad():  # and now the output differs from the plain UNet
         assert (ext(x, 5, ctx, context_mask=mask) - base(x, 5, ctx, context_mask=mask)).abs().max() > 1e-4
+
+
+def test_copies_of_an_extended_unet_use_their_own_position_weights():
+    """The position features reach the inner UNet through hooks: a deepcopy (the EMA, FSDP templates) must
+    hook its own copies of the injection weights, not the original's."""
+    import copy
+
+    _, _, ext = _ext_pair()
+    twin = copy.deepcopy(ext)
+    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 24)
+    with torch.no_grad():
+        for p in twin.position.parameters():
+            p.add_(0.5)
+        assert not torch.equal(twin(x, 9, ctx), ext(x, 9, ctx))  # the copy's weights act in the copy...
+        for p in ext.position.parameters():
+            p.add_(0.5)
+        torch.testing.assert_close(twin(x, 9, ctx), ext(x, 9, ctx))  # ...and the original's in the original
 
 
 def test_context_adapter_ignores_masked_tokens_and_positions_work_at_any_size():
@@ -221,8 +241,7 @@ def test_context_adapter_ignores_masked_tokens_and_positions_work_at_any_size():
         other = ctx.clone()
         other[:, 4:] = torch.randn(1, 2, 24)  # padding content must not matter
         torch.testing.assert_close(ext(x, 9, ctx, context_mask=mask), ext(x, 9, other, context_mask=mask))
-        # coordinates are normalised: larger and non-square latents run, and a shifted input gives a
-        # different output than the plain shifted one (the model knows where it is)
+        # coordinates are normalised: larger and non-square latents run
         for hw in ((16, 16), (12, 20)):
             assert ext(torch.randn(1, 4, *hw), 9, ctx, context_mask=mask).shape == (1, 4, *hw)
     from ldmkit.nn.embeddings import position_features
@@ -230,25 +249,48 @@ def test_context_adapter_ignores_masked_tokens_and_positions_work_at_any_size():
     assert f.shape == (14, 4, 6) and f[0, 0, 0] == -1 and f[0, 0, -1] == 1 and f[1, -1, 0] == 1
 
 
-def test_extensions_are_saved_and_refused_by_diffusers_export(tmp_path):
-    from ldmkit.io.diffusers_format import unet_config_to_diffusers
-    from ldmkit.io.format import load_component, save_component
+def test_extensions_are_their_own_component_and_older_layouts_load(tmp_path):
+    from ldmkit.denoisers.extensions import ExtendedUNet, ExtendedUNetConfig
+    from ldmkit.io.diffusers_export import save_diffusers
+    from ldmkit.io.format import WEIGHTS_FILE, load_component, save_component
+    from ldmkit.io.files import save_tensors, write_json
 
     base_cfg, base, ext = _ext_pair()
     save_component(ext, tmp_path / "unet")
     again = load_component(tmp_path / "unet")
-    assert again.config == ext.config
+    assert isinstance(again, ExtendedUNet) and again.config == ext.config
     for k, v in ext.state_dict().items():
         assert torch.equal(again.state_dict()[k], v)
-    with pytest.raises(ValueError, match="position_features.*context_adapter_layers"):
-        unet_config_to_diffusers(ext.config.to_dict())
-    plain = unet_config_to_diffusers(base_cfg.to_dict())  # a plain UNet's diffusers config has no ldmkit keys
-    assert not {"position_features", "context_adapter_layers", "context_adapter_width"} & set(plain)
+    # a "unet" component written when the extensions lived inside the UNet (the bundled demo model was)
+    old = {**base_cfg.to_dict(), "position_features": True, "context_adapter_layers": 2,
+           "context_adapter_width": 16, "context_adapter_heads": 2}
+    old_keys = {}
+    for k, v in ext.state_dict().items():
+        if k.startswith("unet."):
+            old_keys[k.removeprefix("unet.")] = v
+        elif k == "position.conv_in.proj.weight":
+            old_keys["position_in.proj.weight"] = v
+        elif k.startswith("position."):
+            path, rest = k.removeprefix("position.").split(".", 1)
+            old_keys[f"{path.replace('-', '.')}.position.{rest}"] = v
+        else:
+            old_keys[k] = v
+    write_json(tmp_path / "old" / "config.json", {"type": "unet", "config": old})
+    save_tensors(tmp_path / "old" / WEIGHTS_FILE, old_keys)
+    legacy = load_component(tmp_path / "old")
+    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(legacy(x, 7, ctx), ext(x, 7, ctx), rtol=0, atol=0)
+    # diffusers has no such UNet: the export refuses it by name
+    with pytest.raises(ValueError, match="ExtendedUNet"):
+        save_diffusers(tmp_path / "exported", {}, {"denoiser": ext})
     with pytest.raises(ValueError, match="heads"):
-        dataclasses.replace(base_cfg, context_adapter_layers=1, context_adapter_width=30, context_adapter_heads=4)
+        ExtendedUNetConfig(unet=base_cfg, context_adapter_layers=1, context_adapter_width=30, context_adapter_heads=4)
     with pytest.raises(ValueError, match="cross-attention"):
-        dataclasses.replace(base_cfg, context_adapter_layers=1, mid_block_type=None,
-                            down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+        ExtendedUNetConfig(unet=dataclasses.replace(base_cfg, mid_block_type=None,
+                                                    down_block_types=("DownBlock2D", "DownBlock2D"),
+                                                    up_block_types=("UpBlock2D", "UpBlock2D")),
+                           context_adapter_layers=1)
 
 
 @pytest.mark.parametrize("name", ["sd1-conv-heads8", "sd2-linear-perlevel-upcast"])

@@ -75,7 +75,7 @@ class VGG16Features(nn.Module):
 
     def load_torchvision_state_dict(self, state: dict) -> None:
         """Load a torchvision vgg16 state dict (classifier weights are ignored)."""
-        from ldmkit.io.format import check_state_dict
+        from ldmkit.io.files import check_state_dict
 
         feats = {k: v for k, v in state.items() if k.startswith("features.")}
         check_state_dict(self, feats, "the VGG16 weights", strict=False)  # shapes, before load_state_dict
@@ -144,7 +144,7 @@ class LPIPS(nn.Module):
         return super().train(False)  # always in eval mode
 
     def load_heads(self, path: str | os.PathLike | None = None) -> None:
-        from ldmkit.io.format import read_torch_weights
+        from ldmkit.io.files import read_torch_weights
 
         state = read_torch_weights(path or lpips_heads_path(), "LPIPS heads file")
         heads = {k: v for k, v in state.items() if k.startswith("lin")}
@@ -164,7 +164,7 @@ class LPIPS(nn.Module):
                 "and no path given (--vgg-weights or $LDMKIT_VGG16_WEIGHTS): LPIPS is unavailable, "
                 "so the perceptual loss is disabled and LPIPS is not reported.")
             return None
-        from ldmkit.io.format import read_torch_weights
+        from ldmkit.io.files import read_torch_weights
 
         model = cls()
         try:

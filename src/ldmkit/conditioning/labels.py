@@ -54,7 +54,7 @@ class ClassConditioner(Conditioner):
 
     @classmethod
     def from_component(cls, config: dict, folder) -> "ClassConditioner":
-        from ldmkit.io.format import config_from_dict
+        from ldmkit.io.files import config_from_dict
 
         return cls(config_from_dict(ClassConfig, config))
 

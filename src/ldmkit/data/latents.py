@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ldmkit.io.format import atomic_write, write_json
-from ldmkit.util import weights_sha256
+from ldmkit.io.files import atomic_write, write_json
+from ldmkit.util import tensors_sha256, weights_sha256
 
 FORMAT = "ldmkit-latents"
 FORMAT_VERSION = 2
@@ -114,10 +114,8 @@ def encode_dataset(autoencoder: torch.nn.Module, dataset, out: str | Path, batch
     names ``segmentation_classes`` (their count is the number of map classes).
     """
     out = Path(out)
-    if batch_size < 1:
-        raise ValueError(f"batch_size {batch_size} must be >= 1")
-    if shard_size < 1:
-        raise ValueError(f"shard_size {shard_size} must be >= 1")
+    if min(batch_size, shard_size) < 1:
+        raise ValueError(f"batch_size {batch_size} and shard_size {shard_size} must be >= 1")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
     n = len(dataset)
@@ -125,93 +123,94 @@ def encode_dataset(autoencoder: torch.nn.Module, dataset, out: str | Path, batch
         raise ValueError("the data set is empty; nothing to cache")
     if store_segmentation and not segmentation_classes:
         raise ValueError("store_segmentation needs segmentation_classes (the names of the map's classes)")
-    if (out / INDEX_FILE).exists() and not overwrite:
-        raise FileExistsError(f"{out} already holds a latent cache; pass overwrite=True to replace it")
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite:  # drop our own files from an earlier cache, nothing else
-        for f in out.iterdir():
-            if f.name == INDEX_FILE or _SHARD_RE.match(f.name):
-                f.unlink()
-
+    _prepare_folder(out, overwrite)
     if device is None:
         p = next(iter(autoencoder.parameters()), None)
         device = p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
-    p = next(iter(autoencoder.parameters()), None)
-    in_dtype = p.dtype if p is not None else torch.float32
     cfg = getattr(autoencoder, "config", None)
     scale = float(getattr(cfg, "scaling_factor", 1.0))
     shift = float(getattr(cfg, "shift_factor", 0.0))
     was_training = autoencoder.training
     autoencoder.eval()
 
-    from ldmkit.training.common import progress as progress_bar  # tqdm wrapper
+    from ldmkit.util import progress as progress_bar
 
-    shards, latent_shape, image_shape = [], None, None
-    has_caption = has_label = None
-    starts = range(0, n, shard_size)
+    shards, first = [], None
     bar = progress_bar(total=n, desc="encoding latents", disable=not progress, unit="img")
+    options = dict(device=torch.device(device), scale=scale, shift=shift, batch_size=batch_size,
+                   store_images=store_images, seg_classes=segmentation_classes if store_segmentation else None,
+                   bar=bar)
     try:
-        for si, s0 in enumerate(starts):
-            s1 = min(n, s0 + shard_size)
-            means, stds, captions, labels, images, segs = [], [], [], [], [], []
-            for b0 in range(s0, s1, batch_size):
-                raw = [dataset[i] for i in range(b0, min(s1, b0 + batch_size))]
-                items = [_split_item(r) for r in raw]
-                pixels = torch.stack([torch.as_tensor(im) for im, _, _ in items])
-                if store_images:
-                    images.append(image_to_uint8(pixels))
-                if store_segmentation:
-                    segs.append(_segmentation_batch(raw, b0, pixels.shape[-2:], len(segmentation_classes)))
-                x = pixels.to(device=device, dtype=in_dtype)
-                post = autoencoder.encode(x)
-                means.append(((post.mean.float() - shift) * scale).cpu())
-                stds.append((post.std.float() * scale).cpu())
-                for _, cap, lab in items:
-                    captions.append(cap)
-                    labels.append(lab)
-                bar.update(len(items))
-            mean, std = torch.cat(means), torch.cat(stds)
-            if latent_shape is None:
-                latent_shape = list(mean.shape[1:])
-                has_caption = captions[0] is not None
-                has_label = labels[0] is not None
-            if list(mean.shape[1:]) != latent_shape:
-                raise ValueError(f"latents of shape {list(mean.shape[1:])} in shard {si} differ from "
-                                 f"{latent_shape}: all images must have one size")
-            if any((c is not None) != has_caption for c in captions) or \
-                    any((lb is not None) != has_label for lb in labels):
+        for si, s0 in enumerate(range(0, n, shard_size)):
+            name, s1 = f"shard-{si:05d}", min(n, s0 + shard_size)
+            tensors, side = _encode_shard(autoencoder, dataset, s0, s1, **options)
+            shape = {"latent": list(tensors["mean"].shape[1:]), "captions": side["captions"][0] is not None,
+                     "labels": side["labels"][0] is not None,
+                     "image": list(tensors["image"].shape[1:]) if store_images else None}
+            first = first or shape
+            if shape["latent"] != first["latent"]:
+                raise ValueError(f"latents of shape {shape['latent']} in shard {si} differ from "
+                                 f"{first['latent']}: all images must have one size")
+            if any((c is not None) != first["captions"] for c in side["captions"]) or \
+                    any((lb is not None) != first["labels"] for lb in side["labels"]):
                 raise ValueError("some items have a caption/label and some do not; a cache needs all or none")
-            name = f"shard-{si:05d}"
-            tensors = {"mean": mean.to(_DTYPES[dtype]).contiguous(), "std": std.to(_DTYPES[dtype]).contiguous()}
-            if store_images:
-                tensors["image"] = torch.cat(images).contiguous()
-                image_shape = list(tensors["image"].shape[1:])
-            if store_segmentation:
-                tensors["segmentation"] = torch.cat(segs).contiguous()
+            tensors.update(mean=tensors["mean"].to(_DTYPES[dtype]), std=tensors["std"].to(_DTYPES[dtype]))
             atomic_write(out / f"{name}.safetensors", lambda tmp: save_file(tensors, tmp))
-            write_json(out / f"{name}.json", {"captions": captions if has_caption else None,
-                                               "labels": labels if has_label else None})
+            write_json(out / f"{name}.json", {"captions": side["captions"] if first["captions"] else None,
+                                               "labels": side["labels"] if first["labels"] else None})
             shards.append({"name": name, "count": s1 - s0})
     finally:
         bar.close()
         autoencoder.train(was_training)
-
-    index = {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
-        "num_items": n, "latent_shape": latent_shape, "dtype": dtype,
-        "scaled": True, "scaling_factor": scale, "shift_factor": shift,
-        "has_captions": bool(has_caption), "has_labels": bool(has_label),
+    write_json(out / INDEX_FILE, {  # written last: its presence marks a complete cache
+        "format": FORMAT, "format_version": FORMAT_VERSION, "num_items": n, "latent_shape": first["latent"],
+        "dtype": dtype, "scaled": True, "scaling_factor": scale, "shift_factor": shift,
+        "has_captions": bool(first["captions"]), "has_labels": bool(first["labels"]),
         "class_names": list(class_names) if class_names is not None else None,
-        "has_images": bool(store_images), "image_shape": image_shape,
-        "has_segmentation": bool(store_segmentation),
+        "has_images": bool(store_images), "image_shape": first["image"], "has_segmentation": bool(store_segmentation),
         "segmentation_classes": list(segmentation_classes) if store_segmentation else None,
         "autoencoder": {"config": _config_dict(autoencoder), "weights_sha256": weights_sha256(autoencoder)},
-        "source": source or {},
-        "shards": shards,
-    }
-    write_json(out / INDEX_FILE, index)
+        "source": source or {}, "shards": shards})
     return out
+
+
+def _prepare_folder(out: Path, overwrite: bool) -> None:
+    """Refuse to write over a cache unless `overwrite`; then drop that cache's own files, nothing else."""
+    if (out / INDEX_FILE).exists() and not overwrite:
+        raise FileExistsError(f"{out} already holds a latent cache; replace it with --overwrite (overwrite=True)")
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for f in out.iterdir():
+            if f.name == INDEX_FILE or _SHARD_RE.match(f.name):
+                f.unlink()
+
+
+def _encode_shard(autoencoder, dataset, s0: int, s1: int, *, device, scale: float, shift: float, batch_size: int,
+                  store_images: bool, seg_classes: list[str] | None, bar) -> tuple[dict, dict]:
+    """Items s0 ... s1-1 encoded: ({"mean", "std" (scaled), "image"?, "segmentation"?}, {"captions", "labels"})."""
+    p = next(iter(autoencoder.parameters()), None)
+    in_dtype = p.dtype if p is not None else torch.float32
+    means, stds, captions, labels, images, segs = [], [], [], [], [], []
+    for b0 in range(s0, s1, batch_size):
+        raw = [dataset[i] for i in range(b0, min(s1, b0 + batch_size))]
+        items = [_split_item(r) for r in raw]
+        pixels = torch.stack([torch.as_tensor(im) for im, _, _ in items])
+        if store_images:
+            images.append(image_to_uint8(pixels))
+        if seg_classes:
+            segs.append(_segmentation_batch(raw, b0, pixels.shape[-2:], len(seg_classes)))
+        post = autoencoder.encode(pixels.to(device=device, dtype=in_dtype))
+        means.append(((post.mean.float() - shift) * scale).cpu())
+        stds.append((post.std.float() * scale).cpu())
+        captions += [cap for _, cap, _ in items]
+        labels += [lab for _, _, lab in items]
+        bar.update(len(items))
+    tensors = {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous()}
+    if store_images:
+        tensors["image"] = torch.cat(images).contiguous()
+    if seg_classes:
+        tensors["segmentation"] = torch.cat(segs).contiguous()
+    return tensors, {"captions": captions, "labels": labels}
 
 
 def _segmentation_batch(raw: list, start: int, size, num_classes: int) -> torch.Tensor:
@@ -247,7 +246,7 @@ def recaption(src: str | Path, out: str | Path, fn, note: str = "", overwrite: b
     if src.resolve() == out.resolve():
         raise ValueError("recaption writes a new cache; out must differ from src")
     if (out / INDEX_FILE).exists() and not overwrite:
-        raise FileExistsError(f"{out} already holds a latent cache; pass overwrite=True to replace it")
+        raise FileExistsError(f"{out} already holds a latent cache; replace it with --overwrite (overwrite=True)")
     out.mkdir(parents=True, exist_ok=True)
     for shard in index["shards"]:
         name = shard["name"]
@@ -268,8 +267,8 @@ def read_index(folder: str | Path) -> dict:
     path = folder / INDEX_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a latent cache (no {INDEX_FILE}); "
-                                "write one with ldmkit.data.latents.encode_dataset")
-    from ldmkit.io.format import read_json
+                                "make one with `ldm cache-latents`")
+    from ldmkit.io.files import read_json
 
     index = read_json(path)
     if index.get("format") != FORMAT or index.get("format_version") not in READABLE_VERSIONS:
@@ -325,7 +324,7 @@ class CachedLatents(torch.utils.data.Dataset):
         self.index = read_index(self.folder)
         means, stds, captions, labels, images, segs = [], [], [], [], [], []
         from ldmkit.errors import UserError, reading
-        from ldmkit.io.format import read_json
+        from ldmkit.io.files import read_json
 
         for shard in self.index["shards"]:
             shard_file = self.folder / f"{shard['name']}.safetensors"
@@ -401,3 +400,96 @@ class CachedLatents(torch.utils.data.Dataset):
         if self.segmentation is not None:
             item["segmentation"] = self.segmentation[i].long()
         return item
+
+
+class LatentData:
+    """Latents as stage-2 training reads them: posterior mean/std [N, c, h, w] (already scaled), the
+    condition of each item (captions, or integer labels with their class names) and what spatial
+    inputs are built from (`images` uint8 [N, 3, H, W], `segmentation` [N, H, W] with
+    `segmentation_classes`) when the cache stores them. `open_latents(folder)` reads a cache;
+    tests and scripts can build one from tensors."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor | None = None, captions: list[str] | None = None,
+                 labels: torch.Tensor | None = None, class_names: list[str] | None = None,
+                 images: torch.Tensor | None = None, segmentation: torch.Tensor | None = None,
+                 segmentation_classes: list[str] | None = None, index: dict | None = None):
+        if mean.dim() != 4:
+            raise ValueError(f"latent means have shape {tuple(mean.shape)}; expected [N, c, h, w]")
+        self.mean = mean.float()
+        self.std = torch.zeros_like(self.mean) if std is None else std.float()
+        if self.std.shape != self.mean.shape:
+            raise ValueError(f"latent std {tuple(self.std.shape)} does not match mean {tuple(self.mean.shape)}")
+        n = mean.shape[0]
+        if captions is not None and len(captions) != n:
+            raise ValueError(f"{len(captions)} captions for {n} latents")
+        if labels is not None and len(labels) != n:
+            raise ValueError(f"{len(labels)} labels for {n} latents")
+        if images is not None and (images.dtype != torch.uint8 or images.dim() != 4 or len(images) != n):
+            raise ValueError(f"images must be uint8 [{n}, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+        if segmentation is not None and (segmentation.is_floating_point() or segmentation.dim() != 3
+                                         or len(segmentation) != n):
+            raise ValueError(f"segmentation maps must be integer [{n}, H, W], got {segmentation.dtype} "
+                             f"{tuple(segmentation.shape)}")
+        self.captions = list(captions) if captions is not None else None
+        self.labels = torch.as_tensor(labels, dtype=torch.long) if labels is not None else None
+        self.class_names = list(class_names) if class_names else None
+        self.images, self.segmentation = images, segmentation
+        self.segmentation_classes = list(segmentation_classes) if segmentation_classes else None
+        self.index = index
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return tuple(self.mean.shape[1:])
+
+    @property
+    def num_classes(self) -> int | None:
+        if self.labels is None:
+            return None
+        return len(self.class_names) if self.class_names else int(self.labels.max()) + 1
+
+    def conditions(self, kind: str, indices) -> list | None:
+        """The conditions of items `indices` for a run conditioned on `kind` ("text", "class", "none")."""
+        if kind == "text":
+            return [self.captions[i] for i in indices]
+        if kind == "class":
+            return self.labels[torch.as_tensor(indices, dtype=torch.long)].tolist()
+        return None
+
+    def check_conditioning(self, kind: str, where: str) -> None:
+        if kind == "text" and self.captions is None:
+            raise ValueError(f"conditioning 'text' needs captions, but {where} has none")
+        if kind == "class" and self.labels is None:
+            raise ValueError(f"conditioning 'class' needs labels, but {where} has none")
+
+    def first_conditions(self, kind: str, n: int) -> list:
+        """The first `n` distinct conditions of the data (sample grids)."""
+        if kind == "none":
+            return []
+        pool = self.captions if kind == "text" else self.labels.tolist()
+        return list(dict.fromkeys(pool))[:n]
+
+    def fingerprint(self) -> dict:
+        """What a resumed run checks: the data it continues on is the data it started with."""
+        return {"num_items": len(self), "latent_shape": list(self.latent_shape),
+                "mean_sha256": tensors_sha256({"mean": self.mean[: min(len(self), 256)]})}
+
+
+def open_latents(path: str | Path) -> LatentData:
+    """A latent cache folder (`encode_dataset`) as LatentData (already scaled)."""
+    if not path:
+        raise ValueError("latents: a latent cache folder is required (make one with `ldm cache-latents`)")
+    cache = CachedLatents(path, sample=False)
+    return LatentData(cache.mean, cache.std, captions=cache.captions, labels=cache.labels,
+                      class_names=cache.class_names, images=cache.images, segmentation=cache.segmentation,
+                      segmentation_classes=cache.segmentation_classes, index=cache.index)
+
+
+def check_cache_matches(data: LatentData, autoencoder: torch.nn.Module, where: str, autoencoder_path: str) -> None:
+    """Refuse a cache encoded with other autoencoder weights than the ones samples are decoded with."""
+    want = ((data.index or {}).get("autoencoder") or {}).get("weights_sha256")
+    if want and want != weights_sha256(autoencoder):
+        raise ValueError(f"the latent cache {where} was encoded with other autoencoder weights than "
+                         f"{autoencoder_path}; rebuild the cache or pass the autoencoder it was made with")

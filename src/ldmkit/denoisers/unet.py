@@ -17,13 +17,8 @@ outputs are kept as skips; mid block; up levels that concatenate the skips,
 upsampling to the skip's size (so any latent size works, not only multiples
 of 2**levels); GroupNorm, SiLU, conv_out.
 
-Two ldmkit extensions, off by default and absent from diffusers (such a UNet
-cannot be written as a diffusers folder): ``position_features`` adds a learned
-projection of normalised pixel coordinates after conv_in and at the input of
-every spatial transformer (``position_in``, ``...attentions.J.position``), and
-``context_adapter_layers`` runs trainable self-attention layers over the
-context tokens before any cross-attention reads them (``context_adapter``).
-Both start as the identity (zero-initialised output projections).
+Opt-in additions that diffusers' UNet does not have (a context adapter, position
+features) wrap this class from outside: ``ldmkit.denoisers.extensions``.
 
 The head-count quirk: diffusers' ``attention_head_dim`` in SD1/SD2 configs is
 really the *number of heads* per level (``num_attention_heads`` falls back to
@@ -40,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldmkit.nn.blocks import Downsample2D, ResnetBlock2D, Upsample2D
-from ldmkit.nn.embeddings import PositionInjection, TimestepEmbedding, timestep_embedding
-from ldmkit.nn.transformer import ContextAdapter, Transformer2D
+from ldmkit.nn.embeddings import TimestepEmbedding, timestep_embedding
+from ldmkit.nn.transformer import Transformer2D
 
 DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -82,12 +77,7 @@ class UNetConfig:
     freq_shift: int = 0
     downsample_padding: int = 1
     dropout: float = 0.0
-    sample_size: int = 64  # latent size used in training (informational; any size runs)
-    # ldmkit extensions (not in diffusers; a UNet that uses them cannot be written as a diffusers folder):
-    position_features: bool = False  # pixel coordinates injected after conv_in and into every Transformer2D
-    context_adapter_layers: int = 0  # trainable self-attention layers over the context before cross-attention
-    context_adapter_width: int = 128
-    context_adapter_heads: int = 4
+    sample_size: int | None = 64  # latent size used in training (informational; any size runs)
 
     def __post_init__(self):
         # JSON round trips give lists; keep the dataclass hashable and comparable.
@@ -124,14 +114,6 @@ class UNetConfig:
                 raise ValueError(f"{c} channels cannot be split into {h} attention heads")
         _per_level(self.transformer_layers_per_block, n, "transformer_layers_per_block")
         _per_level(self.only_cross_attention, n, "only_cross_attention")
-        if self.context_adapter_layers < 0:
-            raise ValueError(f"context_adapter_layers={self.context_adapter_layers} must be >= 0")
-        if self.context_adapter_layers and (self.context_adapter_width < 1 or self.context_adapter_heads < 1
-                                            or self.context_adapter_width % self.context_adapter_heads):
-            raise ValueError(f"context_adapter_width={self.context_adapter_width} must split into "
-                             f"context_adapter_heads={self.context_adapter_heads} heads")
-        if self.context_adapter_layers and not self.has_cross_attention:
-            raise ValueError("context_adapter_layers needs cross-attention blocks to feed")
 
     def _check_values(self) -> None:
         """Types and sane ranges of every field (a config read from JSON may hold anything)."""
@@ -168,10 +150,7 @@ class UNetConfig:
         check_int("sample_size", self.sample_size, 1, big, optional=True)  # informational: null allowed
         check_number("norm_eps", self.norm_eps, 0.0, 1.0, lo_open=True)
         check_number("dropout", self.dropout, 0.0, 1.0, hi_open=True)
-        check_int("context_adapter_layers", self.context_adapter_layers, 0, 64)
-        check_int("context_adapter_width", self.context_adapter_width, 1, big)
-        check_int("context_adapter_heads", self.context_adapter_heads, 1, big)
-        for name in ("use_linear_projection", "upcast_attention", "flip_sin_to_cos", "position_features"):
+        for name in ("use_linear_projection", "upcast_attention", "flip_sin_to_cos"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
 
@@ -260,14 +239,9 @@ class UNet(nn.Module):
             return Transformer2D(channels, level_heads, channels // level_heads, depth=level_depth,
                                  cross_attention_dim=c.cross_attention_dim, groups=c.norm_num_groups,
                                  use_linear_projection=c.use_linear_projection,
-                                 upcast_attention=c.upcast_attention, only_cross_attention=level_only_cross,
-                                 position_features=c.position_features)
+                                 upcast_attention=c.upcast_attention, only_cross_attention=level_only_cross)
 
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
-        self.position_in = PositionInjection(ch[0]) if c.position_features else None
-        self.context_adapter = (ContextAdapter(c.cross_attention_dim, c.context_adapter_width,
-                                               c.context_adapter_layers, c.context_adapter_heads)
-                                if c.context_adapter_layers else None)
         self.time_embedding = TimestepEmbedding(ch[0], temb_dim)
         self.class_embedding = nn.Embedding(c.num_class_embeds, temb_dim) if c.num_class_embeds else None
 
@@ -363,11 +337,7 @@ class UNet(nn.Module):
         if self.class_embedding is not None:
             temb = temb + self.class_embedding(class_labels.to(x.device)).to(temb.dtype)
 
-        if self.context_adapter is not None and context is not None:
-            context = self.context_adapter(context, context_mask)
         h = self.conv_in(x)
-        if self.position_in is not None:
-            h = self.position_in(h)
         skips = [h]
         for level in self.down_blocks:
             for j, res in enumerate(level.resnets):

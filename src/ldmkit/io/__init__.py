@@ -31,7 +31,8 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
 
 def detect_format(path: str | os.PathLike) -> str:
     """"ldmkit", "diffusers" or "single_file" (ValueError when none fits)."""
-    from ldmkit.io.format import FORMAT_NAME, read_json
+    from ldmkit.io.format import FORMAT_NAME
+    from ldmkit.io.files import read_json
 
     p = Path(path)
     if p.is_dir():

@@ -10,7 +10,7 @@ from __future__ import annotations
 SINGLE_FILE_OPTIONS = ("prediction_type", "tokenizer", "original_config", "ema", "num_heads", "num_head_channels")
 
 
-def register(sub) -> None:
+def register(sub, argv: list[str] | None = None) -> None:
     """Add this package's subcommands to the `ldm` parser."""
     p = sub.add_parser("convert", help="convert a model between ldmkit, diffusers and original SD single files",
                        description="Convert a Stable Diffusion model: an ldmkit model folder, a diffusers folder "
@@ -44,7 +44,7 @@ def _convert(args) -> int:
 
     from ldmkit.errors import UserError
     from ldmkit.io import detect_format, load_model, resolve_model_path
-    from ldmkit.io.diffusers_format import save_diffusers
+    from ldmkit.io.diffusers_export import save_diffusers
     from ldmkit.io.format import save_model
 
     src = resolve_model_path(args.source)

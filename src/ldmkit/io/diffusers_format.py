@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ldmkit.io.format import atomic_write, read_json, save_tensors, write_json
+from ldmkit.io.files import atomic_write, read_json
 
 UNET_WEIGHTS = "diffusion_pytorch_model"
 TEXT_WEIGHTS = "model"
@@ -58,7 +57,7 @@ def _read_weights(folder: Path, stem: str, variant: str | None = None) -> dict[s
     from safetensors.torch import load_file as _load_file
 
     from ldmkit.errors import UserError, reading
-    from ldmkit.io.format import read_torch_weights
+    from ldmkit.io.files import read_torch_weights
 
     def load_file(path: str) -> dict:
         with reading(f"weights file {path}"):
@@ -192,23 +191,6 @@ def unet_config_from_diffusers(cfg: dict) -> dict:
     return out
 
 
-# UNetConfig fields diffusers lacks; the first two switch an extension on when truthy
-_UNET_EXTENSION_FIELDS = ("position_features", "context_adapter_layers", "context_adapter_width",
-                          "context_adapter_heads")
-
-
-def unet_config_to_diffusers(cfg: dict) -> dict:
-    on = [k for k in _UNET_EXTENSION_FIELDS[:2] if cfg.get(k)]
-    if on:
-        raise ValueError(f"this UNet uses ldmkit extensions {on} that diffusers' UNet2DConditionModel does not "
-                         "have; keep it in ldmkit's own model folder format")
-    ours = _unet_fields()
-    cfg = {k: v for k, v in cfg.items() if k not in _UNET_EXTENSION_FIELDS}
-    out = {"_class_name": "UNet2DConditionModel", **{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}}
-    out.update({k: v for k, v in _UNET_FIXED.items() if k not in ours and k != "addition_embed_type_num_heads"})
-    return out
-
-
 # ----------------------------------------------------------------------------- configs: autoencoder
 _VAE_FIXED = {"act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True,
               "latents_mean": None, "latents_std": None}
@@ -250,24 +232,6 @@ def autoencoder_config_from_diffusers(cfg: dict) -> dict:
         "shift_factor": float(cfg.get("shift_factor") or 0.0),
         "sample_size": size,
     }
-
-
-def autoencoder_config_to_diffusers(cfg: dict, force_upcast: bool = True) -> dict:
-    if cfg.get("kind", "kl") != "kl":
-        raise ValueError(f"only KL autoencoders have a diffusers AutoencoderKL counterpart (kind={cfg.get('kind')!r})")
-    n = len(cfg["ch_mult"])
-    out = {
-        "_class_name": "AutoencoderKL",
-        "in_channels": cfg["in_channels"], "out_channels": cfg["out_channels"],
-        "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
-        "block_out_channels": [cfg["channels"] * m for m in cfg["ch_mult"]],
-        "layers_per_block": cfg["num_res_blocks"], "latent_channels": cfg["latent_channels"],
-        "norm_num_groups": cfg["norm_groups"], "mid_block_add_attention": cfg["mid_attention"],
-        "sample_size": cfg["sample_size"], "scaling_factor": cfg["scaling_factor"],
-        "shift_factor": cfg["shift_factor"] or None, "force_upcast": force_upcast,
-    }
-    out.update({k: v for k, v in _VAE_FIXED.items()})
-    return out
 
 
 # ----------------------------------------------------------------------------- configs: scheduler
@@ -327,28 +291,6 @@ def schedule_from_diffusers(cfg: dict) -> tuple[dict, dict, list[str]]:
         else:
             notes.append(f"use_karras_sigmas is ignored for {cls} (ldmkit has Karras sigmas for DPM++ 2M only)")
     return schedule, {"sampler": sampler, "sampler_options": options}, notes
-
-
-def schedule_to_diffusers(schedule: dict, sampler: str = "ddim", options: dict | None = None) -> dict:
-    options = options or {}
-    cls = SCHEDULER_OF_SAMPLER.get(sampler, "DDIMScheduler")
-    pred = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[schedule.get("prediction_type", "eps")]
-    beta = {"cosine": "squaredcos_cap_v2"}.get(schedule["beta_schedule"], schedule["beta_schedule"])
-    out = {
-        "_class_name": cls, "num_train_timesteps": schedule["num_train_timesteps"],
-        "beta_start": schedule["beta_start"], "beta_end": schedule["beta_end"], "beta_schedule": beta,
-        "prediction_type": pred, "timestep_spacing": schedule["timestep_spacing"],
-        "steps_offset": schedule["steps_offset"], "rescale_betas_zero_snr": schedule["rescale_zero_terminal_snr"],
-        "trained_betas": None,
-    }
-    if cls in ("DDIMScheduler", "DDPMScheduler"):
-        clip = options.get("clip_x0")
-        out.update(clip_sample=clip is not None, clip_sample_range=float(clip if clip is not None else 1.0))
-    if cls == "DDIMScheduler":
-        out["set_alpha_to_one"] = bool(options.get("set_alpha_to_one", True))
-    if cls == "DPMSolverMultistepScheduler":
-        out.update(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=sampler == "dpmpp_2m_karras")
-    return out
 
 
 # ----------------------------------------------------------------------------- text encoder
@@ -454,7 +396,7 @@ def build_text_conditioner(parts: DiffusersParts, max_length: int | None = None,
 def _build_on_meta(factory, state: dict, what: str, dtype: torch.dtype) -> torch.nn.Module:
     """Build a network without initialising weights it is about to receive (an SD UNet's random init
     costs tens of seconds and a second copy in memory), then adopt the checked tensors in `dtype`."""
-    from ldmkit.io.format import check_state_dict
+    from ldmkit.io.files import check_state_dict
 
     with torch.device("meta"):
         module = factory()
@@ -469,7 +411,7 @@ def _build_on_meta(factory, state: dict, what: str, dtype: torch.dtype) -> torch
 
 
 def _load_checked(module: torch.nn.Module, state: dict, what: str) -> None:
-    from ldmkit.io.format import check_state_dict
+    from ldmkit.io.files import check_state_dict
 
     check_state_dict(module, state, what)  # names missing/unexpected keys and shape mismatches
     module.load_state_dict(state, strict=True)
@@ -486,7 +428,7 @@ def parts_to_model(parts: DiffusersParts, device=None, dtype: torch.dtype | None
     """
     from ldmkit.autoencoder.model import Autoencoder, AutoencoderConfig
     from ldmkit.denoisers.unet import UNet, UNetConfig
-    from ldmkit.io.format import config_from_dict
+    from ldmkit.io.files import config_from_dict
 
     from ldmkit.errors import UserError
 
@@ -567,64 +509,3 @@ def load_diffusers(path, device=None, dtype: torch.dtype | None = None, variant:
     if extra.get("latent_size"):
         index["latent_size"] = list(extra["latent_size"])
     return index, comps
-
-
-# ----------------------------------------------------------------------------- writing a diffusers folder
-def save_diffusers(folder, index: dict, components: dict) -> Path:
-    """Write an ldmkit Stable Diffusion model as a diffusers StableDiffusionPipeline folder.
-
-    Weights keep their names (UNet and VAE names are diffusers' names; the text encoder gets the
-    classic `text_model.` layout that every transformers version reads). model_index.json is written
-    last, so a folder with an index is complete; it carries our sampling defaults under "_ldmkit",
-    which diffusers ignores.
-    """
-    from ldmkit.autoencoder.model import Autoencoder
-    from ldmkit.conditioning.text import CLIPTextEncoder
-    from ldmkit.denoisers.unet import UNet
-    from ldmkit.io.format import config_to_dict
-
-    unet, ae, text = components.get("denoiser"), components.get("autoencoder"), components.get("conditioner")
-    if not isinstance(unet, UNet) or not isinstance(ae, Autoencoder) or not isinstance(text, CLIPTextEncoder):
-        kinds = {k: type(v).__name__ for k, v in components.items()}
-        raise ValueError(f"only Stable-Diffusion-shaped models (UNet denoiser, KL autoencoder, CLIP text "
-                         f"conditioner) can be written as a diffusers folder; this model has {kinds}")
-    if index.get("concat") not in (None, "inpaint"):
-        raise ValueError(f"models with concat={index.get('concat')!r} have no StableDiffusionPipeline layout")
-    schedule = index.get("schedule") or {}
-    if schedule.get("kind", "discrete") != "discrete":
-        raise ValueError("flow-matching schedules have no StableDiffusionPipeline scheduler")
-    root = Path(folder)
-    root.mkdir(parents=True, exist_ok=True)
-    defaults = dict(index.get("defaults") or {})
-
-    def weights(module, sub, stem, rename=lambda k: k):
-        state = {rename(k): v.detach().to("cpu") for k, v in module.state_dict().items()
-                 if not k.endswith("position_ids")}
-        save_tensors(root / sub / f"{stem}.safetensors", state, metadata={"format": "pt"})
-
-    write_json(root / "unet" / "config.json", unet_config_to_diffusers(config_to_dict(unet.config)))
-    weights(unet, "unet", UNET_WEIGHTS)
-    write_json(root / "vae" / "config.json",
-               autoencoder_config_to_diffusers(config_to_dict(ae.config), bool(defaults.get("upcast_vae", True))))
-    weights(ae, "vae", UNET_WEIGHTS)
-    hf = dict(text.config.hf_config)
-    hf.update(architectures=["CLIPTextModel"], model_type="clip_text_model")
-    write_json(root / "text_encoder" / "config.json", hf)
-    weights(text.model, "text_encoder", TEXT_WEIGHTS, rename=lambda k: "text_model." + k.removeprefix("text_model."))
-    tok_dir = root / "tokenizer"
-    if tok_dir.exists():
-        shutil.rmtree(tok_dir)
-    text.tokenizer.save_pretrained(str(tok_dir))
-    sched = schedule_to_diffusers(schedule, defaults.get("sampler", "ddim"), defaults.get("sampler_options"))
-    write_json(root / "scheduler" / "scheduler_config.json", sched)
-    write_json(root / "model_index.json", {
-        "_class_name": "StableDiffusionInpaintPipeline" if index.get("concat") == "inpaint" else "StableDiffusionPipeline",
-        "_diffusers_version": "0.30.0",
-        "_ldmkit": {"defaults": defaults, "latent_size": index.get("latent_size"),
-                    "conditioner": {"max_length": text.config.max_length, "clip_skip": text.config.clip_skip}},
-        "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
-        "scheduler": ["diffusers", sched["_class_name"]], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    })
-    return root

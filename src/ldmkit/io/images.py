@@ -86,7 +86,7 @@ def a1111_parameters(meta: dict) -> str:
 def save_png(img: Image.Image, path: str | os.PathLike, metadata: dict | None = None) -> Path:
     """Write a PNG whose text chunks hold `metadata`: one chunk per key, a JSON chunk
     `ldmkit` with everything, and an A1111-style `parameters` chunk. Written atomically."""
-    from ldmkit.io.format import atomic_write
+    from ldmkit.io.files import atomic_write
 
     info = PngImagePlugin.PngInfo()
     if metadata:

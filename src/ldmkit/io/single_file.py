@@ -106,7 +106,7 @@ def read_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
     import struct
 
     from ldmkit.errors import UserError, one_line
-    from ldmkit.io.format import pickle_refusal
+    from ldmkit.io.files import pickle_refusal
 
     try:
         with torch.serialization.safe_globals(_METADATA_GLOBALS), warnings.catch_warnings():
@@ -243,7 +243,14 @@ def unet_to_diffusers(state: dict, family: str, num_heads=None, num_head_channel
     if unused:
         raise ValueError(f"UNet tensors with no ldmkit counterpart: {unused[:8]}"
                          + (f" (+{len(unused) - 8} more)" if len(unused) > 8 else ""))
+    layout = dict(channels=channels, layers=layers, down_attn=down_attn, up_attn=up_attn, mid_attn=mid_attn)
+    return _unet_config(state, out, family, layout, num_heads, num_head_channels), out
 
+
+def _unet_config(state: dict, out: dict, family: str, layout: dict, num_heads, num_head_channels) -> dict:
+    """The diffusers config of a UNet whose tensors `unet_to_diffusers` renamed (`out`) and whose level
+    layout it read (`layout`: widths, layers, attention per level)."""
+    channels, down_attn = layout["channels"], layout["down_attn"]
     attn_key = next((k for k in out if k.endswith("attn2.to_k.weight")), None)
     proj_key = next((k for k in out if k.endswith("proj_in.weight")), None)
     depth = []
@@ -260,16 +267,16 @@ def unet_to_diffusers(state: dict, family: str, num_heads=None, num_head_channel
         heads = [c // num_head_channels for c in channels]
     else:
         heads = num_heads
-    config = {
+    return {
         "_class_name": "UNet2DConditionModel",
         "sample_size": 64,
         "in_channels": state["input_blocks.0.0.weight"].shape[1],
         "out_channels": state["out.2.weight"].shape[0],
         "block_out_channels": channels,
-        "layers_per_block": layers,
+        "layers_per_block": layout["layers"],
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in down_attn],
-        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up_attn],
-        "mid_block_type": "UNetMidBlock2DCrossAttn" if mid_attn else "UNetMidBlock2D",
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in layout["up_attn"]],
+        "mid_block_type": "UNetMidBlock2DCrossAttn" if layout["mid_attn"] else "UNetMidBlock2D",
         "cross_attention_dim": out[attn_key].shape[1] if attn_key else 768,
         "attention_head_dim": heads,
         "use_linear_projection": bool(proj_key is not None and out[proj_key].ndim == 2),
@@ -279,7 +286,6 @@ def unet_to_diffusers(state: dict, family: str, num_heads=None, num_head_channel
         "flip_sin_to_cos": True,
         "freq_shift": 0,
     }
-    return config, out
 
 
 # --------------------------------------------------------------------------- autoencoder

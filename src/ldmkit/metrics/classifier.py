@@ -274,7 +274,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def save_classifier(model: FeatureClassifier, folder, dataset: str, accuracy: float, **extra) -> Path:
     """Write the component folder (each file atomically; config.json last, so a folder with one is whole)."""
-    from ldmkit.io.format import config_to_dict, save_tensors, write_json
+    from ldmkit.io.files import config_to_dict, save_tensors, write_json
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -306,7 +306,7 @@ def load_classifier(folder, device="cpu") -> tuple[FeatureClassifier, dict]:
         raise FileNotFoundError(f"{folder} is not a feature classifier folder (needs config.json and "
                                 f"model.safetensors; create one with `ldm train-classifier`)")
     from ldmkit.errors import UserError, reading
-    from ldmkit.io.format import check_state_dict, config_from_dict, json_kind, read_json
+    from ldmkit.io.files import check_state_dict, config_from_dict, json_kind, read_json
 
     cfg_json = read_json(cfg_path)
     if cfg_json.get("type") != COMPONENT_TYPE:

@@ -12,7 +12,7 @@ import json
 import sys
 
 
-def register(sub) -> None:
+def register(sub, argv: list[str] | None = None) -> None:
     """Add this package's subcommands to the `ldm` parser."""
     p = sub.add_parser("eval", help="FID/KID/precision-recall, class accuracy and prompt adherence of samples",
                        description="Score generated images (a folder, or a model sampled here) against reference "
@@ -21,7 +21,7 @@ def register(sub) -> None:
     src.add_argument("--generated", metavar="DIR", help="folder of generated images (class/prompt from PNG "
                      "metadata written by `ldm sample`, or class sub-folders)")
     src.add_argument("--model", metavar="MODEL", help="model folder to sample from (balanced classes for class-"
-                     "conditional models, shapes prompts for text models)")
+                     "conditional models; text models: --prompts-file, or the shapes prompts)")
     p.add_argument("--dataset", choices=["fashion-mnist", "shapes"], default=None,
                    help="data set of the model (sets the reference set and the prompts/classes)")
     p.add_argument("--reference", metavar="DATASET|DIR", default=None,
@@ -35,6 +35,9 @@ def register(sub) -> None:
     p.add_argument("--classifier", metavar="DIR", default=None,
                    help="classifier for class accuracy when --features is Inception")
     p.add_argument("--num", type=int, default=1000, help="images to sample with --model (default 1000)")
+    p.add_argument("--prompts-file", metavar="FILE", default=None,
+                   help="prompts of a text model sampled with --model, one per line (default for --dataset shapes: "
+                        "the shapes prompts of --prompt-split)")
     p.add_argument("--prompt-split", choices=["train", "heldout"], default="train",
                    help="shapes prompts to sample with --model (default train)")
     p.add_argument("--sampler", default=None)
@@ -110,9 +113,22 @@ def _eval(args) -> int:
     if args.generated:
         fake = ev.images_from_folder(args.generated)
     else:
+        prompts = None
+        if args.prompts_file:
+            from pathlib import Path
+
+            from ldmkit.errors import check_text
+
+            try:
+                text = Path(args.prompts_file).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ValueError(f"--prompts-file {args.prompts_file}: {exc.strerror or exc}") from None
+            prompts = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            for p in prompts:
+                check_text("prompt", p)
         fake = ev.sample_model(args.model, args.num, dataset=args.dataset, seed=args.seed, sampler=args.sampler,
                                steps=args.steps, guidance=args.guidance, batch_size=args.batch_size,
-                               device=device, split=args.prompt_split)
+                               device=device, split=args.prompt_split, prompts=prompts)
         if args.save_samples:
             _save_samples(fake, args.save_samples)
     size = fake.images.shape[-1]
@@ -120,11 +136,14 @@ def _eval(args) -> int:
                                image_size=size if reference == "shapes" else 32)
     report = ev.evaluate(fake.images, real.images, network, labels=fake.labels, prompts=fake.prompts,
                          classifier=classifier, kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
-                         k=args.k, seed=args.seed)
+                         k=args.k, seed=args.seed, class_names=fake.extra.get("class_names"))
     report = {"generated": {"source": fake.source, **fake.extra}, "reference": real.source, **report}
+    warning = (report.get("class_accuracy") or {}).get("warning")
+    if warning:
+        print(f"ldm eval: warning: {warning}", file=sys.stderr)
     text = json.dumps(report, indent=2)
     if args.out:
-        from ldmkit.io.format import write_json
+        from ldmkit.io.files import write_json
 
         write_json(args.out, report)
         print(f"wrote {args.out}", file=sys.stderr)

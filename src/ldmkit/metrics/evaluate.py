@@ -9,7 +9,7 @@
 The report is a plain dict (JSON-ready): FID, KID (mean/std over subsets),
 precision/recall (k-NN manifolds), class accuracy of conditional samples under
 the feature classifier, prompt adherence for the shapes set (through
-``ldmkit.data.shapes_analysis``), and always the description of the feature
+``ldmkit.metrics.shapes_analysis``), and always the description of the feature
 network (name, weights sha256, data set and accuracy) that produced them.
 
 Generated images come from a tensor, a folder of images (labels / prompts read
@@ -101,27 +101,36 @@ def reference_images(name_or_folder: str, split: str = "test", limit: int | None
 
 def sample_model(model, num: int, dataset: str | None = None, seed: int = 0, sampler: str | None = None,
                  steps: int | None = None, guidance: float | None = None, batch_size: int = 32,
-                 device=None, split: str = "train") -> ImageSet:
-    """Sample ``num`` images from a model folder: classes cycle 0..C-1, shapes prompts cycle over ``split``."""
+                 device=None, split: str = "train", prompts: list[str] | None = None) -> ImageSet:
+    """Sample ``num`` images from a model folder: classes cycle 0..C-1; a text model's prompts cycle over
+    ``prompts`` (default for the shapes set: its ``split`` prompts)."""
     from ldmkit import pipelines
     from ldmkit.io.images import pil_to_tensor
 
     pipe = pipelines.load(model, device=device, dtype=torch.float32)
-    labels = prompts = None
+    labels = None
     kw: dict = {}
+    extra: dict = {}
     if pipe.conditioning == "class":
         n_classes = _num_classes(pipe, dataset)
         labels = [i % n_classes for i in range(num)]
         kw["class_label"] = labels
+        extra["class_names"] = list(getattr(pipe.conditioner.config, "class_names", ()) or ()) or None
     elif pipe.conditioning == "text":
-        if dataset != "shapes":
-            raise ValueError(f"a text-conditional model is evaluated on the shapes prompts: pass --dataset shapes, "
-                             f"got {dataset!r}")
-        from ldmkit.data import shapes
+        pool = prompts
+        if pool is None:
+            if dataset != "shapes":
+                raise ValueError("a text-conditional model needs prompts to sample: pass --prompts-file FILE (one "
+                                 "prompt per line), or --dataset shapes for the shapes prompts")
+            from ldmkit.data import shapes
 
-        pool = shapes.train_prompts() if split == "train" else shapes.heldout_prompts()
+            pool = shapes.train_prompts() if split == "train" else shapes.heldout_prompts()
+        if not pool:
+            raise ValueError("no prompts to sample with (the prompts file is empty)")
         prompts = [pool[i % len(pool)] for i in range(num)]
         kw["prompt"] = prompts
+    else:
+        prompts = None
     results = pipe.text2img(num=num, seed=seed, sampler=sampler, steps=steps, guidance=guidance,
                             batch_size=batch_size, **kw)
     x = torch.stack([pil_to_tensor(r.image.convert("RGB")) for r in results])
@@ -129,7 +138,7 @@ def sample_model(model, num: int, dataset: str | None = None, seed: int = 0, sam
         x = x[:, :1]
     meta = results[0].metadata if results else {}
     return ImageSet(x, labels, prompts, source=str(model),
-                    extra={k: meta.get(k) for k in ("sampler", "steps", "guidance", "model_hash")})
+                    extra={**{k: meta.get(k) for k in ("sampler", "steps", "guidance", "model_hash")}, **extra})
 
 
 def _num_classes(pipe, dataset) -> int:
@@ -144,8 +153,11 @@ def _num_classes(pipe, dataset) -> int:
 # ----------------------------------------------------------------------------- the report
 
 
-def class_accuracy(classifier, images: torch.Tensor, labels: list, batch_size: int = 256) -> dict:
-    """Share of images the classifier assigns to their conditioning class (labels: ints or class names)."""
+def class_accuracy(classifier, images: torch.Tensor, labels: list, batch_size: int = 256,
+                   class_names: list[str] | None = None) -> dict:
+    """Share of images the classifier assigns to their conditioning class (labels: ints or class names).
+    `class_names`: the generating model's classes; when they are not the classifier's, labels are
+    compared by index and the result carries a warning saying so."""
     names = [str(n) for n in (classifier.meta.get("class_names") or [])]
     lower = [n.lower() for n in names]
     ids = []
@@ -155,6 +167,15 @@ def class_accuracy(classifier, images: torch.Tensor, labels: list, batch_size: i
                 raise ValueError(f"class {v!r} is not one of the classifier's classes {names}")
             v = lower.index(v.lower())
         ids.append(int(v))
+    if names and max(ids) >= len(names):
+        raise ValueError(f"the samples have class {max(ids)}, the classifier knows {len(names)} classes ({names}); "
+                         "score them with a classifier trained on the model's classes")
+    warning = None
+    if class_names and names and [c.lower() for c in class_names] != lower:
+        warning = (f"the model's classes {list(class_names)} are not the classifier's {names}: labels are compared "
+                   "by index, so this accuracy may mean nothing")
+    elif not class_names and names:
+        warning = (f"the model names no classes; its labels are read as the classifier's {names} by index")
     device = next(classifier.parameters()).device
     preds = torch.cat([classifier.logits(b.to(device)).argmax(1).cpu() for b in images.split(batch_size)])
     target = torch.tensor(ids)
@@ -162,12 +183,13 @@ def class_accuracy(classifier, images: torch.Tensor, labels: list, batch_size: i
     for c in sorted(set(ids)):
         m = target == c
         per_class[names[c] if c < len(names) else str(c)] = float((preds[m] == c).double().mean())
-    return {"accuracy": float((preds == target).double().mean()), "n": len(ids), "per_class": per_class}
+    out = {"accuracy": float((preds == target).double().mean()), "n": len(ids), "per_class": per_class}
+    return {**out, "warning": warning} if warning else out
 
 
 def evaluate(fake: torch.Tensor, real: torch.Tensor, network, labels: list | None = None,
              prompts: list | None = None, classifier=None, kid_subsets: int = 100, kid_subset_size: int = 1000,
-             k: int = 3, batch_size: int = 256, seed: int = 0) -> dict:
+             k: int = 3, batch_size: int = 256, seed: int = 0, class_names: list[str] | None = None) -> dict:
     """FID / KID / precision-recall (+ class accuracy, + shapes adherence) as a JSON-ready dict."""
     from ldmkit.metrics.features import ClassifierFeatures, extract_features
     from ldmkit.metrics.fid import fid_from_features, kid_from_features, precision_recall
@@ -200,7 +222,7 @@ def evaluate(fake: torch.Tensor, real: torch.Tensor, network, labels: list | Non
         if classifier is None:
             report["class_accuracy"] = {"skipped": "no classifier: pass a classifier folder as --classifier"}
         else:
-            report["class_accuracy"] = class_accuracy(classifier, fake, labels, batch_size)
+            report["class_accuracy"] = class_accuracy(classifier, fake, labels, batch_size, class_names)
             report["class_accuracy"]["classifier"] = classifier.describe()
     if prompts is not None and all(p is not None for p in prompts):
         report["adherence"] = adherence(fake, prompts)
@@ -208,11 +230,17 @@ def evaluate(fake: torch.Tensor, real: torch.Tensor, network, labels: list | Non
 
 
 def adherence(images: torch.Tensor, prompts: list) -> dict:
-    """Shapes-set prompt adherence rates from ``ldmkit.data.shapes_analysis`` (per-sample details dropped)."""
+    """Shapes-set prompt adherence rates from ``ldmkit.metrics.shapes_analysis`` (per-sample details dropped);
+    skipped, saying why, when the prompts are not in the shapes set's grammar."""
+    from ldmkit.data.shapes import parse_caption
+    from ldmkit.metrics.shapes_analysis import adherence_report
+
     try:
-        from ldmkit.data.shapes_analysis import adherence_report
-    except ImportError as exc:  # the analyser ships with the shapes set; without it there is nothing to score
-        return {"skipped": f"shapes analyser unavailable ({exc})"}
+        for p in set(prompts):
+            parse_caption(p)
+    except ValueError:
+        return {"skipped": "the prompts are not in the shapes set's grammar; adherence is scored for shapes "
+                           "prompts only"}
     if images.shape[1] != 3:
         raise ValueError(f"adherence needs RGB shapes images, got {images.shape[1]} channel(s)")
     rep = adherence_report(list(images), list(prompts))

@@ -242,7 +242,7 @@ class InceptionFeatures(nn.Module):
                 f"Inception FID weights not found (looked in {looked}). ldmkit cannot download them; copy "
                 f"{INCEPTION_FILENAME} (pytorch-fid's release file) there, pass its path as "
                 "'inception:/path/to/file', or use an offline classifier from `ldm train-classifier`")
-        from ldmkit.io.format import check_state_dict, read_torch_weights
+        from ldmkit.io.files import check_state_dict, read_torch_weights
 
         state = read_torch_weights(path, "Inception weights file")
         check_state_dict(self.net, state, str(path), strict=False)  # shapes, before load_state_dict

@@ -80,3 +80,7 @@ class PositionInjection(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = position_features(x.shape[-2], x.shape[-1], x.device, x.dtype, self.freqs)
         return x + self.proj(feats[None])
+
+    def hook(self, module: nn.Module, args: tuple) -> tuple:
+        """As a forward pre-hook: the hooked module's first input gets the position features added."""
+        return (self(args[0]), *args[1:])

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldmkit.nn.attention import Attention
-from ldmkit.nn.embeddings import PositionInjection
 
 FF_ACTIVATIONS = ("geglu", "gelu", "gelu-approximate")
 
@@ -178,12 +177,9 @@ class Transformer2D(nn.Module):
     def __init__(self, in_channels: int, heads: int, dim_head: int, depth: int = 1,
                  cross_attention_dim: int | None = None, groups: int = 32, dropout: float = 0.0,
                  use_linear_projection: bool = False, upcast_attention: bool = False,
-                 attention_bias: bool = False, only_cross_attention: bool = False,
-                 position_features: bool = False):
+                 attention_bias: bool = False, only_cross_attention: bool = False):
         super().__init__()
         inner = heads * dim_head
-        # ldmkit extension: pixel coordinates added to the input, so attention queries know where they are
-        self.position = PositionInjection(in_channels) if position_features else None
         self.use_linear_projection = use_linear_projection
         self.norm = nn.GroupNorm(groups, in_channels, eps=1e-6)
         if use_linear_projection:
@@ -202,8 +198,6 @@ class Transformer2D(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, _, h, w = x.shape
-        if self.position is not None:
-            x = self.position(x)
         residual = x
         x = self.norm(x)
         if self.use_linear_projection:

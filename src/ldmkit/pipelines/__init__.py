@@ -6,10 +6,11 @@
     images[0].image.save("out.png")                   # .metadata holds the settings
     pipe.semantic2img("map.png", "a red circle")      # class-map models (model_index.json concat "semantic")
 
-`base` holds the shared wiring (loading, settings, seeded noise, CFG with batch
-chunking, decode); one module per task says what the latents start from and what the
-denoiser sees concatenated to them. See docs/generation.md.
+`base` holds the shared wiring (settings, seeded noise, CFG with batch chunking, decode);
+one module per task says what the latents start from and what the denoiser sees
+concatenated to them; `pipeline` puts them together with `load`. See docs/generation.md.
 """
-from ldmkit.pipelines.base import Pipeline, Result, Settings, load
+from ldmkit.pipelines.base import Result, Settings
+from ldmkit.pipelines.pipeline import Pipeline, load
 
 __all__ = ["Pipeline", "Result", "Settings", "load"]

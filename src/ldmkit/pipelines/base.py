@@ -1,6 +1,6 @@
-"""The shared wiring of every generation task: load a model, check settings, sample, decode.
+"""The shared wiring of every generation task: check settings, encode conditions, sample, decode.
 
-A `Pipeline` holds the four pieces of a latent diffusion model
+A pipeline holds the four pieces of a latent diffusion model
 
     autoencoder (stage 1)   conditioner (text / class / none)   denoiser (UNet / DiT)   schedule
 
@@ -8,7 +8,7 @@ and owns no math: noise comes from seeded generators, the sampler and the
 classifier-free-guidance wrapper come from `ldmkit.diffusion`, the forward
 process (`noise_to`) puts known latents at a noise level. The task modules
 (text2img, img2img, inpaint, upscale, semantic) only say what the latents start from and
-what is concatenated to the denoiser's input; `Pipeline.generate` does the rest:
+what is concatenated to the denoiser's input; `PipelineCore.generate` does the rest:
 
     for each batch of images:
         cond, uncond  = conditioner.encode(prompts), conditioner.encode(negatives) | null
@@ -35,9 +35,9 @@ import torch.nn.functional as F
 
 from ldmkit.conditioning.base import trim_padding
 from ldmkit.diffusion import (Denoiser, cfg, get_sampler, img2img_start, noise_to, plan, prediction_name,
-                              prediction_of, sampler_names, split_options)
+                              sampler_names, split_options)
 from ldmkit.pipelines import vae_decode
-from ldmkit.util import file_sha256, parse_dtype, progress, weights_sha256
+from ldmkit.util import progress, weights_sha256
 
 CONDITIONINGS = ("text", "class", "none")
 CONCAT_KINDS = (None, "inpaint", "upscale", "semantic")
@@ -112,11 +112,9 @@ def latent_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
     return F.max_pool2d(mask, kernel_size=factor, stride=factor)
 
 
-class Pipeline:
-    """A loaded latent diffusion model with one method per task it supports.
-
-    Build it with `ldmkit.pipelines.load(path)` or directly from modules (tests do).
-    """
+class PipelineCore:
+    """The wiring every task shares (settings, conditions, seeded noise, sampling, decoding); the
+    `Pipeline` users hold (`pipeline.py`) adds one method per task."""
 
     def __init__(self, autoencoder: torch.nn.Module, denoiser: torch.nn.Module, schedule,
                  conditioner: torch.nn.Module | None = None, *, prediction: str | None = None,
@@ -209,37 +207,11 @@ class Pipeline:
             return ["semantic2img"]
         return ["text2img", "img2img", "inpaint"]
 
-    def to(self, device=None, dtype=None) -> "Pipeline":
+    def to(self, device=None, dtype=None) -> "PipelineCore":
         for m in (self.autoencoder, self.denoiser, self.conditioner):
             if m is not None:
                 m.to(device=device, dtype=dtype)
         return self
-
-    # ------------------------------------------------------------------ tasks (see the task modules)
-    def text2img(self, prompt=None, **kw) -> list[Result]:
-        from ldmkit.pipelines.text2img import text2img
-
-        return text2img(self, prompt, **kw)
-
-    def img2img(self, image, prompt=None, **kw) -> list[Result]:
-        from ldmkit.pipelines.img2img import img2img
-
-        return img2img(self, image, prompt, **kw)
-
-    def inpaint(self, image, mask, prompt=None, **kw) -> list[Result]:
-        from ldmkit.pipelines.inpaint import inpaint
-
-        return inpaint(self, image, mask, prompt, **kw)
-
-    def upscale(self, image, prompt=None, **kw) -> list[Result]:
-        from ldmkit.pipelines.upscale import upscale
-
-        return upscale(self, image, prompt, **kw)
-
-    def semantic2img(self, seg_map, prompt=None, **kw) -> list[Result]:
-        from ldmkit.pipelines.semantic import semantic2img
-
-        return semantic2img(self, seg_map, prompt, **kw)
 
     def require_task(self, task: str) -> None:
         if task not in self.tasks:
@@ -500,44 +472,3 @@ def image_count(prompt, num: int | None) -> int:
     if n < 1:
         raise ValueError(f"num={n} must be >= 1")
     return n
-
-
-def load(path, device=None, dtype=None, **options) -> Pipeline:
-    """Load a model folder (ours, diffusers' or an original single file) as a ready `Pipeline`.
-
-    device: None = CUDA when available, else CPU. dtype: None = float16 on CUDA, float32 on CPU.
-    options go to the foreign-format importers (e.g. variant="fp16", upcast_vae, clip_skip).
-    """
-    from ldmkit.diffusion.schedules import schedule_from_dict
-    from ldmkit.io import load_model, resolve_model_path
-
-    try:
-        device = torch.device(device) if device is not None else None
-    except RuntimeError:
-        raise ValueError(f"unknown device {device!r}; expected cpu, cuda, cuda:N or mps") from None
-    device = device if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} is not available (torch sees no CUDA GPU); use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {str(device)!r} is not available; use --device cpu")
-    if isinstance(dtype, str):
-        dtype = parse_dtype(dtype)
-    if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-    p = resolve_model_path(path)
-    index, comps = load_model(p, device=device, dtype=dtype, **options)
-    for name in ("autoencoder", "denoiser"):
-        if comps.get(name) is None:
-            raise FileNotFoundError(f"model {p} has no {name} component (expected {p / name}/)")
-    sched = index.get("schedule")
-    if not sched:
-        raise ValueError(f"{p}: model_index.json has no 'schedule'")
-    schedule = schedule_from_dict(sched)
-    prediction = index.get("objective") or prediction_of(sched)
-    weights = denoiser_weights_file(p)
-    model_hash = file_sha256(weights)[:10] if weights is not None else None
-    conditioning = index.get("conditioning") or ("none" if comps.get("conditioner") is None else "text")
-    return Pipeline(comps["autoencoder"], comps["denoiser"], schedule, comps.get("conditioner"),
-                    prediction=prediction, conditioning=conditioning, concat=index.get("concat"), defaults=index.get("defaults"),
-                    latent_size=index.get("latent_size"), model_hash=model_hash, model_name=p.name,
-                    spatial=comps.get("spatial"))

@@ -30,12 +30,15 @@ def _common(p, sizes: bool = True) -> None:
                    "flow_euler, flow_heun (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--guidance-rescale", type=float, default=None, help="CFG rescale in [0, 1] (Lin et al. 2023)")
-    p.add_argument("--seed", type=int, default=0, help="image k of the run uses seed + k")
+    p.add_argument("--seed", type=int, default=-1, help="image k of the run uses seed + k; -1 draws a random seed "
+                   "(printed and stored in the PNGs)")
     p.add_argument("--num", type=int, default=1, help="images per prompt")
     if sizes:
         p.add_argument("--height", type=int, default=None, help="image height in pixels")
         p.add_argument("--width", type=int, default=None, help="image width in pixels")
-    p.add_argument("--out", default="outputs", help="output folder, or a .png file name")
+    p.add_argument("--out", default="outputs", help="output folder (new files are numbered after the ones there), "
+                   "or a .png file name")
+    p.add_argument("--overwrite", action="store_true", help="allow replacing an existing --out .png file")
     p.add_argument("--grid", action="store_true", help="also write all images as one grid")
     p.add_argument("--json", action="store_true", help="print the records (settings + file) as JSON")
     p.add_argument("--batch-size", type=int, default=None, help="images per sampler run")
@@ -54,7 +57,7 @@ def _common(p, sizes: bool = True) -> None:
     single.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder to use with the checkpoint")
 
 
-def register(sub) -> None:
+def register(sub, argv: list[str] | None = None) -> None:
     """Add this package's subcommands to the `ldm` parser."""
     p = sub.add_parser("sample", help="text-to-image (or class / unconditional) generation")
     _common(p)
@@ -233,22 +236,39 @@ def _check_memory(args, task: str, pipe, n: int) -> None:
                          f"{pipe.device}; lower --width/--height or --batch-size")
 
 
-def _out_paths(out: str, n: int, metas: list[dict]) -> tuple[list[Path], Path]:
+def _out_paths(out: str, n: int, seeds: list[int], overwrite: bool) -> tuple[list[Path], Path]:
+    """Where the images go. A folder: NNNNN-SEED.png numbered after the files already there (as
+    AUTOMATIC1111 does), grid-NNNNN.png -- nothing is ever replaced. A .png name: that file (NAME-KKKK.png
+    for several images), refused when it exists unless `overwrite`."""
+    import re
+
     o = Path(out)
     if o.suffix.lower() == ".png":
-        if n == 1:
-            return [o], o.with_name(o.stem + "-grid.png")
-        return [o.with_name(f"{o.stem}-{k:04d}.png") for k in range(n)], o.with_name(o.stem + "-grid.png")
-    return [o / f"{k:05d}-{m['seed']}.png" for k, m in enumerate(metas)], o / "grid.png"
+        paths = [o] if n == 1 else [o.with_name(f"{o.stem}-{k:04d}.png") for k in range(n)]
+        grid = o.with_name(o.stem + "-grid.png")
+        taken = [str(p) for p in paths + [grid] if p.exists()]
+        if taken and not overwrite:
+            raise ValueError(f"--out {out}: {taken[0]} exists; pass --overwrite to replace it, or give a folder "
+                             "(new files are numbered there)")
+        return paths, grid
+    numbers = [int(m.group(1)) for f in (o.iterdir() if o.is_dir() else ())
+               if (m := re.match(r"(?:grid-)?(\d{5,})-?", f.name))]
+    first = max(numbers, default=-1) + 1
+    return [o / f"{first + k:05d}-{seed}.png" for k, seed in enumerate(seeds)], o / f"grid-{first + n:05d}.png"
 
 
 def run(args) -> int:
     task = TASKS[args.command]
+    if args.seed == -1:  # a random seed, recorded in every image's settings
+        import secrets
+
+        args.seed = secrets.randbelow(2**32)
     _check_args(args)
     prompts = _prompts(args)
+    _out_paths(args.out, args.num * (len(prompts) if prompts else 1), [args.seed], args.overwrite)  # fail early
 
     from ldmkit.io.images import make_grid, save_png
-    from ldmkit.pipelines.base import load
+    from ldmkit.pipelines import load
 
     importer_options = {k: v for k, v in (("prediction_type", args.prediction_type),
                                            ("original_config", args.original_config),
@@ -287,7 +307,7 @@ def run(args) -> int:
                                  and not issubclass(w.category, (DeprecationWarning, FutureWarning))):
         print(f"ldm {args.command}: warning: {message}", file=sys.stderr)
 
-    paths, grid_path = _out_paths(args.out, len(results), [r.metadata for r in results])
+    paths, grid_path = _out_paths(args.out, len(results), [r.metadata["seed"] for r in results], args.overwrite)
     records = []
     for r, path in zip(results, paths):
         save_png(r.image, path, r.metadata)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ldmkit.pipelines.base import Pipeline, Result, image_count
+from ldmkit.pipelines.base import PipelineCore, Result, image_count
 
 
 def check_strength(strength) -> float:
@@ -21,7 +21,7 @@ def check_strength(strength) -> float:
     return s
 
 
-def image_tensor(pipe: Pipeline, image, height: int | None, width: int | None, what: str = "image"):
+def image_tensor(pipe: PipelineCore, image, height: int | None, width: int | None, what: str = "image"):
     """PIL image / path / tensor [3,H,W] or [1,3,H,W] in [-1,1] -> ([1,3,h,w], h, w) at a valid size."""
     from PIL import Image
 
@@ -49,7 +49,7 @@ def image_tensor(pipe: Pipeline, image, height: int | None, width: int | None, w
     return x, h, w
 
 
-def img2img(pipe: Pipeline, image, prompt=None, *, strength: float = 0.75, negative_prompt=None,
+def img2img(pipe: PipelineCore, image, prompt=None, *, strength: float = 0.75, negative_prompt=None,
             class_label=None, num: int | None = None, seed: int = 0, height: int | None = None,
             width: int | None = None, **settings) -> list[Result]:
     pipe.require_task("img2img")

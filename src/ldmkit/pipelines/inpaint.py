@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ldmkit.pipelines.base import Pipeline, Result, image_count, latent_mask
+from ldmkit.pipelines.base import PipelineCore, Result, image_count, latent_mask
 from ldmkit.pipelines.img2img import check_strength, image_tensor
 
 
@@ -59,7 +59,7 @@ def _input_size(image) -> tuple[int, int]:
     return (image if isinstance(image, Image.Image) else load_image(image)).size
 
 
-def inpaint(pipe: Pipeline, image, mask, prompt=None, *, strength: float = 1.0, blend: bool | None = None,
+def inpaint(pipe: PipelineCore, image, mask, prompt=None, *, strength: float = 1.0, blend: bool | None = None,
             negative_prompt=None, class_label=None, num: int | None = None, seed: int = 0,
             height: int | None = None, width: int | None = None, **settings) -> list[Result]:
     pipe.require_task("inpaint")

@@ -23,19 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldmkit.pipelines.base import Pipeline, Result, image_count
-
-
-def _pil_ids(img, where: str) -> np.ndarray:
-    """The class ids a PIL image holds: its grey values, or its palette indices."""
-    if img.mode in ("L", "P", "I", "I;16", "1"):
-        return np.asarray(img).astype(np.int64)
-    if img.mode in ("RGB", "RGBA"):
-        arr = np.asarray(img)[..., :3]
-        if (arr == arr[..., :1]).all():  # a grey map saved as RGB
-            return arr[..., 0].astype(np.int64)
-    raise ValueError(f"{where} is a {img.mode} colour image; a class map holds one class id per pixel "
-                     "(save it as a grey 'L' or palette 'P' PNG whose pixel values are the class ids)")
+from ldmkit.data.images import class_ids
+from ldmkit.pipelines.base import PipelineCore, Result, image_count
 
 
 def _one_map(m, where: str) -> tuple[torch.Tensor, str | None]:
@@ -46,9 +35,9 @@ def _one_map(m, where: str) -> tuple[torch.Tensor, str | None]:
 
     source = None
     if isinstance(m, (str, Path)):
-        m, source = _pil_ids(load_image(m, mode=None, what="class map"), f"class map {m}"), str(m)
+        m, source = class_ids(load_image(m, mode=None, what="class map"), f"class map {m}"), str(m)
     elif isinstance(m, Image.Image):
-        m = _pil_ids(m, where)
+        m = class_ids(m, where)
     if isinstance(m, np.ndarray):
         if m.dtype.kind not in "iu":
             raise ValueError(f"{where} has dtype {m.dtype}; a class map holds integer class ids")
@@ -82,7 +71,7 @@ def class_maps(seg_map) -> tuple[torch.Tensor, list[str | None]]:
     return torch.cat(maps), sources
 
 
-def check_maps(pipe: Pipeline, seg: torch.Tensor) -> None:
+def check_maps(pipe: PipelineCore, seg: torch.Tensor) -> None:
     """Map size a multiple of the model's size multiple, class ids within the model's classes."""
     h, w = seg.shape[-2:]
     m = pipe.size_multiple
@@ -98,7 +87,7 @@ def check_maps(pipe: Pipeline, seg: torch.Tensor) -> None:
                          f"(ids 0-{pipe.num_classes - 1})")
 
 
-def semantic2img(pipe: Pipeline, seg_map, prompt=None, *, negative_prompt=None, class_label=None,
+def semantic2img(pipe: PipelineCore, seg_map, prompt=None, *, negative_prompt=None, class_label=None,
                  num: int | None = None, seed: int = 0, **settings) -> list[Result]:
     from ldmkit.conditioning.spatial import one_hot_map
 

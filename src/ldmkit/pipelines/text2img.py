@@ -11,10 +11,10 @@ ldmkit.denoisers.dit.pos_embed_2d); quality away from the training size is the m
 """
 from __future__ import annotations
 
-from ldmkit.pipelines.base import Pipeline, Result, image_count
+from ldmkit.pipelines.base import PipelineCore, Result, image_count
 
 
-def text2img(pipe: Pipeline, prompt=None, *, negative_prompt=None, class_label=None, num: int | None = None,
+def text2img(pipe: PipelineCore, prompt=None, *, negative_prompt=None, class_label=None, num: int | None = None,
              seed: int = 0, **settings) -> list[Result]:
     pipe.require_task("text2img")
     n = image_count(prompt, num)

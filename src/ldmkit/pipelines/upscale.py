@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ldmkit.pipelines.base import Pipeline, Result
+from ldmkit.pipelines.base import PipelineCore, Result
 
 
 def _low_res(image) -> torch.Tensor:
@@ -30,7 +30,7 @@ def _low_res(image) -> torch.Tensor:
     return x
 
 
-def upscale(pipe: Pipeline, image, prompt=None, *, negative_prompt=None, class_label=None, num: int = 1,
+def upscale(pipe: PipelineCore, image, prompt=None, *, negative_prompt=None, class_label=None, num: int = 1,
             seed: int = 0, noise_level: int | None = None, **settings) -> list[Result]:
     pipe.require_task("upscale")
     for k in ("height", "width"):

@@ -1,52 +1,44 @@
-"""Pieces both training loops share: EMA weights, atomic training-state files with
-exact RNG restore, a loss log with its curve, seeding and progress bars."""
+"""Pieces of the training loop that are not the loop: the EMA of the trained weights, training-state
+files with exact RNG restore, and the loss log with its curve."""
 from __future__ import annotations
 
-import copy
+import contextlib
 import csv
 import math
 import os
 import random
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ldmkit.io.format import atomic_write
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP / FSDP / torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
+from ldmkit.errors import UserError
+from ldmkit.io.files import atomic_write
+from ldmkit.util import unwrap
 
 
 class EMA:
-    """Exponential moving average of a model's floating-point weights.
+    """Exponential moving average of a module's trainable parameters.
 
-    With warmup the decay ramps up as min(decay, (1 + n) / (10 + n)) over the first
-    updates, so early averages are not dominated by the random initialisation.
+    The shadow copies live beside the parameters they average (whatever the parameters hold: whole
+    tensors, or this rank's shards under FSDP), so frozen parts (a pretrained text encoder, a
+    base model under LoRA) cost nothing and an FSDP run averages its shards without communication.
+    `swapped()` puts the averages into the module for a block (sample grids, export, checkpoints)
+    and restores the training weights afterwards. With `warmup` the decay ramps as
+    min(decay, (1 + n) / (10 + n)), so early averages are not dominated by the initialisation.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True):
+    def __init__(self, module: nn.Module, decay: float = 0.9999, warmup: bool = True):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay={decay}; must be in [0, 1)")
-        self.decay = decay
-        self.warmup = warmup
-        self.num_updates = 0
-        source = unwrap(model)
-        # frozen parts (e.g. a pretrained text encoder) never change: not averaged every step
-        self.frozen = {name for name, p in source.named_parameters() if not p.requires_grad}
-        self.module = copy.deepcopy(source).eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
+        self.decay, self.warmup, self.num_updates = decay, warmup, 0
+        named = [(n, p) for n, p in unwrap(module).named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        with torch.no_grad():
+            self.shadow = [p.detach().clone() for p in self.params]
 
     def current_decay(self) -> float:
         if not self.warmup:
@@ -54,35 +46,34 @@ class EMA:
         return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        d = self.current_decay()
-        src = unwrap(model).state_dict()
-        shadows, values = [], []
-        for name, shadow in self.module.state_dict().items():
-            if name in self.frozen:
-                continue
-            value = src[name].detach()
-            if shadow.dtype.is_floating_point:
-                shadows.append(shadow)
-                values.append(value.to(shadow.dtype))
-            else:
-                shadow.copy_(value)
-        if shadows:  # one multi-tensor kernel instead of a lerp per tensor
-            torch._foreach_lerp_(shadows, values, 1.0 - d)
+    def update(self) -> None:
+        if self.shadow:  # one multi-tensor kernel instead of a lerp per tensor
+            torch._foreach_lerp_(self.shadow, [p.detach().to(s.dtype) for s, p in zip(self.shadow, self.params)],
+                                 1.0 - self.current_decay())
         self.num_updates += 1
 
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates,
-                "weights": self.module.state_dict()}
+    @contextlib.contextmanager
+    def swapped(self):
+        """The module holds the averaged weights inside the block."""
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in self.params]
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.params, saved):
+                    p.copy_(s)
 
-    def load_state_dict(self, state: dict) -> None:
-        self.decay = state["decay"]
-        self.warmup = state["warmup"]
-        self.num_updates = int(state["num_updates"])
-        self.module.load_state_dict(state["weights"])
+    @torch.no_grad()
+    def take_from_module(self) -> None:
+        """Shadows := the module's current parameters (after loading averaged weights into it)."""
+        for s, p in zip(self.shadow, self.params):
+            s.copy_(p)
 
-    def copy_to(self, model: nn.Module) -> None:
-        unwrap(model).load_state_dict(self.module.state_dict())
+    def settings(self) -> dict:
+        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates}
 
 
 # ----------------------------------------------------------------------------- seeds and RNG
@@ -125,14 +116,13 @@ def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:
 
 
 def load_training_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a training-state file with weights_only=True (no arbitrary unpickling)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"training state {path} does not exist")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # corrupt or foreign file: say which and why
-        raise ValueError(f"cannot read training state {path}: {exc}") from None
+    """A training-state file, read with weights_only=True (no arbitrary unpickling)."""
+    from ldmkit.io.files import load_torch_file
+
+    state = load_torch_file(path, "training state", map_location)
+    if not isinstance(state, dict):
+        raise UserError(f"training state {path} holds a {type(state).__name__}, not a checkpoint")
+    return state
 
 
 def latest_checkpoint(folder: str | os.PathLike, pattern: str = "step-*.pt") -> Path | None:
@@ -203,8 +193,10 @@ class LossLog:
             with open(self.path, "a", newline="") as f:
                 csv.DictWriter(f, fieldnames=self._columns()).writerow(row)
 
-    def plot(self, path: str | os.PathLike, title: str = "training loss", smoothing: float = 0.9) -> Path | None:
-        """Raw values faint, exponentially smoothed values bold; log y axis where all values are positive."""
+    def plot(self, path: str | os.PathLike, title: str = "training loss", smoothing: float = 0.9,
+             keys: tuple | None = None) -> Path | None:
+        """Raw values faint, exponentially smoothed values bold; log y axis where all values are positive.
+        `keys`: the columns drawn (default: all but learning rates, gradient norms and skip marks)."""
         if not self.rows:
             return None
         import matplotlib
@@ -212,7 +204,9 @@ class LossLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        keys = [k for k in self._columns() if k != "step" and not k.startswith("lr")]
+        wanted = keys
+        keys = [k for k in self._columns() if k != "step" and (k in wanted if wanted is not None else
+                                                               not k.startswith(("lr", "grad_norm", "skipped")))]
         fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
         positive = True
         for key in keys:
@@ -242,12 +236,3 @@ class LossLog:
         atomic_write(buf_path, write)
         plt.close(fig)
         return buf_path
-
-
-def progress(iterable: Iterable | None = None, total: int | None = None, desc: str = "", initial: int = 0,
-             disable: bool = False, unit: str = "it"):
-    """A tqdm bar (it/s and ETA shown), silent when `disable` (e.g. on non-zero ranks)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, initial=initial, disable=disable, unit=unit,
-                dynamic_ncols=True, smoothing=0.1)

@@ -16,8 +16,9 @@ FSDP notes (torch 2.13, FSDP1 with `use_orig_params=True`):
   parameters but hold this rank's flat shard (1-D, often empty): anything that
   looks at shapes (weight-decay groups) must be decided before `wrap`, and
   anything that needs the whole tensors (export, sample grids) goes through
-  `full_state_dict`. The EMA (`ShardedEMA`) averages the
-  shards in place and is gathered only when it is read.
+  `full_state_dict`. The EMA (`training.common.EMA`) averages whatever the
+  parameters hold, so under FSDP it averages the shards in place and is
+  gathered only when it is read.
 * Checkpoints use torch.distributed.checkpoint.state_dict with
   full_state_dict=True: unsharded model weights under the plain module's names
   and an optimiser state keyed by parameter name. CPU offload of the gathered
@@ -35,6 +36,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ldmkit.util import unwrap
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -158,19 +161,6 @@ def fsdp_block_classes() -> set[type[nn.Module]]:
     return {ResnetBlock2D, Transformer2D, DiTBlock}
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside a DDP / FSDP / torch.compile wrapper."""
-    while True:
-        if hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif type(model).__name__ == "FullyShardedDataParallel":
-            model = model.module
-        else:
-            return model
-
-
 def no_sync(model: nn.Module, active: bool):
     """Skip the gradient all-reduce on accumulation micro-steps (DDP and FSDP)."""
     if active and hasattr(model, "no_sync"):
@@ -207,15 +197,16 @@ def full_state_dict(model: nn.Module, ctx: DistContext) -> dict[str, torch.Tenso
     return unwrap(model).state_dict()
 
 
-def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a `full_state_dict` into `model` (each FSDP rank keeps its shard of it)."""
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Load a `full_state_dict` into `model` (each FSDP rank keeps its shard of it); `strict=False`
+    loads a part of the weights (e.g. only the trained ones) and leaves the rest as they are."""
     fsdp = _fsdp(model)
     if fsdp is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(fsdp, state, options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(fsdp, state, options=StateDictOptions(full_state_dict=True, strict=strict))
         return
-    unwrap(model).load_state_dict(state)
+    unwrap(model).load_state_dict(state, strict=strict)
 
 
 def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -273,100 +264,3 @@ def meta_copy(module: nn.Module) -> nn.Module:
             for p in module.parameters()}
     memo.update({id(b): b.detach().clone() for b in module.buffers()})
     return copy.deepcopy(module, memo)
-
-
-class ShardedEMA:
-    """EMA of an FSDP-wrapped model kept in the model's own sharding.
-
-    Every rank averages the shards its parameters hold (`use_orig_params=True` leaves each original
-    Parameter a 1-D view of this rank's part of the flat parameter), so the EMA costs 1/N of the
-    trainable weights per rank and its update needs no communication. Frozen parameters are not
-    copied (they equal the model's); buffers, which FSDP does not shard, are averaged whole like
-    `common.EMA` does.
-
-    Reading it whole is collective (every rank must call `state_dict` / `module`): the EMA shards
-    are swapped into the model's parameters, the model is gathered as `full_state_dict` does, and
-    the training shards are swapped back. The state has the layout of `common.EMA.state_dict`, so
-    checkpoints resume under any strategy.
-    """
-
-    def __init__(self, model: nn.Module, ctx: DistContext, template: nn.Module, decay: float = 0.9999,
-                 warmup: bool = True):
-        """`template`: `meta_copy` of the plain module, taken before wrapping (whole shapes)."""
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay={decay}; must be in [0, 1)")
-        if not is_sharded(model):
-            raise ValueError("ShardedEMA needs an FSDP-wrapped model; use common.EMA otherwise")
-        self.wrapped, self.ctx, self._template = model, ctx, template
-        self.decay, self.warmup, self.num_updates = decay, warmup, 0
-        plain = unwrap(model)
-        self.params = [p for p in plain.parameters() if p.requires_grad]
-        self.buffers = list(plain.buffers())
-        with torch.no_grad():
-            self.shadow = [t.detach().clone() for t in self.params + self.buffers]
-
-    def current_decay(self) -> float:
-        if not self.warmup:
-            return self.decay
-        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-
-    @torch.no_grad()
-    def update(self, model: nn.Module | None = None) -> None:
-        """One EMA step from the model's current shards (`model` is ignored: the wrapped model the
-        EMA was built on is read)."""
-        d = self.current_decay()
-        floats = [(s, t) for s, t in zip(self.shadow, self.params + self.buffers) if s.dtype.is_floating_point]
-        for s, t in zip(self.shadow, self.params + self.buffers):
-            if not s.dtype.is_floating_point:
-                s.copy_(t)
-        if floats:
-            torch._foreach_lerp_([s for s, _ in floats], [t.detach().to(s.dtype) for s, t in floats], 1.0 - d)
-        self.num_updates += 1
-
-    @contextlib.contextmanager
-    def _swapped(self):
-        """The model's parameters and buffers hold the EMA values inside the block."""
-        live = self.params + self.buffers
-        with torch.no_grad():
-            saved = [t.detach().clone() for t in live]
-            for t, s in zip(live, self.shadow):
-                t.copy_(s)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for t, s in zip(live, saved):
-                    t.copy_(s)
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        """The whole EMA weights under the plain module's names (collective; on CUDA only rank 0
-        receives them, as in `full_state_dict`)."""
-        with self._swapped():
-            return {k: v.detach().clone() for k, v in full_state_dict(self.wrapped, self.ctx).items()}
-
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates,
-                "weights": self.weights()}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Load a `common.EMA` / `ShardedEMA` state (collective): each rank keeps its shard of it."""
-        self.decay, self.warmup = state["decay"], state["warmup"]
-        self.num_updates = int(state["num_updates"])
-        with self._swapped():  # the model takes its shards of the weights; the shadow copies them
-            load_full_state_dict(self.wrapped, state["weights"])
-            with torch.no_grad():
-                for s, t in zip(self.shadow, self.params + self.buffers):
-                    s.copy_(t)
-
-    @property
-    def module(self) -> nn.Module | None:
-        """The plain module holding the whole EMA weights, a new one per call (collective; None on
-        the ranks that receive no tensors, see `weights`)."""
-        state = self.weights()
-        if not state:
-            return None
-        module = copy.deepcopy(self._template)
-        module.load_state_dict(state, assign=True)
-        for p in module.parameters():
-            p.requires_grad_(False)
-        return module.eval()

@@ -1,0 +1,79 @@
+"""`Pipeline`: a loaded latent diffusion model with one method per generation task, and `load`.
+
+    from ldmkit import pipelines
+    pipe = pipelines.load("path/to/model")            # ours, a diffusers folder or a single file
+    images = pipe.text2img("a red circle", num=4, seed=1, steps=20, guidance=7.5)
+
+The shared wiring is `base.PipelineCore`; each task module (text2img, img2img, inpaint, upscale,
+semantic) says what the latents start from and what the denoiser sees concatenated to them.
+"""
+from __future__ import annotations
+
+import torch
+
+from ldmkit.diffusion import prediction_of, schedule_from_dict
+from ldmkit.io import load_model, resolve_model_path
+from ldmkit.pipelines.base import PipelineCore, Result, denoiser_weights_file
+from ldmkit.pipelines.img2img import img2img
+from ldmkit.pipelines.inpaint import inpaint
+from ldmkit.pipelines.semantic import semantic2img
+from ldmkit.pipelines.text2img import text2img
+from ldmkit.pipelines.upscale import upscale
+from ldmkit.util import file_sha256, parse_dtype
+
+
+class Pipeline(PipelineCore):
+    """Build it with `load(path)` or directly from modules (`PipelineCore`'s arguments)."""
+
+    def text2img(self, prompt=None, **kw) -> list[Result]:
+        return text2img(self, prompt, **kw)
+
+    def img2img(self, image, prompt=None, **kw) -> list[Result]:
+        return img2img(self, image, prompt, **kw)
+
+    def inpaint(self, image, mask, prompt=None, **kw) -> list[Result]:
+        return inpaint(self, image, mask, prompt, **kw)
+
+    def upscale(self, image, prompt=None, **kw) -> list[Result]:
+        return upscale(self, image, prompt, **kw)
+
+    def semantic2img(self, seg_map, prompt=None, **kw) -> list[Result]:
+        return semantic2img(self, seg_map, prompt, **kw)
+
+
+def load(path, device=None, dtype=None, **options) -> Pipeline:
+    """Load a model folder (ours, diffusers' or an original single file) as a ready `Pipeline`.
+
+    device: None = CUDA when available, else CPU. dtype: None = float16 on CUDA, float32 on CPU.
+    options go to the foreign-format importers (e.g. variant="fp16", upcast_vae, clip_skip).
+    """
+    try:
+        device = torch.device(device) if device is not None else None
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; expected cpu, cuda, cuda:N or mps") from None
+    device = device if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} is not available (torch sees no CUDA GPU); use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r} is not available; use --device cpu")
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    p = resolve_model_path(path)
+    index, comps = load_model(p, device=device, dtype=dtype, **options)
+    for name in ("autoencoder", "denoiser"):
+        if comps.get(name) is None:
+            raise FileNotFoundError(f"model {p} has no {name} component (expected {p / name}/)")
+    sched = index.get("schedule")
+    if not sched:
+        raise ValueError(f"{p}: model_index.json has no 'schedule'")
+    schedule = schedule_from_dict(sched)
+    prediction = index.get("objective") or prediction_of(sched)
+    weights = denoiser_weights_file(p)
+    model_hash = file_sha256(weights)[:10] if weights is not None else None
+    conditioning = index.get("conditioning") or ("none" if comps.get("conditioner") is None else "text")
+    return Pipeline(comps["autoencoder"], comps["denoiser"], schedule, comps.get("conditioner"),
+                    prediction=prediction, conditioning=conditioning, concat=index.get("concat"),
+                    defaults=index.get("defaults"), latent_size=index.get("latent_size"), model_hash=model_hash,
+                    model_name=p.name, spatial=comps.get("spatial"))
