@@ -154,3 +154,63 @@ def test_eval_scores_shapes_prompt_adherence_from_png_metadata(tmp_path, classif
     # real renders of the prompts: the analyser must find exactly what each caption asks for
     assert adherence["n"] == 6 and adherence["match_rate"] == 1.0
     assert "samples" not in adherence
+
+
+def test_eval_warns_when_the_classifier_knows_other_classes(tmp_path, classifier_dir, capsys):
+    """A model whose classes are not the classifier's gets its accuracy with a warning (printed and in the
+    report): the labels are compared by index only. The old `ldm eval` said nothing."""
+    import dataclasses
+
+    from ldmkit.conditioning.labels import ClassConditioner, ClassConfig
+    from ldmkit.io.format import load_model, save_model
+
+    model = _tiny_class_model(tmp_path / "model")
+    index, comps = load_model(model)
+    index = {k: v for k, v in index.items() if k not in ("format", "format_version", "components")}
+    comps["conditioner"] = ClassConditioner(dataclasses.replace(comps["conditioner"].config,
+                                                                class_names=("cat", "dog")))
+    save_model(tmp_path / "pets", comps, index)
+    _write_set(tmp_path / "real", 8, seed=100, with_meta=False)
+    out = tmp_path / "r.json"
+    rc = main(["eval", "--model", str(tmp_path / "pets"), "--reference", str(tmp_path / "real"), "--features",
+               str(classifier_dir), "--num", "4", "--steps", "2", "--device", "cpu", "--out", str(out), "--k", "2"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "ldm eval: warning:" in err and "['cat', 'dog']" in err and "['h', 'v']" in err
+    assert "by index" in json.loads(out.read_text())["class_accuracy"]["warning"]
+    # the model the classifier was made for gets no warning
+    rc = main(["eval", "--model", str(model), "--reference", str(tmp_path / "real"), "--features",
+               str(classifier_dir), "--num", "4", "--steps", "2", "--device", "cpu", "--k", "2"])
+    assert rc == 0 and "warning" not in capsys.readouterr().err
+
+
+def test_eval_samples_any_text_model_from_a_prompts_file(tmp_path, classifier_dir, capsys):
+    """`ldm eval --model` took text models only with the shapes prompts; any prompts file works now, and
+    adherence is reported only for prompts of the shapes grammar."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_pipelines import make_autoencoder, make_unet
+
+    from ldmkit.conditioning import TransformerTextEncoder
+    from ldmkit.diffusion import make_schedule
+    from ldmkit.io.format import save_model
+
+    torch.manual_seed(0)
+    text = TransformerTextEncoder.from_captions(["a photo of a cat"], width=32, depth=1, heads=2, max_length=8)
+    save_model(tmp_path / "m", {"autoencoder": make_autoencoder(), "denoiser": make_unet(), "conditioner": text},
+               {"schedule": make_schedule("sd15").to_dict(), "objective": "eps", "conditioning": "text",
+                "concat": None, "latent_size": [8, 8], "defaults": {"sampler": "ddim", "steps": 2}})
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of a cat\na dog on grass\n")
+    _write_set(tmp_path / "real", 8, seed=100, with_meta=False)
+    rc = main(["eval", "--model", str(tmp_path / "m"), "--reference", str(tmp_path / "real"), "--features",
+               str(classifier_dir), "--num", "4", "--steps", "2", "--device", "cpu", "--k", "2",
+               "--prompts-file", str(prompts), "--out", str(tmp_path / "r.json")])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["num_generated"] == 4 and "shapes" in report["adherence"]["skipped"]
+    rc = main(["eval", "--model", str(tmp_path / "m"), "--reference", str(tmp_path / "real"), "--features",
+               str(classifier_dir), "--num", "4", "--device", "cpu"])
+    assert rc == 2 and "--prompts-file" in capsys.readouterr().err
