@@ -1,7 +1,7 @@
 """Peak memory per rank of FSDP training: one unit per block (what `--strategy fsdp` does) vs one
 unit around the whole model (what it did before, and still does around a compiled denoiser).
 
-Each mode runs `LDMTrainer` with strategy "fsdp" under `torch.distributed.run --nproc_per_node 2`
+Each mode runs the `Trainer` (method ldm) with strategy "fsdp" under `torch.distributed.run --nproc_per_node 2`
 (gloo on CPU, nccl on CUDA) for a few steps of an SD1.5-layout UNet with halved widths
 (160, 320, 640, 640; ~220 M parameters) on 32x32x4 latents, batch 2, a trainable `tiny` text
 encoder of the UNet's cross-attention width. Every rank reports its peak RSS (a high-water mark:

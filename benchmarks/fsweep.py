@@ -29,7 +29,7 @@ Protocol (what is equal, what is measured):
    Wall-clock seconds are recorded too, but they are not what is equalised.
    The loop is written out in `train_ldm` below with the library's schedule, objective
    (`ldmkit.diffusion.training_loss`), EMA and samplers rather than `ldm train`'s
-   `LDMTrainer`: LDM-1 has no autoencoder (the trainer needs a frozen one and a latent
+   the ldm method: LDM-1 has no autoencoder (the trainer needs a frozen one and a latent
    cache), and evaluating at exact FLOP budgets needs the loop in hand; all four runs share it.
 4. At `--eval-points` evenly spaced points of the budget, the EMA model draws
    `--num-eval` class-balanced samples (DDIM, `--eval-steps` steps, CFG scale

@@ -1,8 +1,8 @@
 """Training throughput of our LDM training step vs the same loop over diffusers' UNet2DConditionModel.
 
 Both models get identical weights (diffusers' state dict loads into ours unchanged) and identical
-batches; the loop around them is the same code (LDMTrainer's math: q_sample, model, weighted MSE
-against the eps target, backward, grad clipping, AdamW fused as LDMTrainer uses it on CPU and CUDA,
+batches; the loop around them is the same code (the ldm method's math: q_sample, model, weighted MSE
+against the eps target, backward, grad clipping, AdamW fused as the Trainer uses it on CPU and CUDA,
 zero_grad(set_to_none=True)), so the numbers compare the networks as trained, not two different loops.
 
 Cases (CPU, fp32):
@@ -91,7 +91,7 @@ def make_step(model, which: str, case: str, device: str):
         lengths[torch.rand(b, generator=g) < 0.1] = 2
         mask = (torch.arange(spec["ctx"][0])[None] < lengths[:, None]).to(device)
     schedule = DiscreteSchedule("linear")
-    # as LDMTrainer: fused AdamW on CPU and CUDA (same optimiser, same numerics on both sides)
+    # as the Trainer: fused AdamW on CPU and CUDA (same optimiser, same numerics on both sides)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device in ("cpu", "cuda") or None)
 
     def step():

@@ -2,7 +2,7 @@
 
 See docs/autoencoder.md. `Autoencoder`, `AutoencoderConfig` and `PRESETS` live in
 `model.py`; the bottlenecks in `bottlenecks.py`; LPIPS / PatchGAN / the combined
-loss in `losses.py`; the training loop in `ldmkit.training.autoencoder`.
+loss in `losses.py`; its training method in `ldmkit.training.methods.autoencoder`.
 """
 
 __all__ = ["PRESETS", "Autoencoder", "AutoencoderConfig"]

@@ -23,7 +23,7 @@ order with respect to ch_mult). The VQ codebook is `quantize.embedding.weight`
 
 Latents for stage 2: `encode_latents` returns (z - shift_factor) * scaling_factor
 and `decode_latents` undoes it; the factors live in the config (computed after
-training by `ldmkit.training.autoencoder.latent_statistics`).
+training by `ldmkit.autoencoder.evaluation.latent_statistics`).
 """
 from __future__ import annotations
 

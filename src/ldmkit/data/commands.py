@@ -84,6 +84,8 @@ def _cache(args) -> int:
         raise ValueError(f"--size {size} is not a multiple of the autoencoder's downsampling factor {f}")
     dataset, class_names = dataset_for_cache(args.data, size, args.length, args.seed, args.class_folders,
                                              segmentation=args.segmentation, maps=args.maps)
+    if args.map_classes and not args.maps:
+        raise ValueError("--map-classes names the classes of --maps label maps; give --maps DIR too")
     seg_classes = None
     if args.segmentation:
         from ldmkit.data.shapes import SEGMENTATION_CLASSES

@@ -142,7 +142,7 @@ def forward_caption(text: str) -> str:
     A training stage on these captions ties the first-named object to the left / top, which a
     text-conditioned model picks up quickly; the full set of phrasings, where which object goes
     left depends on both word order and the relation word, is then learned from there (see
-    docs/training.md, the demo recipe). The held-out split stays untouched: no held-out caption is
+    examples/shapes/recipe.py). The held-out split stays untouched: no held-out caption is
     ever produced."""
     spec = parse_caption(text)
     if spec.relation not in ("to the right of", "below"):

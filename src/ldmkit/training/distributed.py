@@ -133,7 +133,7 @@ def wrap(model: nn.Module, ctx: DistContext, strategy: str = "ddp", per_block: b
     every block of `fsdp_block_classes` is a unit of its own inside the root unit. Under DDP
     `find_unused` is DDP's find_unused_parameters: needed when a step may not reach every trainable
     parameter (without it the next step fails), at the cost of a walk of the autograd graph per step;
-    the LDM trainer probes its model to decide (`LDMTrainer.unused_parameters`)."""
+    the Trainer probes its model to decide (`Trainer._unused_parameters`)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"distributed strategy {strategy!r} is not one of {STRATEGIES}")
     if not ctx.distributed:
