@@ -327,16 +327,31 @@ class _FrozenHFText(Conditioner):
         self.model.requires_grad_(False)
         self.model.eval()
         self._cache: dict = {}
+        self.expansions: dict[str, str] = {}  # multi-vector textual-inversion tokens -> their entries
 
     @property
     def weights_external(self) -> bool:
         """True when the weights live in an installed package (save_component writes none)."""
         return self.config.package is not None
 
+    @property
+    def trainable(self) -> bool:
+        """Some weights train (fine-tuning, a LoRA, a new token): encode with autograd and no cache."""
+        return any(p.requires_grad for p in self.model.parameters())
+
+    def grad_context(self):
+        return contextlib.nullcontext() if self.trainable else torch.no_grad()
+
     def encode(self, prompts: list[str]) -> Conditioning:
         prompts = _check_prompts(prompts)
         if self.config.normalize:
             prompts = [normalize_prompt(q) for q in prompts]
+        if self.expansions:
+            from ldmkit.adapters.embeddings import expand_prompt
+
+            prompts = [expand_prompt(q, self.expansions) for q in prompts]
+        if self.trainable:
+            return self._encode(prompts)
         p = next(self.model.parameters())
         where = (str(p.device), p.dtype)
         missing = [q for q in dict.fromkeys(prompts) if (where, q) not in self._cache]
@@ -447,7 +462,7 @@ class BertTextEncoder(_FrozenHFText):
     def _encode(self, prompts: list[str]) -> Conditioning:
         ids, mask = self._tokenize(prompts)
         k = self.config.hidden_layer
-        with torch.no_grad():
+        with self.grad_context():
             out = self.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=k is not None)
         h = out.last_hidden_state if k is None else out.hidden_states[k]
         m = mask[..., None].to(h.dtype)
@@ -503,7 +518,7 @@ class CLIPTextEncoder(_FrozenHFText):
     def _encode(self, prompts: list[str]) -> Conditioning:
         ids, mask = self._tokenize(prompts)
         skip = self.config.clip_skip
-        with torch.no_grad():
+        with self.grad_context():
             out = self.model(input_ids=ids, output_hidden_states=skip > 0)
             if skip:
                 # transformers < 5 wraps the layers in .text_model, 5.x does not

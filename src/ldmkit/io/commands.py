@@ -4,6 +4,7 @@
     ldm convert --from sd21-768.ckpt --to models/sd21 --tokenizer tok/ --prediction-type v
     ldm convert --from models/sd15 --to exported/sd15 --format diffusers
     ldm convert --from some-diffusers-folder --to models/x --dtype fp16
+    ldm convert --from models/sd15 --lora style.safetensors:0.8 --to models/sd15-style    (LoRA merged in)
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ def register(sub, argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
                    help="store weights in this dtype (default: float32)")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty folder")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="merge this LoRA (kohya / A1111 or diffusers / peft file) into the weights at SCALE "
+                        "(default 1); repeat for several")
     g = p.add_argument_group("original single files only")
     g.add_argument("--prediction-type", choices=("eps", "v"), default=None,
                    help="what the UNet predicts; not stored in SD files (SD 2.x 768-v models need 'v')")
@@ -63,7 +67,20 @@ def _convert(args) -> int:
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not args.overwrite:
         raise UserError(f"--to {dest} exists and is not empty; pass --overwrite to write into it")
     dtype = {None: None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    from ldmkit.io.adapter_files import parse_weighted, read_lora
+
+    loras = [parse_weighted(spec) if not Path(spec).is_file() else (spec, 1.0) for spec in args.lora]
+    for path, _ in loras:
+        if not Path(path).is_file():
+            raise UserError(f"--lora {path} " + ("is not a file" if Path(path).exists() else "does not exist"))
     index, comps = load_model(src, device="cpu", **opts)
+    if loras:
+        from ldmkit.adapters.lora import merge
+
+        for path, scale in loras:  # merged in float32, before any --dtype cast
+            layers = merge(comps, read_lora(path), scale, path)
+            print(f"merged LoRA {path} ({layers} layers, scale {scale:g})")
+        index.setdefault("merged_loras", []).extend(f"{Path(p).name}:{s:g}" for p, s in loras)
     if dtype is not None:  # storage dtype: every component, the VAE included
         for m in comps.values():
             if m is not None:

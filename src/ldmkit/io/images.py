@@ -79,6 +79,8 @@ def a1111_parameters(meta: dict) -> str:
              ("size", "Size"), ("model_hash", "Model hash"), ("model", "Model"), ("strength", "Denoising strength"),
              ("version", "Version")]
     fields = [f"{label}: {meta[key]}" for key, label in names if meta.get(key) not in (None, "")]
+    fields += [f'{label}: "{meta[key]}"' for key, label in (("lora_hashes", "Lora hashes"), ("ti_hashes", "TI hashes"))
+               if meta.get(key)]
     lines.append(", ".join(fields))
     return "\n".join(lines)
 

@@ -88,7 +88,8 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # a plain Linear only: an adapter wrapping `proj` (peft's LoRA layer) must run its own forward
+        if type(self.proj) is nn.Linear and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             return _GEGLUFunction.apply(x, self.proj.weight, self.proj.bias)
         hidden, gate = self.proj(x).chunk(2, dim=-1)  # inference, and inductor, which fuses this itself
         return hidden * F.gelu(gate)

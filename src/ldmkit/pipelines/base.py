@@ -149,6 +149,7 @@ class PipelineCore:
         self.latent_size = (int(train[0]), int(train[-1]))
         self.model_name = model_name
         self._model_hash = model_hash
+        self.adapters: list[dict] = []  # LoRAs and embeddings loaded into this pipeline (PNG metadata)
         extra = cfg.in_channels - self.latent_channels
         want = {None: 0, "inpaint": self.latent_channels + 1, "upscale": None, "semantic": None}[concat]
         if concat is None and extra != 0:
@@ -313,7 +314,7 @@ class PipelineCore:
 
     def model_fn(self, concat: torch.Tensor | None, labels: torch.Tensor | None,
                  max_batch: int | None) -> Callable:
-        """`model_fn(x, t, cond)` for `cfg_denoiser`: concatenates the spatial inputs, runs the denoiser
+        """`model_fn(x, t, cond)` for `diffusion.cfg`: concatenates the spatial inputs, runs the denoiser
         in chunks of at most `max_batch` rows (CFG batch chunking) and returns float32."""
         den, dtype, latent_c = self.denoiser, self.dtype, self.latent_channels
 
@@ -432,6 +433,13 @@ class PipelineCore:
         meta["size"] = f"{s.width}x{s.height}"
         meta.update({k: v for k, v in extra.items() if v is not None})
         meta["model_hash"] = self.model_hash
+        loras = [a for a in self.adapters if a["kind"] == "lora"]
+        if loras:
+            meta["loras"] = ", ".join(f"{a['name']}:{a['scale']:g}" for a in loras)
+            meta["lora_hashes"] = ", ".join(f"{a['name']}: {a['hash']}" for a in loras)
+        embeddings = [a for a in self.adapters if a["kind"] == "embedding"]
+        if embeddings:
+            meta["ti_hashes"] = ", ".join(f"{a['name']}: {a['hash']}" for a in embeddings)
         if self.model_name:
             meta["model"] = self.model_name
         meta["version"] = f"ldmkit {__version__}"

@@ -47,6 +47,12 @@ def _common(p, sizes: bool = True) -> None:
     p.add_argument("--decode-batch", type=int, default=1, help="latents decoded at a time")
     p.add_argument("--vae-tile", type=int, default=None,
                    help="tiled decode with this latent tile size (default: tiles above 96 latents; 0 = never)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="merge a LoRA into the weights at SCALE (default 1): kohya / A1111 or diffusers / peft "
+                   "files, told apart by their keys; repeat for several")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="textual-inversion embedding (diffusers learned_embeds or A1111); its trigger word is "
+                   "TOKEN, else the one in the file, else the file name; repeat for several")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: float16 on CUDA)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -119,6 +125,22 @@ def _prompts(args) -> list | None:
     if args.prompt is not None:
         check_text("--prompt", args.prompt)
     return [args.prompt] if args.prompt is not None else None
+
+
+def adapter_specs(args) -> tuple[list[tuple[str, float]], list[tuple[str, str | None]]]:
+    """--lora PATH[:SCALE] and --embedding FILE[:TOKEN] as ((path, scale), ...), ((path, token), ...);
+    the files must exist (checked before the model loads)."""
+    from ldmkit.io.adapter_files import parse_weighted
+
+    loras = [parse_weighted(spec) if not Path(spec).is_file() else (spec, 1.0) for spec in args.lora]
+    embeddings = []
+    for spec in args.embedding:
+        path, sep, token = spec.rpartition(":")
+        embeddings.append((spec, None) if Path(spec).is_file() or not sep or not path else (path, token or None))
+    for flag, path in [("--lora", p) for p, _ in loras] + [("--embedding", p) for p, _ in embeddings]:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path} " + ("is not a file" if Path(path).exists() else "does not exist"))
+    return loras, embeddings
 
 
 def _check_args(args) -> None:
@@ -263,7 +285,9 @@ def run(args) -> int:
         import secrets
 
         args.seed = secrets.randbelow(2**32)
+        args.random_seed = True
     _check_args(args)
+    loras, embeddings = adapter_specs(args)
     prompts = _prompts(args)
     _out_paths(args.out, args.num * (len(prompts) if prompts else 1), [args.seed], args.overwrite)  # fail early
 
@@ -291,6 +315,13 @@ def run(args) -> int:
     _check_memory(args, task, pipe, n)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
+        for path, scale in loras:
+            layers = pipe.load_lora(path, scale)
+            print(f"ldm {args.command}: LoRA {path}: {layers} layers at scale {scale:g}", file=sys.stderr)
+        for path, token in embeddings:
+            names = pipe.load_embedding(path, token)
+            print(f"ldm {args.command}: embedding {path}: token {names[0]!r} ({len(names)} vector(s))",
+                  file=sys.stderr)
         if task == "text2img":
             results = pipe.text2img(prompt, num=n, **common)
         elif task == "img2img":
@@ -315,6 +346,8 @@ def run(args) -> int:
     if args.grid:
         save_png(make_grid([r.image for r in results]), grid_path,
                  {"task": task, "images": json.dumps([str(p) for p in paths])})
+    if getattr(args, "random_seed", False):
+        print(f"ldm {args.command}: random seed {args.seed} (image k: seed + k)", file=sys.stderr)
     if args.json:
         print(json.dumps(records, indent=2))
     else:

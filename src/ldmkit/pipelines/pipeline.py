@@ -19,6 +19,8 @@ from ldmkit.pipelines.inpaint import inpaint
 from ldmkit.pipelines.semantic import semantic2img
 from ldmkit.pipelines.text2img import text2img
 from ldmkit.pipelines.upscale import upscale
+from pathlib import Path
+
 from ldmkit.util import file_sha256, parse_dtype
 
 
@@ -39,6 +41,33 @@ class Pipeline(PipelineCore):
 
     def semantic2img(self, seg_map, prompt=None, **kw) -> list[Result]:
         return semantic2img(self, seg_map, prompt, **kw)
+
+    # ---- adapters ---------------------------------------------------------------------------
+    def load_lora(self, path, scale: float = 1.0) -> int:
+        """Merge a LoRA file (kohya / A1111, diffusers / peft; detected from its keys) into the weights
+        at `scale` (repeat for several); returns the number of layers it changed."""
+        from ldmkit.adapters.lora import merge
+        from ldmkit.io.adapter_files import read_lora
+
+        lora = read_lora(path)
+        n = merge({"denoiser": self.denoiser, "conditioner": self.conditioner}, lora, scale, str(path))
+        if hasattr(self.conditioner, "_cache"):  # frozen text encoders cache prompts: their weights changed
+            self.conditioner._cache = {}
+        self.adapters.append({"kind": "lora", "name": Path(path).stem, "scale": scale,
+                              "hash": file_sha256(path)[:12]})
+        return n
+
+    def load_embedding(self, path, token: str | None = None) -> list[str]:
+        """Add a textual-inversion embedding (diffusers or A1111 file); the trigger token is `token`, else
+        the file's own (diffusers), else the file name (A1111). Returns the tokenizer entries added."""
+        from ldmkit.adapters.embeddings import add_token
+        from ldmkit.io.adapter_files import read_embedding
+
+        stored, vectors = read_embedding(path)
+        token = token or stored or Path(path).stem
+        names = add_token(self.conditioner, token, vectors, source=str(path))
+        self.adapters.append({"kind": "embedding", "name": token, "hash": file_sha256(path)[:12]})
+        return names
 
 
 def load(path, device=None, dtype=None, **options) -> Pipeline:
