@@ -191,7 +191,7 @@ def test_cli_errors(prepared, finished, tmp_path, capsys):
     assert main(["train", "--latents", str(prepared / "latents"), "--out", str(tmp_path / "x"), *ARGS]) == 2
     _one_line_error(capsys.readouterr().err, "--autoencoder: a component folder is required")
     assert main(["train", "--autoencoder", str(prepared / "ae"), "--out", str(tmp_path / "x"), *ARGS]) == 2
-    _one_line_error(capsys.readouterr().err, "latent cache folder is required")
+    _one_line_error(capsys.readouterr().err, "give --latents CACHE")
     assert main(["train", "--out", str(tmp_path / "y"), "--resume"]) == 2
     _one_line_error(capsys.readouterr().err, "does not exist")
     assert main(["train", "--resume"]) == 2

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldmkit.nn.attention import Attention
+from ldmkit.nn.blocks import run_block
 from ldmkit.nn.embeddings import TimestepEmbedding, timestep_embedding
 from ldmkit.nn.transformer import FeedForward
 
@@ -217,6 +218,7 @@ class DiT(nn.Module):
         self.time_embedding = TimestepEmbedding(256, dim)
         self.class_embedding = LabelEmbedding(c.num_classes, dim) if c.num_classes is not None else None
         self.transformer_blocks = nn.ModuleList(DiTBlock(c) for _ in range(c.depth))
+        self.gradient_checkpointing = False  # recompute each block in the backward pass
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.proj_out_1 = nn.Linear(dim, 2 * dim)
         self.proj_out_2 = nn.Linear(dim, c.patch_size ** 2 * c.out_channels)
@@ -290,7 +292,7 @@ class DiT(nn.Module):
 
         h = self.pos_embed(x)
         for block in self.transformer_blocks:
-            h = block(h, c, context, context_mask)
+            h = run_block(block, h, c, context, context_mask, checkpoint=self.gradient_checkpointing and self.training)
         shift, scale = self.proj_out_1(F.silu(c))[:, None, :].chunk(2, dim=-1)
         h = self.proj_out_2(self.norm_out(h) * (1 + scale) + shift)
         # unpatchify: [B, (H/p)(W/p), p*p*C] -> [B, C, H, W]

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldmkit.nn.blocks import Downsample2D, ResnetBlock2D, Upsample2D
+from ldmkit.nn.blocks import Downsample2D, ResnetBlock2D, Upsample2D, run_block
 from ldmkit.nn.embeddings import TimestepEmbedding, timestep_embedding
 from ldmkit.nn.transformer import Transformer2D
 
@@ -287,6 +287,7 @@ class UNet(nn.Module):
 
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[0], eps=c.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
+        self.gradient_checkpointing = False  # recompute each resnet / transformer in the backward pass
 
     # -- input checks -------------------------------------------------------------------
     def _timesteps(self, t, x: torch.Tensor) -> torch.Tensor:
@@ -339,27 +340,32 @@ class UNet(nn.Module):
 
         h = self.conv_in(x)
         skips = [h]
+        ck = self.gradient_checkpointing and self.training
+
+        def attend(attn, h):
+            return run_block(attn, h, context, context_mask, checkpoint=ck)
+
         for level in self.down_blocks:
             for j, res in enumerate(level.resnets):
-                h = res(h, temb)
+                h = run_block(res, h, temb, checkpoint=ck)
                 if level.attentions is not None:
-                    h = level.attentions[j](h, context, context_mask)
+                    h = attend(level.attentions[j], h)
                 skips.append(h)
             if level.downsamplers is not None:
                 h = level.downsamplers[0](h)
                 skips.append(h)
 
         if self.mid_block is not None:
-            h = self.mid_block.resnets[0](h, temb)
+            h = run_block(self.mid_block.resnets[0], h, temb, checkpoint=ck)
             if self.mid_block.attentions is not None:
                 for attn, res in zip(self.mid_block.attentions, self.mid_block.resnets[1:]):
-                    h = res(attn(h, context, context_mask), temb)
+                    h = run_block(res, attend(attn, h), temb, checkpoint=ck)
 
         for level in self.up_blocks:
             for j, res in enumerate(level.resnets):
-                h = res(torch.cat([h, skips.pop()], dim=1), temb)
+                h = run_block(res, torch.cat([h, skips.pop()], dim=1), temb, checkpoint=ck)
                 if level.attentions is not None:
-                    h = level.attentions[j](h, context, context_mask)
+                    h = attend(level.attentions[j], h)
             if level.upsamplers is not None:
                 # upsample to the next skip's size: odd sizes (e.g. 65 -> 33 -> 65) then line up
                 h = level.upsamplers[0](h, output_size=skips[-1].shape[-2:])

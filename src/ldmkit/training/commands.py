@@ -2,6 +2,7 @@
 
     ldm train --latents CACHE --autoencoder AE --out RUN [options]      method "ldm" (the default)
     ldm train --method NAME ...                                          another method (ldm train --method NAME --help)
+    ldm train --init-from SD --lora-rank 8 --data DIR --out RUN          method "finetune" (picked by its flags)
     ldm train --out RUN --resume [CHECKPOINT]                            continue a run exactly (the newest checkpoint)
     ldm train --config RUN/config.json --out RUN2 --lr 5e-5             a run's settings, some changed
     ldm train-autoencoder --data DIR --out RUN [options]                 method "autoencoder"
@@ -16,7 +17,8 @@ DEFAULT_METHOD = "ldm"
 
 
 def _method_in(argv: list[str] | None) -> str:
-    """The method the command line names (`--method NAME`), else the run's own when resuming, else ldm."""
+    """The method the command line names (`--method NAME`), else the run's own when resuming, else the
+    method one of whose own flags is given (`route_flags`: --lora-rank picks finetune), else ldm."""
     argv = list(argv or [])
     for i, a in enumerate(argv):
         if a == "--method" and i + 1 < len(argv):
@@ -33,6 +35,12 @@ def _method_in(argv: list[str] | None) -> str:
                     return saved_config(out)[0]
                 except ValueError:
                     return DEFAULT_METHOD
+    from ldmkit.training.methods import METHODS
+
+    flags = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    for name, (method_cls, _) in METHODS.items():
+        if any("--" + f.replace("_", "-") in flags for f in getattr(method_cls, "route_flags", ())):
+            return name
     return DEFAULT_METHOD
 
 
@@ -57,7 +65,7 @@ def register(sub, argv: list[str] | None = None) -> None:
                        description=f"Train with method {name!r}: {method_cls.summary} "
                                    "Runs as one process or under `torchrun --nproc_per_node N`. "
                                    f"Methods: {', '.join(METHODS)} (`ldm train --method NAME --help`).")
-    p.add_argument("--method", choices=list(METHODS), default=DEFAULT_METHOD, help="training method")
+    p.add_argument("--method", choices=list(METHODS), default=name, help="training method")
     _add_run_flags(p)
     add_flags(p, config_cls, f"{name} settings")
     p.set_defaults(func=_train, config_cls=config_cls, method_cls=method_cls)
@@ -112,10 +120,5 @@ def _train(args) -> int:
     method = args.method_cls(config)
     result = train(method, resume=checkpoint, overwrite=args.overwrite)
     if result is not None:
-        task = {"inpaint": "inpaint --image IMG --mask MASK", "upscale": "upscale --image LOWRES",
-                "semantic": "semantic --map MAP.png"}.get(getattr(config, "spatial", None), "sample")
-        if args.method == "autoencoder":
-            print(f"autoencoder written to {result} (summary in {Path(config.out) / 'summary.json'})")
-        else:
-            print(f"model written to {result} (load with: ldm {task} --model {result} ...)")
+        print(method.usage(result))
     return 0

@@ -159,7 +159,9 @@ def add_flags(parser: argparse.ArgumentParser, cls, title: str | None = None) ->
     for name, (f, annotation) in fields_of(cls).items():
         typ, optional, length = _kind(annotation)
         meta = f.metadata
-        text = meta["help"] + f" (default: {_show(f.default)})"
+        text = meta["help"].replace("%", "%%")
+        if "default" not in text and not (f.default == "" and "required" in text):
+            text += f" (default: {_show(f.default)})"
         kw: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=text)
         if typ is bool and length is None:
             kw["action"] = argparse.BooleanOptionalAction
@@ -241,8 +243,9 @@ class TrainConfig:
     sample_every: int = option(500, "steps between sample grids (one is always made at the end)", lo=1,
                                resume=True)
     log_every: int = option(10, "steps between progress-bar updates of the loss", lo=1, resume=True)
-    init_from: str | None = option(None, "start from these weights (another run's checkpoint or model folder) "
-                                   "with a fresh optimiser, LR schedule and step count")
+    init_from: str | None = option(None, "start from these weights with a fresh optimiser, LR schedule and step "
+                                   "count: another run's checkpoint (.pt), or a model to fine-tune (an ldmkit or "
+                                   "diffusers folder, an original single file, a bundled name)")
     device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda when available)", resume=True)
     strategy: str = option("ddp", "data parallelism under torchrun: ddp, or fsdp (sharded weights)",
                            choices=STRATEGIES, resume=True)

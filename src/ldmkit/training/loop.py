@@ -68,6 +68,7 @@ class Method:
     config: TrainConfig
     outputs: tuple = ("model",)  # files / folders `export` writes into the run folder
     plotted: tuple | None = None  # logged values drawn in loss.png (None: all but lr, grad norms, skips)
+    seconds_per_step: float | None = None  # set by the Trainer before `export` (this session's steps)
 
     def build(self, run: Run) -> nn.Module:
         """The module trained (and EMA-averaged, checkpointed); its frozen parameters stay frozen."""
@@ -123,6 +124,10 @@ class Method:
     def export(self, model: nn.Module, folder: Path) -> Path:
         """The final model (averaged weights) in `folder`; returns what `ldm train` reports."""
         raise NotImplementedError
+
+    def usage(self, result: Path) -> str:
+        """The line `ldm train` prints at the end: what was written and how to use it."""
+        return f"model written to {result} (load with: ldm sample --model {result} ...)"
 
 
 def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
@@ -184,7 +189,9 @@ class Trainer:
         self.lock = prepare_run_folder(self.out, method, resume is not None, overwrite) if self.ctx.is_main else None
         self.ctx.barrier()
         state = common.load_training_state(resume) if resume is not None else None
-        init = load_init(c.init_from) if c.init_from and state is None else None
+        # a fresh run starts from --init-from; a resumed one needs it again only when it names a model whose
+        # frozen weights the checkpoints do not hold (a training checkpoint's weights are all in ours)
+        init = load_init(c.init_from) if c.init_from and (state is None or not c.init_from.endswith(".pt")) else None
         torch.manual_seed(c.seed)
         run = Run(c, self.ctx, micro, init, state is not None, (state or {}).get("extra"))
         self.model = method.build(run).to(self.device)
@@ -321,6 +328,7 @@ class Trainer:
         finally:
             bar.close()
         self.seconds_per_step = (time.time() - t0) / max(1, self.step - first)
+        self.method.seconds_per_step = self.seconds_per_step  # what a method's summary may report
         result = self.export()
         self.sample_grid()
         return result
@@ -442,17 +450,16 @@ class Trainer:
 
 
 def load_init(source: str) -> dict:
-    """Weights to start a run from: an `ldm train` checkpoint ({"model": trained weights, "ema": ...,
-    "extra": ...}) or a model folder ({"folder": path}); the method takes what fits it."""
+    """What a run starts from: an `ldm train` checkpoint ({"model": trained weights, "ema": ..., "extra":
+    ...}), or a model in any format ({"source": path}: a method fine-tunes it)."""
     p = Path(source)
-    if p.is_file():
+    if p.is_file() and p.suffix == ".pt":
         state = common.load_training_state(p)
-        if "model" not in state:
-            raise UserError(f"--init-from {source}: not an `ldm train` checkpoint (no 'model' entry)")
-        return {"checkpoint": str(p), **state}
+        if isinstance(state, dict) and "model" in state and "method" in state:
+            return {"checkpoint": str(p), **state}
     from ldmkit.io import resolve_model_path
 
-    return {"folder": str(resolve_model_path(source))}
+    return {"source": str(resolve_model_path(source))}
 
 
 def train(method: Method, resume: str | Path | None = None, overwrite: bool = False) -> Path:

@@ -1,12 +1,14 @@
 """Training methods: each says what a batch is, which parameters train and what the loss is; the one
 loop (`training/loop.py`) does the rest. A new method is one module here and one line below."""
 from ldmkit.training.methods.autoencoder import AETrainConfig, AutoencoderMethod
+from ldmkit.training.methods.finetune import FineTune, FineTuneConfig
 from ldmkit.training.methods.ldm import LDM, LDMConfig
 
 # name -> (method class, config class); `ldm train --method NAME` builds its flags from the config
 METHODS = {
     "ldm": (LDM, LDMConfig),
     "autoencoder": (AutoencoderMethod, AETrainConfig),
+    "finetune": (FineTune, FineTuneConfig),
 }
 
-__all__ = ["AETrainConfig", "AutoencoderMethod", "LDM", "LDMConfig", "METHODS"]
+__all__ = ["AETrainConfig", "AutoencoderMethod", "FineTune", "FineTuneConfig", "LDM", "LDMConfig", "METHODS"]

@@ -128,7 +128,7 @@ class AutoencoderMethod(Method):
         model = AutoencoderTraining(Autoencoder(model_cfg), AutoencoderLoss(c.loss_config(), model_cfg.out_channels,
                                                                             self.lpips))
         if run.init:
-            from ldmkit.training.methods.ldm import load_weights
+            from ldmkit.training.methods.ldm_parts import load_weights
 
             load_weights(model, _init_state(run.init), c.init_from)
         self._recon: dict[int, torch.Tensor] = {}
@@ -207,19 +207,30 @@ class AutoencoderMethod(Method):
         folder = save_component(model.to("cpu"), out / "autoencoder")
         model.to(self.device)
         write_json(out / "summary.json", {"preset": c.preset, "steps": c.steps, "latent_statistics": stats,
-                                          "heldout": metrics, "autoencoder": str(folder)})
+                                          "heldout": metrics, "autoencoder": str(folder),
+                                          "seconds_per_step": getattr(self, "seconds_per_step", None)})
         return folder
+
+    def usage(self, result: Path) -> str:
+        return f"autoencoder written to {result} (summary in {Path(self.config.out) / 'summary.json'})"
 
 
 def _init_state(init: dict) -> dict:
-    """Autoencoder weights to start from: an autoencoder run's checkpoint or a component / model folder."""
-    if "folder" not in init:
+    """Autoencoder weights to start from: an autoencoder run's checkpoint, a component folder, or the
+    autoencoder of a model in any format (ldmkit, diffusers, original single file)."""
+    if "source" not in init:
         return (init.get("ema") or {}).get("weights") or init["model"]
-    from ldmkit.io.format import load_component
+    from ldmkit.io import load_model
+    from ldmkit.io.format import is_ldmkit_model, load_component
 
-    folder = Path(init["folder"])
-    folder = folder / "autoencoder" if (folder / "autoencoder").is_dir() else folder
-    return {f"autoencoder.{k}": v for k, v in load_component(folder).state_dict().items()}
+    folder = Path(init["source"])
+    if (folder / "config.json").is_file() and not is_ldmkit_model(folder):
+        ae = load_component(folder)
+    else:
+        ae = load_model(folder, device="cpu", dtype=torch.float32)[1].get("autoencoder")
+        if ae is None:
+            raise UserError(f"--init-from {folder}: the model has no autoencoder")
+    return {f"autoencoder.{k}": v for k, v in ae.state_dict().items()}
 
 
 # ----------------------------------------------------------------------------- data

@@ -1,26 +1,30 @@
-"""Method "ldm": a latent diffusion model trained on latents cached from a frozen autoencoder.
+"""Method "ldm": a latent diffusion model trained on the latents of a frozen autoencoder -- from scratch,
+or fine-tuning a pretrained model (`--init-from MODEL`).
 
-    latents z0 = mean + std * eps (cached posterior) ──┐
-    t ~ p(t), noise ─ q_sample ─▶ z_t ─────────────────┼─▶ denoiser([z_t, spatial], t, tau(y)) ─▶ loss vs target
-    captions / labels ─ conditioner (condition dropout) ┘
+    latents z0 = mean + std * eps (cached, or encoded per step) ─┐
+    t ~ p(t), noise ─ q_sample ─▶ z_t ───────────────────────────┼─▶ denoiser([z_t, spatial], t, tau(y)) ─▶ loss
+    captions / labels ─ conditioner (condition dropout) ─────────┘
 
-* The denoiser is a UNet or a DiT from a preset, fitted to the latents (channels, size), the
-  conditioning (text: cross-attention width of the text encoder; class: a label table) and the
-  spatial input; the objective is eps / v / x0 / flow (`ldmkit.diffusion`).
+* From scratch, the denoiser is a UNet or a DiT from a preset, fitted to the latents (channels, size),
+  the conditioning (text: cross-attention width of the text encoder; class: a label table) and the
+  spatial input; the objective is eps / v / x0 / flow (`ldmkit.diffusion`). `--init-from MODEL` (an
+  ldmkit or diffusers folder, an original single file, a bundled name) fine-tunes that model instead:
+  its denoiser, conditioner, autoencoder, schedule and prediction type are the run's.
+* Data: a latent cache (`--latents`, `ldm cache-latents`) or an image folder (`--data`) encoded by the
+  frozen autoencoder in every micro-batch (crops / flips drawn per step).
 * Batches: a permutation per epoch, cut into global batches; everything random about a step
-  (posterior samples, noise, timesteps, condition dropout, masks) is drawn for the whole global batch
-  from a generator seeded by (seed, step), each rank taking its rows -- so resume is exact, and N
-  processes with A accumulation steps compute bit for bit the update of one process with N * A.
+  (posterior samples, noise, timesteps, condition dropout, masks, crops) is drawn for the whole global
+  batch from a generator seeded by (seed, step), each rank taking its rows -- so resume is exact, and
+  N processes with A accumulation steps compute bit for bit the update of one process with N * A.
 * Spatial conditioning (`spatial`, the LDM paper's concatenation) appends to z_t what the pipelines
-  append, built per step from the images / maps stored in the cache: inpaint [mask, latents of the
-  masked image] (masks drawn per step), upscale [low-res image] (+ its noise level as class label for
-  UNets without class conditioning, as SD's x4 upscaler), semantic [one-hot map]. Condition dropout
-  drops only the text / class condition: the spatial input stays in both CFG branches.
+  append, built per step from the images / maps of the data: inpaint [mask, latents of the masked
+  image] (masks drawn per step), upscale [low-res image] (+ its noise level as class label for UNets
+  without class conditioning, as SD's x4 upscaler), semantic [one-hot map]. Condition dropout drops
+  only the text / class condition: the spatial input stays in both CFG branches.
 * Output: RUN/model, a model folder with the EMA weights (`ldm sample --model RUN/model`).
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 from dataclasses import dataclass
@@ -31,18 +35,16 @@ import torch
 from torch import nn
 
 from ldmkit.conditioning import spatial as sp
-from ldmkit.conditioning.base import Conditioning, mix, trim_padding
 from ldmkit.data.latents import LatentData, check_cache_matches, open_latents
 from ldmkit.diffusion import (TIMESTEP_SAMPLING, DiscreteSchedule, FlowSchedule, model_timestep, q_sample,
                               sample_timesteps, sampler_names, training_loss)
 from ldmkit.errors import UserError
+from ldmkit.util import weights_sha256
 from ldmkit.training.config import TrainConfig, option
 from ldmkit.training.loop import Method, Run
-
-DENOISERS = ("unet", "dit")
-CONDITIONINGS = ("text", "class", "none")
-TEXT_ENCODERS = {"tiny": dict(depth=1, heads=2), "small": dict(depth=2, heads=4), "base": dict(depth=4, heads=8)}
-FROZEN_TEXT_ENCODERS = ("minilm",)  # weights from an installed package; the denoiser reads their width
+from ldmkit.training.methods import ldm_parts as parts
+from ldmkit.training.methods.ldm_parts import (CONDITIONINGS, DENOISERS, FROZEN_TEXT_ENCODERS, TEXT_ENCODERS,
+                                               Stage2)
 
 
 @dataclass(frozen=True)
@@ -50,16 +52,36 @@ class LDMConfig(TrainConfig):
     out: str = option("", "run folder: config.json, checkpoints/, samples/, loss.csv, loss.png, model/ (required)",
                       resume=True)
     latents: str = option("", "latent cache folder (`ldm cache-latents`)")
-    autoencoder: str = option("", "the frozen autoencoder the cache was encoded with (a component folder)")
+    data: str = option("", "image folder (PNG/JPEG, captions in a .txt beside each image or metadata.jsonl / "
+                       ".csv) encoded by the frozen autoencoder at every step; instead of --latents")
+    resolution: int | None = option(None, "--data: side of the square crops trained on (default: the model's "
+                                    "sample size, else 256)", lo=8, hi=16384)
+    random_crop: bool = option(False, "--data: random instead of center crops")
+    tokenizer: str = option("", "--init-from an original single file: its CLIP tokenizer folder (default: CLIP's)")
+    prediction_type: str | None = option(None, "--init-from an original single file: what its UNet predicts "
+                                         "(SD 2.x 768 models: v; default eps)", choices=(None, "eps", "v"))
+    random_flip: bool = option(False, "--data: flip images horizontally at random")
+    autoencoder: str = option("", "the frozen autoencoder (a component folder; the cache's, with --latents); "
+                              "with --init-from MODEL the model's own")
     denoiser: str = option("unet", "network: unet (SD-compatible) or dit", choices=DENOISERS)
     preset: str = option("tiny", "denoiser preset (ldmkit.denoisers.unet / dit PRESETS)")
     conditioning: str = option("text", "text (captions), class (labels) or none", choices=CONDITIONINGS)
-    text_encoder: str = option("tiny", "trainable text transformer (tiny, small, base) or minilm (frozen "
-                               "all-MiniLM-L6-v2)", choices=tuple(TEXT_ENCODERS) + FROZEN_TEXT_ENCODERS)
+    text_encoder: str = option("tiny", "text encoder trained with the model: a word-level transformer (tiny, small, "
+                               "base), a CLIP text transformer with CLIP's BPE tokenizer (clip-tiny, clip-small, "
+                               "clip-base; exports to diffusers), or minilm (frozen all-MiniLM-L6-v2)",
+                               choices=tuple(TEXT_ENCODERS) + tuple(f"clip-{k}" for k in TEXT_ENCODERS)
+                               + FROZEN_TEXT_ENCODERS)
+    text_encoder_from: str = option("", "take the (frozen) text encoder of this model instead (e.g. a Stable "
+                                    "Diffusion folder's CLIP; the denoiser gets its width)")
     text_encoder_layer: int | None = option(None, "minilm: read the hidden states after this layer (0 = the token "
                                             "embeddings; default: the last)", lo=0, hi=6)
     normalize_text: bool = option(False, "lower-case captions and prompts and drop their punctuation before "
                                   "encoding (recorded in the model, so sampling does the same)")
+    train_text_encoder: bool = option(False, "also train a pretrained (frozen by default) text encoder: CLIP, BERT")
+    text_encoder_lr: float | None = option(None, "learning rate of a trained text encoder (default: --lr)", lo=0,
+                                           lo_open=True)
+    gradient_checkpointing: bool = option(False, "recompute the denoiser's activations in the backward pass: less "
+                                          "memory for about a third more time")
     context_adapter_layers: int = option(0, "UNet extension: trainable self-attention layers over the text tokens "
                                          "before cross-attention", lo=0, hi=64)
     position_features: bool = option(False, "UNet extension: normalised pixel coordinates into conv_in's output "
@@ -73,7 +95,7 @@ class LDMConfig(TrainConfig):
     timestep_sampling: str = option("auto", "training timesteps: auto (flow: logit_normal, else uniform), uniform, "
                                     "stratified (one per 1/B slice of each batch) or logit_normal",
                                     choices=("auto",) + TIMESTEP_SAMPLING)
-    sample_posterior: bool = option(True, "z0 = mean + std * eps from the cached posterior (else its mean)")
+    sample_posterior: bool = option(True, "z0 = mean + std * eps from the posterior (else its mean)")
     cond_drop: float = option(0.1, "probability that a sample's condition is dropped (classifier-free guidance)",
                               lo=0, hi=0.99)
     spatial: str | None = option(None, "input concatenated to z_t: inpaint, upscale or semantic (the cache needs "
@@ -92,6 +114,11 @@ class LDMConfig(TrainConfig):
     def sampler(self) -> str:
         return self.sample_sampler or ("flow_euler" if self.objective == "flow" else "dpmpp_2m")
 
+    @property
+    def fine_tunes(self) -> bool:
+        """--init-from names a model (not a training checkpoint): the network and its settings come from it."""
+        return bool(self.init_from) and not self.init_from.endswith(".pt")
+
     def validate(self) -> None:
         """The rules between fields (each field's own rules are checked by `config.check`)."""
         unet_only = [n for n in ("context_adapter_layers", "position_features") if getattr(self, n)]
@@ -101,53 +128,32 @@ class LDMConfig(TrainConfig):
             raise UserError("context_adapter_layers re-mixes a condition's tokens; conditioning is 'none'")
         if self.text_encoder_layer is not None and (self.conditioning, self.text_encoder) != ("text", "minilm"):
             raise UserError("text_encoder_layer picks a layer of the frozen minilm encoder; it needs conditioning "
-                            f"'text' and text_encoder 'minilm', got {self.conditioning!r} / {self.text_encoder!r}")
-        flow = self.objective == "flow"
-        valid = sampler_names(FlowSchedule() if flow else DiscreteSchedule())
-        if self.sampler not in valid:
-            raise UserError(f"sampler {self.sampler!r} does not fit objective {self.objective!r}; use one of {valid}")
-        preset_table(self.denoiser, self.preset)
+                            "'text' and text_encoder 'minilm', got {!r} / {!r}".format(self.conditioning,
+                                                                                      self.text_encoder))
+        if self.latents and self.data:
+            raise UserError("--latents and --data are two sources of training data; give one")
+        if self.text_encoder_from and self.conditioning != "text":
+            raise UserError(f"text_encoder_from needs conditioning 'text', got {self.conditioning!r}")
+        if not self.fine_tunes:
+            check_sampler(self.sampler, self.objective)
+        parts.preset_table(self.denoiser, self.preset)
 
 
-def preset_table(denoiser: str, preset: str):
-    from ldmkit.denoisers.dit import PRESETS as DIT
-    from ldmkit.denoisers.unet import PRESETS as UNET
-
-    table = UNET if denoiser == "unet" else DIT
-    if preset not in table:
-        raise UserError(f"{denoiser} preset {preset!r} is not one of {sorted(table)}")
-    return table[preset]
-
-
-class Stage2(nn.Module):
-    """Denoiser + conditioner as one module, so DDP, the EMA and the optimiser see both."""
-
-    def __init__(self, denoiser: nn.Module, conditioner: nn.Module | None):
-        super().__init__()
-        self.denoiser, self.conditioner = denoiser, conditioner
-
-    def forward(self, x, t, conditions=None, drop=None, concat=None, labels=None):
-        """`drop` [B] nulls the text / class condition of those rows; `concat` [B, C, h, w] (spatial input)
-        and `labels` [B] (upscale noise levels) stay as they are."""
-        cond = Conditioning()
-        if self.conditioner is not None:
-            cond = self.conditioner.encode(list(conditions))
-            if drop is not None and bool(drop.any()):
-                cond = mix(cond, self.conditioner.null(len(conditions)), ~drop)
-            cond = trim_padding(cond)[0]
-        if concat is not None or labels is not None:
-            cond = cond.merge(Conditioning(concat=concat, class_labels=labels))
-        return self.denoiser(cond.denoiser_input(x), t, **cond.denoiser_kwargs())
+def check_sampler(sampler: str, objective: str) -> None:
+    valid = sampler_names(FlowSchedule() if objective == "flow" else DiscreteSchedule())
+    if sampler not in valid:
+        raise UserError(f"sampler {sampler!r} does not fit objective {objective!r}; use one of {valid}")
 
 
 class LDM(Method):
-    """Train a denoiser (and a trainable text encoder) on cached latents. `data` replaces the cache
-    (tests, scripts); `caption_transform(captions, step) -> captions` rewrites each micro-batch's
-    captions before encoding (a recipe's caption augmentation; it must be a pure function of its
-    arguments so that resume stays exact)."""
+    """Train a denoiser (and a trainable text encoder) on latents. `data` replaces the cache (tests,
+    scripts); `caption_transform(captions, step) -> captions` rewrites each micro-batch's captions
+    before encoding (a recipe's caption augmentation; it must be a pure function of its arguments so
+    that resume stays exact)."""
 
     name = "ldm"
-    summary = "a latent diffusion model (UNet or DiT; text, class or no conditioning) on latents cached from a frozen autoencoder."
+    summary = ("a latent diffusion model (UNet or DiT; text, class or no conditioning) on the latents of a frozen "
+               "autoencoder, from scratch or fine-tuning a pretrained model (--init-from MODEL).")
     outputs = ("model",)
 
     def __init__(self, config: LDMConfig, data: LatentData | None = None,
@@ -159,31 +165,103 @@ class LDM(Method):
     def build(self, run: Run) -> nn.Module:
         c = self.config
         self.ctx, self.micro, self.device = run.ctx, run.micro_batch, run.ctx.device
-        where = f"the latent cache {c.latents}" if c.latents else "the latent data"
-        self.data = self._data if self._data is not None else open_latents(c.latents)
-        self.data.check_conditioning(c.conditioning, where)
-        self.autoencoder = load_frozen_autoencoder(c.autoencoder, self.device)
-        check_cache_matches(self.data, self.autoencoder, where, c.autoencoder)
-        self.spatial = build_spatial(c, self.data, self.autoencoder, where)
-        self.noise_labels = uses_noise_labels(c)
-        self.schedule = make_schedule(c)
+        options = {k: v for k, v in (("tokenizer", c.tokenizer), ("prediction_type", c.prediction_type)) if v}
+        source = parts.load_source(run.init["source"], **options) if run.init and "source" in run.init else None
+        self.source = source
+        self.source_sha256 = weights_sha256(source["denoiser"]) if source else None
+        self.autoencoder = source["autoencoder"] if source else parts.load_frozen_autoencoder(c.autoencoder)
+        self.autoencoder = self.autoencoder.requires_grad_(False).eval().to(self.device)
+        settings = source or parts.settings_of(c)
+        self.objective, self.conditioning, self.spatial_kind = (settings["objective"], settings["conditioning"],
+                                                                settings["concat"])
+        self.schedule = settings["schedule"]
+        self.data, where = self.open_data(source)
+        self.data.check_conditioning(self.conditioning, where)
+        check_sampler(self.sampler, self.objective)
+        self.spatial = source["spatial"] if source else parts.build_spatial(c, self.data, self.autoencoder, where)
+        if source and self.spatial_kind is not None:
+            parts.check_spatial_data(self.spatial_kind, self.data, where)
+        self.noise_labels = parts.uses_noise_labels(c) if source is None else parts.takes_noise_labels(
+            source["denoiser"], self.spatial_kind)
         self.steps_per_epoch = len(self.data) // c.batch_size
         if self.steps_per_epoch < 1:
             raise UserError(f"{where} holds {len(self.data)} items: too few for a global batch of {c.batch_size}")
-        extra = (run.resume_state or {}) if run.resumed else (run.init or {}).get("extra") or {}
-        init_modules = _init_modules(run.init) if run.init and "folder" in run.init else {}
-        conditioner = init_modules.get("conditioner_module") or build_conditioner(c, self.data, extra)
-        denoiser = build_denoiser(c, self.data, conditioner, self.spatial)
-        model = Stage2(denoiser, conditioner)
-        if run.init:
-            load_weights(model, _init_weights(run.init, init_modules), c.init_from)
-        self.model = model
+        if source is not None:
+            model = Stage2(source["denoiser"], source["conditioner"])
+        else:
+            extra = (run.resume_state or {}) if run.resumed else (run.init or {}).get("extra") or {}
+            conditioner = parts.build_conditioner(c, self.data, extra)
+            model = Stage2(parts.build_denoiser(c, self.data, conditioner, self.spatial), conditioner)
+            if run.init:
+                parts.load_weights(model, (run.init.get("ema") or {}).get("weights") or run.init["model"],
+                                   c.init_from)
+        self.model = self.adapt(model)
+        return self.model
+
+    def open_data(self, source: dict | None):
+        """(the training data, how errors name it): a latent cache or an image folder."""
+        c = self.config
+        if self._data is not None:
+            data, where = self._data, "the training data"
+        elif c.data:
+            from ldmkit.data.image_data import ImageData
+
+            size = c.resolution or parts.default_resolution(source, self.autoencoder)
+            data = ImageData.from_folder(c.data, size, random_crop=c.random_crop, flip=c.random_flip)
+            where = f"--data {c.data}"
+        elif c.latents:
+            data, where = open_latents(c.latents), f"the latent cache {c.latents}"
+        else:
+            raise UserError("training data: give --latents CACHE (`ldm cache-latents`) or --data IMAGE_FOLDER")
+        if hasattr(data, "bind"):
+            data.bind(self.autoencoder)
+        else:
+            check_cache_matches(data, self.autoencoder, where, c.autoencoder or c.init_from)
+        return data, where
+
+    def adapt(self, model: Stage2) -> Stage2:
+        """What trains: everything built fresh; of a pretrained model the denoiser, and its text encoder
+        with --train-text-encoder (a method that trains adapters overrides this)."""
+        c = self.config
+        conditioner = model.conditioner
+        frozen_text = getattr(conditioner, "model", None) is not None and hasattr(conditioner, "trainable")
+        if frozen_text and c.train_text_encoder:
+            conditioner.model.requires_grad_(True)
+        elif c.train_text_encoder:
+            raise UserError(f"--train-text-encoder: the conditioner ({type(conditioner).__name__}) is not a "
+                            "pretrained text encoder (it trains anyway when it is trainable)")
+        if c.gradient_checkpointing:
+            parts.enable_gradient_checkpointing(model)
         return model
+
+    @property
+    def sampler(self) -> str:
+        return self.config.sample_sampler or ("flow_euler" if self.objective == "flow" else "dpmpp_2m")
+
+    def param_groups(self, model: nn.Module) -> dict[str, list[dict]]:
+        """AdamW groups; a trained pretrained text encoder at its own --text-encoder-lr."""
+        groups = super().param_groups(model)
+        lr = self.config.text_encoder_lr
+        text = getattr(model.conditioner, "model", None)
+        if lr is None or text is None:
+            return groups
+        ids = {id(p) for p in text.parameters()}
+        main = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in groups["main"]]
+        text_params = [p for p in text.parameters() if p.requires_grad]
+        return {"main": [g for g in main if g["params"]] + [{"params": text_params, "weight_decay": 0.0, "lr": lr}]}
 
     # ---- batches ----------------------------------------------------------------------------
     def _epoch_order(self, epoch: int) -> list[int]:
         """The order epoch `epoch` visits the items in (a permutation seeded by (seed, epoch))."""
         return torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.config.seed + epoch)).tolist()
+
+    def step_items(self, step: int) -> list[int]:
+        """The items of step `step`'s global batch: the k-th block of `batch_size` of its epoch's order."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if getattr(self, "_order", (None,))[0] != epoch:
+            self._order = (epoch, self._epoch_order(epoch))
+        b = self.config.batch_size
+        return self._order[1][k * b:(k + 1) * b]
 
     def draw(self, step: int) -> dict:
         """All randomness of optimiser step `step`, for the whole global batch (CPU)."""
@@ -191,63 +269,75 @@ class LDM(Method):
         g = torch.Generator().manual_seed((c.seed * 1_000_003 + step * 7919 + 12345) % (2**63 - 1))
         shape = (c.batch_size, *self.data.latent_shape)
         method = c.timestep_sampling if c.timestep_sampling != "auto" else (
-            "logit_normal" if c.objective == "flow" else "uniform")
+            "logit_normal" if self.objective == "flow" else "uniform")
         out = {"post": torch.randn(shape, generator=g), "noise": torch.randn(shape, generator=g),
                "t": sample_timesteps(self.schedule, c.batch_size, g, method=method),
                "drop": torch.rand(c.batch_size, generator=g) < c.cond_drop}
-        if c.spatial == "inpaint":
+        if self.spatial_kind == "inpaint":
             out["mask"] = sp.random_masks(c.batch_size, *self._image_size(), generator=g)
         if self.noise_labels:
             out["level"] = torch.randint(0, c.noise_level_max + 1, (c.batch_size,), generator=g)
             out["lr_noise"] = torch.randn(c.batch_size, 3, *self.data.latent_shape[1:], generator=g)
+        if not isinstance(self.data, LatentData):  # crops and flips of images encoded per step
+            out["aug"] = torch.randint(0, 2**62, (c.batch_size,), generator=g)
         return out
 
     def batches(self, start: int):
-        """Step k of an epoch is the k-th block of `batch_size` items of its order; the block splits into
-        W x accum micro-batches of m rows, rank r taking the accum micro-batches r*accum ... (r+1)*accum - 1
-        -- so one process with W*accum accumulation steps computes the very same micro-batches."""
+        """Step k's global batch splits into W x accum micro-batches of m rows, rank r taking the accum
+        micro-batches r*accum ... (r+1)*accum - 1 -- so one process with W*accum accumulation steps
+        computes the very same micro-batches."""
         c, m = self.config, self.micro
         first = self.ctx.rank * c.grad_accum
-        order: tuple[int, list[int]] | None = None
         for step in itertools.count(start):
-            epoch, k = divmod(step, self.steps_per_epoch)
-            if order is None or order[0] != epoch:
-                order = (epoch, self._epoch_order(epoch))
-            draws = self.draw(step)
+            items, draws = self.step_items(step), self.draw(step)
             micro_batches = []
             for a in range(first, first + c.grad_accum):
                 rows = torch.arange(a * m, (a + 1) * m)  # rows of the step's global batch and draws
-                idx = order[1][k * c.batch_size + a * m: k * c.batch_size + (a + 1) * m]
-                micro_batches.append(self.micro_batch(idx, rows, draws, step))
+                micro_batches.append(self.micro_batch(items[a * m:(a + 1) * m], rows, draws, step))
             yield micro_batches
 
     def micro_batch(self, idx: list[int], rows: torch.Tensor, draws: dict, step: int) -> dict:
         c, dev, data = self.config, self.device, self.data
         ix = torch.as_tensor(idx, dtype=torch.long)
-        mean, std = data.mean[ix].to(dev), data.std[ix].to(dev)
+        pixels = None
+        if isinstance(data, LatentData):
+            mean, std = data.mean[ix].to(dev), data.std[ix].to(dev)
+        else:
+            pixels = data.pixels(idx, draws["aug"][rows].tolist())
+            mean, std = parts.encode_posterior(self.autoencoder, pixels.to(dev))
         z0 = mean + std * draws["post"][rows].to(dev) if c.sample_posterior else mean
-        conditions = data.conditions(c.conditioning, idx)
-        if conditions is not None and c.conditioning == "text" and self.caption_transform is not None:
-            conditions = list(self.caption_transform(conditions, step))
+        conditions = self.conditions_of(idx, rows, draws, step)
         batch = {"z0": z0, "noise": draws["noise"][rows].to(dev), "t": draws["t"][rows], "conditions": conditions,
                  "drop": draws["drop"][rows].to(dev) if conditions is not None and c.cond_drop > 0 else None,
-                 "concat": None, "labels": None}
+                 "concat": None, "labels": None, "weight": self.row_weights(idx)}
         if self.spatial is not None:
-            batch["concat"], batch["labels"] = self.spatial_input(ix, draws, rows)
+            batch["concat"], batch["labels"] = self.spatial_input(ix, draws, rows, pixels)
         return batch
+
+    def conditions_of(self, idx: list[int], rows: torch.Tensor, draws: dict, step: int) -> list | None:
+        """The captions / labels of a micro-batch's items (after the caption transform)."""
+        conditions = self.data.conditions(self.conditioning, idx)
+        if conditions is not None and self.conditioning == "text" and self.caption_transform is not None:
+            conditions = list(self.caption_transform(conditions, step))
+        return conditions
+
+    def row_weights(self, idx: list[int]) -> torch.Tensor | None:
+        """Per-row loss weights (None: all 1); the loss is the mean of weight x row loss."""
+        return None
 
     def _image_size(self) -> tuple[int, int]:
         f = self.autoencoder.downsample_factor
         return self.data.latent_shape[1] * f, self.data.latent_shape[2] * f
 
     @torch.no_grad()
-    def spatial_input(self, ix: torch.Tensor, draws: dict, rows: torch.Tensor):
+    def spatial_input(self, ix: torch.Tensor, draws: dict, rows: torch.Tensor, pixels: torch.Tensor | None = None):
         """(concat [b, C, h, w], labels [b] or None) of a micro-batch: what the pipelines concatenate."""
-        kind, size = self.config.spatial, self.data.latent_shape[1:]
+        kind, size = self.spatial_kind, self.data.latent_shape[1:]
         if kind == "semantic":
             maps = self.data.segmentation[ix].long()
             return sp.one_hot_map(maps, self.spatial.config.num_classes, size).to(self.device), None
-        image = self.data.images[ix].float().div(127.5).sub(1).to(self.device)
+        image = pixels if pixels is not None else self.data.images[ix].float().div(127.5).sub(1)
+        image = image.to(self.device)
         if kind == "inpaint":
             mask = draws["mask"][rows].to(self.device)
             masked = self.autoencoder.encode_latents(image * (1 - mask), sample=False).float()
@@ -260,12 +350,13 @@ class LDM(Method):
 
     # ---- the loss ---------------------------------------------------------------------------
     def loss(self, model, batch, phase, step):
-        c = self.config
         z_t = q_sample(self.schedule, batch["z0"], batch["noise"], batch["t"])
         t = model_timestep(self.schedule, batch["t"]).to(self.device, torch.float32)
         out = model(z_t, t, batch["conditions"], batch["drop"], batch["concat"], batch["labels"])
-        loss = training_loss(self.schedule, c.objective, out, batch["z0"], batch["noise"], batch["t"],
-                             weighting=c.loss_weighting).mean()
+        rows = training_loss(self.schedule, self.objective, out, batch["z0"], batch["noise"], batch["t"],
+                             weighting=self.config.loss_weighting)
+        weight = batch.get("weight")
+        loss = (rows * weight.to(rows)).mean() if weight is not None else rows.mean()
         return loss, {"loss": loss.detach()}
 
     def probe_batches(self, batch):
@@ -281,281 +372,76 @@ class LDM(Method):
 
     # ---- bookkeeping and outputs ----------------------------------------------------------------
     def state(self) -> dict:
-        return {"data": self.data.fingerprint(), **_text_encoder_state(self.model.conditioner)}
+        return {"data": self.data.fingerprint(), "source_sha256": self.source_sha256,
+                **parts.text_encoder_state(self.model.conditioner)}
 
     def load_state(self, state: dict) -> None:
         if state.get("data") and state["data"] != self.data.fingerprint():
-            raise UserError("the latent data changed since the run started (other items, shapes or values); "
-                            "resume on the cache the run was started with")
+            raise UserError("the training data changed since the run started (other items, shapes or values); "
+                            "resume on the data the run was started with")
+        if state.get("source_sha256") and state["source_sha256"] != self.source_sha256:
+            raise UserError(f"--init-from {self.config.init_from} holds other weights than the model the run "
+                            "started from; resume with that model")
 
     def describe(self) -> dict:
         conditioner = self.model.conditioner
-        return {"schedule": self.schedule.to_dict(), "denoiser": _config_dict(self.model.denoiser),
-                "conditioner": _config_dict(conditioner), "spatial": _config_dict(self.spatial),
-                "latent_shape": list(self.data.latent_shape), "num_items": len(self.data)}
+        return {"schedule": self.schedule.to_dict(), "objective": self.objective, "conditioning": self.conditioning,
+                "denoiser": parts.config_dict(self.model.denoiser), "conditioner": parts.config_dict(conditioner),
+                "spatial": parts.config_dict(self.spatial), "latent_shape": list(self.data.latent_shape),
+                "num_items": len(self.data)}
 
     def pipeline(self, model: Stage2):
         """A sampling Pipeline over these weights: what `ldm sample` (inpaint, upscale, semantic) will run."""
         from ldmkit.pipelines import Pipeline
 
-        c = self.config
-        return Pipeline(self.autoencoder, model.denoiser, self.schedule, model.conditioner, prediction=c.objective,
-                        conditioning=c.conditioning, concat=c.spatial, latent_size=list(self.data.latent_shape[1:]),
-                        defaults=self.defaults(), spatial=self.spatial)
+        return Pipeline(self.autoencoder, model.denoiser, self.schedule, model.conditioner, prediction=self.objective,
+                        conditioning=self.conditioning, concat=self.spatial_kind,
+                        latent_size=list(self.data.latent_shape[1:]), defaults=self.defaults(), spatial=self.spatial)
 
     def defaults(self) -> dict:
-        d = {"sampler": self.config.sampler, "steps": self.config.sample_steps, "guidance": self.config.guidance}
+        d = {"sampler": self.sampler, "steps": self.config.sample_steps, "guidance": self.config.guidance}
         if self.noise_labels:
             d["noise_level"] = min(20, self.config.noise_level_max)  # the x4 upscaler's default, within range
         return d
 
+    def sample_prompts(self) -> list:
+        return list(self.config.sample_prompts) or self.data.first_conditions(self.conditioning, 4)
+
     def samples(self, model: Stage2, path: Path, step: int) -> None:
         """Fixed prompts x fixed seeds through the sampling pipeline: a row per seed (spatial runs: the
-        first cached items regenerated from their spatial input, the inputs in the first row)."""
+        first items regenerated from their spatial input, the inputs in the first row)."""
         from ldmkit.io.images import make_grid, save_png
 
         c = self.config
         pipe = self.pipeline(model)
-        settings = dict(sampler=c.sampler, steps=c.sample_steps, guidance=c.guidance, progress=False)
-        if c.spatial is not None:
-            images, prompts = spatial_grid(self, pipe, settings)
+        settings = dict(sampler=self.sampler, steps=c.sample_steps, guidance=c.guidance, progress=False)
+        if self.spatial_kind is not None:
+            images, prompts = parts.spatial_grid(self, pipe, settings)
         else:
-            prompts = list(c.sample_prompts) or self.data.first_conditions(c.conditioning, 4)
-            kw = {"class_label": prompts} if c.conditioning == "class" else (
-                {"prompt": prompts} if c.conditioning == "text" else {})
+            prompts = self.sample_prompts()
+            kw = {"class_label": prompts} if self.conditioning == "class" else (
+                {"prompt": prompts} if self.conditioning == "text" else {})
             images = [r.image for seed in c.sample_seeds
                       for r in pipe.text2img(num=max(1, len(prompts)), seed=seed, batch_size=max(1, len(prompts)),
                                              **kw, **settings)]
         save_png(make_grid(images, nrow=max(1, len(prompts))), path,
                  {"step": step, "prompts": json.dumps([str(p) for p in prompts]),
-                  "seeds": json.dumps(list(c.sample_seeds)), "guidance": c.guidance, "sampler": c.sampler,
+                  "seeds": json.dumps(list(c.sample_seeds)), "guidance": c.guidance, "sampler": self.sampler,
                   "steps": c.sample_steps})
+
+    def usage(self, result: Path) -> str:
+        task = {"inpaint": "inpaint --image IMG --mask MASK", "upscale": "upscale --image LOWRES",
+                "semantic": "semantic --map MAP.png"}.get(self.spatial_kind, "sample")
+        return f"model written to {result} (load with: ldm {task} --model {result} ...)"
 
     def export(self, model: Stage2, out: Path) -> Path:
         """The averaged weights as a model folder `ldm sample --model` loads."""
         from ldmkit.io.format import save_model
         from ldmkit.training.config import to_dict
 
-        c = self.config
-        index = {"schedule": self.schedule.to_dict(), "objective": c.objective, "conditioning": c.conditioning,
-                 "concat": c.spatial, "latent_size": list(self.data.latent_shape[1:]), "defaults": self.defaults(),
-                 "training": {"method": self.name, "config": to_dict(c)}}
+        index = {"schedule": self.schedule.to_dict(), "objective": self.objective, "conditioning": self.conditioning,
+                 "concat": self.spatial_kind, "latent_size": list(self.data.latent_shape[1:]),
+                 "defaults": self.defaults(), "training": {"method": self.name, "config": to_dict(self.config)}}
         components = {"autoencoder": self.autoencoder, "denoiser": model.denoiser, "conditioner": model.conditioner,
                       "spatial": self.spatial}
         return save_model(out / "model", components, index)
-
-
-def spatial_grid(method: LDM, pipe, settings: dict, n: int = 4) -> tuple[list, list]:
-    """Sample-grid images of a spatial run: the first `n` cached items regenerated from their spatial
-    input with their own condition -- first row the inputs (masked image, low-res image, coloured map),
-    then a row per seed -- through the tasks `ldm inpaint` / `ldm upscale` / `ldm semantic` run."""
-    from ldmkit.io.images import tensor_to_pil
-
-    c, data = method.config, method.data
-    n = min(n, len(data))
-    conds = data.conditions(c.conditioning, list(range(n))) or [None] * n
-
-    def kw(cond):
-        return {"class_label": cond} if c.conditioning == "class" else (
-            {"prompt": cond} if c.conditioning == "text" else {})
-
-    if c.spatial == "semantic":
-        seg = data.segmentation[:n].long()
-        outputs = [r.image for seed in c.sample_seeds
-                   for r in pipe.semantic2img(seg, num=n, seed=seed, batch_size=n, **kw(conds), **settings)]
-        return [tensor_to_pil(x) for x in sp.segmentation_colours(seg)] + outputs, conds
-    images = data.images[:n].float() / 127.5 - 1
-    inputs, outputs = [], [[] for _ in c.sample_seeds]
-    for k in range(n):
-        if c.spatial == "inpaint":
-            mask = sp.centre_mask(*images.shape[-2:])
-            inputs.append(tensor_to_pil(images[k] * (1 - mask[0])))
-            for row, seed in zip(outputs, c.sample_seeds):
-                row.append(pipe.inpaint(images[k], mask, seed=seed + k, **kw(conds[k]), **settings)[0].image)
-        else:
-            low = sp.low_res_input(images[k:k + 1], data.latent_shape[1:])[0]
-            f = method.autoencoder.downsample_factor
-            inputs.append(tensor_to_pil(torch.nn.functional.interpolate(low[None], scale_factor=f)[0]))
-            for row, seed in zip(outputs, c.sample_seeds):
-                row.append(pipe.upscale(low, seed=seed + k, **kw(conds[k]), **settings)[0].image)
-    return inputs + [im for row in outputs for im in row], conds
-
-
-# --------------------------------------------------------------------------- the pieces of a run
-def make_schedule(c: LDMConfig):
-    """A DiscreteSchedule (SD's offsets for scaled_linear, trailing spacing otherwise) or a FlowSchedule."""
-    if c.objective == "flow":
-        return FlowSchedule(num_train_timesteps=c.num_train_timesteps)
-    betas = {"scaled_linear": (0.00085, 0.012)}.get(c.schedule, (1e-4, 0.02))
-    sd = c.schedule == "scaled_linear"
-    return DiscreteSchedule(beta_schedule=c.schedule, num_train_timesteps=c.num_train_timesteps, beta_start=betas[0],
-                            beta_end=betas[1], timestep_spacing="leading" if sd else "trailing",
-                            steps_offset=1 if sd else 0)
-
-
-def load_frozen_autoencoder(folder: str, device) -> nn.Module:
-    from ldmkit.io.format import load_component
-
-    if not folder:
-        raise UserError("--autoencoder: a component folder is required (the autoencoder/ folder "
-                        "`ldm train-autoencoder` writes)")
-    ae = load_component(folder, device=device)
-    return ae.requires_grad_(False).eval()
-
-
-def uses_noise_labels(c: LDMConfig) -> bool:
-    """Upscale runs whose UNet takes the low-res noise level as class label (SD x4 upscaler's contract)."""
-    return c.spatial == "upscale" and c.denoiser == "unet" and c.conditioning != "class" and c.noise_level_max > 0
-
-
-def build_spatial(c: LDMConfig, data: LatentData, autoencoder: nn.Module, where: str):
-    """The run's SpatialConditioner (None without `spatial`), after checking the cache holds what it
-    is built from, at the size the autoencoder encodes to the cached latents."""
-    if c.spatial is None:
-        return None
-    ch, h, w = data.latent_shape
-    if c.spatial == "semantic":
-        if data.segmentation is None:
-            raise UserError(f"spatial 'semantic' needs segmentation maps, but {where} has none; rebuild it with "
-                            "`ldm cache-latents --segmentation ...` (shapes) or `--maps DIR` (an image folder)")
-        size = tuple(data.segmentation.shape[-2:])
-        num_classes = len(data.segmentation_classes or ()) or int(data.segmentation.max()) + 1
-    else:
-        if data.images is None:
-            raise UserError(f"spatial {c.spatial!r} needs the source images, but {where} stores none; rebuild it "
-                            "with `ldm cache-latents --store-images ...`")
-        size, num_classes = tuple(data.images.shape[-2:]), 0
-    f = autoencoder.downsample_factor
-    if size != (h * f, w * f):
-        raise UserError(f"{where} holds {size[0]}x{size[1]} images/maps but {h}x{w} latents; with the "
-                        f"autoencoder's factor {f} they must be {h * f}x{w * f}")
-    if c.spatial == "inpaint" and autoencoder.latent_channels != ch:
-        raise UserError(f"the autoencoder makes {autoencoder.latent_channels}-channel latents, the cache holds {ch}")
-    return sp.SpatialConditioner(sp.SpatialConfig(c.spatial, latent_channels=ch, num_classes=num_classes,
-                                                  latent_size=(h, w)))
-
-
-def build_conditioner(c: LDMConfig, data: LatentData, extra: dict) -> nn.Module | None:
-    """A fresh conditioner: a class-label table, the frozen MiniLM, or the LDM paper's trainable text
-    transformer with a word vocabulary from the captions (or the one `extra` recorded: a resumed run's,
-    an `--init-from` checkpoint's)."""
-    if c.conditioning == "none":
-        return None
-    torch.manual_seed(c.seed + 1)
-    if c.conditioning == "class":
-        from ldmkit.conditioning import ClassConditioner, ClassConfig
-
-        # UNets with cross-attention also get a one-token class context (the LDM paper's class model)
-        cross = c.denoiser == "unet" and preset_table(c.denoiser, c.preset).has_cross_attention
-        return ClassConditioner(ClassConfig(num_classes=data.num_classes, class_names=tuple(data.class_names or ()),
-                                            context_dim=_cross_dim(c) if cross else None))
-    longest = max(len(str(t).split()) for t in set(data.captions))
-    if c.text_encoder == "minilm":
-        from ldmkit.conditioning import BertTextEncoder
-
-        # word pieces ~ 1.3 per word, plus [CLS]/[SEP]; room for longer prompts at sampling time
-        return BertTextEncoder.from_pretrained(max_length=max(16, 2 * longest + 8), use_mask=True,
-                                               hidden_layer=c.text_encoder_layer, normalize=c.normalize_text)
-    from ldmkit.conditioning.text import TransformerTextConfig, TransformerTextEncoder, word_tokenizer_from_vocab
-
-    if "text_encoder" in extra:
-        saved = extra["text_encoder"]
-        return TransformerTextEncoder(TransformerTextConfig(**saved["config"]), word_tokenizer_from_vocab(saved["vocab"]))
-    return TransformerTextEncoder.from_captions(sorted(set(data.captions)), width=_cross_dim(c),
-                                                max_length=max(8, longest + 4), normalize=c.normalize_text,
-                                                **TEXT_ENCODERS[c.text_encoder])
-
-
-def _cross_dim(c: LDMConfig, conditioner=None) -> int:
-    """Width of the token sequence the denoiser attends to: a frozen encoder's hidden size, else the preset's."""
-    if c.conditioning == "text" and c.text_encoder in FROZEN_TEXT_ENCODERS and conditioner is not None:
-        return conditioner.model.config.hidden_size
-    cfg = preset_table(c.denoiser, c.preset)
-    return cfg.cross_attention_dim if c.denoiser == "unet" else (cfg.cross_attention_dim or cfg.hidden_size)
-
-
-def build_denoiser(c: LDMConfig, data: LatentData, conditioner, spatial) -> nn.Module:
-    """The preset fitted to the latents (channels, size), the conditioning and the spatial input."""
-    cfg = preset_table(c.denoiser, c.preset)
-    ch, h, _ = data.latent_shape
-    extra = spatial.channels if spatial is not None else 0
-    torch.manual_seed(c.seed)
-    if c.denoiser == "dit":
-        from ldmkit.denoisers.dit import DiT
-
-        return DiT(dataclasses.replace(cfg, in_channels=ch + extra, out_channels=ch, learn_sigma=False, sample_size=h,
-                                       num_classes=data.num_classes if c.conditioning == "class" else None,
-                                       cross_attention_dim=_cross_dim(c, conditioner) if c.conditioning == "text"
-                                       else None))
-    from ldmkit.denoisers.unet import UNet
-
-    changes = dict(in_channels=ch + extra, out_channels=ch, sample_size=h)
-    if c.conditioning == "text":
-        changes["cross_attention_dim"] = _cross_dim(c, conditioner)
-    if c.conditioning == "class":
-        changes["num_class_embeds"] = data.num_classes + 1
-    elif uses_noise_labels(c):  # the x4 upscaler's noise level enters as a class label
-        changes["num_class_embeds"] = sp.NOISE_LEVELS
-    if c.conditioning == "none":  # no context: the same levels without cross-attention
-        changes.update(down_block_types=tuple("DownBlock2D" for _ in cfg.down_block_types),
-                       up_block_types=tuple("UpBlock2D" for _ in cfg.up_block_types),
-                       mid_block_type="UNetMidBlock2D" if cfg.mid_block_type else None)
-    unet = UNet(dataclasses.replace(cfg, **changes))
-    if not (c.context_adapter_layers or c.position_features):
-        return unet
-    from ldmkit.denoisers.extensions import ExtendedUNet, ExtendedUNetConfig
-
-    return ExtendedUNet(ExtendedUNetConfig(unet=unet.config, context_adapter_layers=c.context_adapter_layers,
-                                           position_features=c.position_features), unet=unet)
-
-
-def _init_modules(init: dict) -> dict:
-    """From an `--init-from` model folder: its denoiser and conditioner weights, and its conditioner
-    itself when that is a trainable word-level encoder (its vocabulary must be kept)."""
-    from ldmkit.conditioning import TransformerTextEncoder
-    from ldmkit.io import load_model
-
-    _, comps = load_model(init["folder"], device="cpu")
-    out = {"denoiser": comps.get("denoiser"), "conditioner": comps.get("conditioner")}
-    if isinstance(out["conditioner"], TransformerTextEncoder):
-        out["conditioner_module"] = out["conditioner"]
-    return out
-
-
-def _init_weights(init: dict, modules: dict) -> dict:
-    if "folder" not in init:  # a checkpoint: its averaged weights where it has them
-        return (init.get("ema") or {}).get("weights") or init["model"]
-    state = {f"denoiser.{k}": v for k, v in modules["denoiser"].state_dict().items()}
-    if modules.get("conditioner") is not None:
-        state.update({f"conditioner.{k}": v for k, v in modules["conditioner"].state_dict().items()})
-    return state
-
-
-def load_weights(model: nn.Module, state: dict, source: str) -> None:
-    """Start `model` from `state`: every trained parameter must be there with its shape (frozen ones may
-    be absent: they come from where the run took them)."""
-    mine = model.state_dict()
-    trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    missing = sorted(trained - set(state))
-    unexpected = sorted(set(state) - set(mine))
-    shapes = sorted(k for k in set(mine) & set(state) if mine[k].shape != state[k].shape)
-    if missing or unexpected or shapes:
-        raise UserError(f"--init-from {source}: its weights do not fit this run's model (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}, other shapes {shapes[:3]}); use the same denoiser, preset, "
-                        "conditioning, text encoder and extensions")
-    model.load_state_dict({k: v for k, v in state.items() if k in mine}, strict=False)
-
-
-def _text_encoder_state(conditioner) -> dict:
-    """A trainable word-level encoder's vocabulary and config (kept in checkpoints, so a run started
-    `--init-from` one, or resumed, keeps the word ids)."""
-    from ldmkit.conditioning import TransformerTextEncoder
-
-    if not isinstance(conditioner, TransformerTextEncoder):
-        return {}
-    return {"text_encoder": {"vocab": conditioner.tokenizer.get_vocab(), "config": dataclasses.asdict(conditioner.config)}}
-
-
-def _config_dict(module) -> dict | None:
-    cfg = getattr(module, "config", None)
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str)) if dataclasses.is_dataclass(cfg) else None
