@@ -115,6 +115,11 @@ def _build_world(root: Path) -> Path:
     ckpt = im.to_original_checkpoint(pipe, "sd1")
     save_file({k: v.contiguous() for k, v in ckpt.items()}, str(root / "sd1.safetensors"))
     shutil.rmtree(root / "work")
+    # a valid LoRA (kohya names) and embedding for the diffusers model
+    q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{q}.lora_down.weight": torch.randn(2, 32), f"{q}.lora_up.weight": torch.randn(32, 2),
+               f"{q}.alpha": torch.tensor(2.0)}, str(root / "lora.safetensors"))
+    save_file({"emb_params": torch.randn(2, 128)}, str(root / "emb.safetensors"))
     return root
 
 
@@ -993,6 +998,54 @@ def train_autoencoder_cases() -> list[Case]:
     return out
 
 
+# ----------------------------------------------------------------------------- adapters
+def adapter_cases() -> list[Case]:
+    """--lora / --embedding files: damaged, malicious, of another model, or not adapters at all."""
+    m = f"{W}/sd1-diffusers"
+    out = []
+    for how in SAFETENSORS_CORRUPTIONS:
+        for flag, name in (("--lora", "lora.safetensors"), ("--embedding", "emb.safetensors")):
+            setup = (_copy(name), _step(functools.partial(corrupt_safetensors, how=how), name))
+            out.append(Case(f"adapter{flag}-{how}", _gen("sample", m, flag, f"{T}/{name}"), setup))
+        out.append(Case(f"adapter-convert-lora-{how}", ("convert", "--from", m, "--to", f"{T}/out", "--lora",
+                                                         f"{T}/lora.safetensors"),
+                        (_copy("lora.safetensors"), _step(functools.partial(corrupt_safetensors, how=how),
+                                                          "lora.safetensors"))))
+    for style in ("torch-zip-system", "torch-zip-open", "legacy-pickle"):
+        out.append(Case(f"adapter-embedding-pickle-{style}", _gen("sample", m, "--embedding", f"{T}/e.pt"),
+                        (_step(functools.partial(malicious_pickle, style=style), "e.pt"),), marker=True))
+        out.append(Case(f"adapter-lora-pickle-{style}", _gen("sample", m, "--lora", f"{T}/l.ckpt"),
+                        (_step(functools.partial(malicious_pickle, style=style), "l.ckpt"),), marker=True))
+    from safetensors.torch import save as st_save
+
+    q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    wrong = {
+        "lora-other-base": {"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(2, 640),
+                            "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(640, 2)},
+        "lora-wide": {f"{q}.lora_down.weight": torch.zeros(2, 320), f"{q}.lora_up.weight": torch.zeros(320, 2)},
+        "lora-rank-mismatch": {f"{q}.lora_down.weight": torch.zeros(4, 32), f"{q}.lora_up.weight": torch.zeros(32, 2)},
+        "lora-no-up": {f"{q}.lora_down.weight": torch.zeros(2, 32)},
+        "lora-inf": {f"{q}.lora_down.weight": torch.full((2, 32), float("inf")), f"{q}.lora_up.weight": torch.zeros(32, 2)},
+        "lora-int": {f"{q}.lora_down.weight": torch.zeros(2, 32, dtype=torch.int32),
+                     f"{q}.lora_up.weight": torch.zeros(32, 2, dtype=torch.int32)},
+        "lora-not-lora": {"first_stage_model.encoder.conv_in.weight": torch.zeros(2)},
+        "embedding-wide": {"emb_params": torch.zeros(2, 768)},
+        "embedding-3d": {"emb_params": torch.zeros(2, 2, 128)},
+        "embedding-two": {"a": torch.zeros(1, 128), "b": torch.zeros(1, 128)},
+        "embedding-sdxl": {"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)},
+        "embedding-taken-token": {"cat</w>": torch.zeros(1, 128)},
+    }
+    for label, tensors in wrong.items():
+        flag = "--lora" if label.startswith("lora") else "--embedding"
+        out.append(Case(f"adapter-{label}", _gen("sample", m, flag, f"{T}/x.safetensors"),
+                        (_bytes_file("x.safetensors", st_save(tensors)),)))
+    out += [Case("adapter-lora-missing", _gen("sample", m, "--lora", f"{T}/nope.safetensors")),
+            Case("adapter-lora-bad-scale", _gen("sample", m, "--lora", f"{W}/lora.safetensors:1e9")),
+            Case("adapter-lora-folder", _gen("sample", m, "--lora", f"{T}/d"), (_dir("d"),)),
+            Case("adapter-embedding-space-token", _gen("sample", m, "--embedding", f"{W}/emb.safetensors:a b"))]
+    return out
+
+
 # ----------------------------------------------------------------------------- all cases
 CASES_BY_COMMAND: dict[str, Callable[[], list[Case]]] = {
     "weights files": weights_cases,
@@ -1010,6 +1063,7 @@ CASES_BY_COMMAND: dict[str, Callable[[], list[Case]]] = {
     "ae-stats / eval-autoencoder": autoencoder_command_cases,
     "train": train_cases,
     "train-autoencoder": train_autoencoder_cases,
+    "adapters": adapter_cases,
 }
 
 
