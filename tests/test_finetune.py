@@ -111,6 +111,13 @@ def test_full_fine_tuning_from_a_pretrained_model(base, tmp_path, source):
     assert (tmp_path / "run" / "samples").is_dir()
     index, comps = load_model(folder)
     assert index["objective"] == "eps" and index["training"]["method"] == "finetune"
+    # its checkpoints hold what it trained, not the network: a fresh run cannot start from one alone
+    from ldmkit.training import LDM, LDMConfig
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step-2.pt"
+    with pytest.raises(UserError, match="fine-tuned .* start from its model"):
+        Trainer(LDM(LDMConfig(init_from=str(ckpt), data=str(base / "data"), autoencoder=str(base / "none"),
+                              out=str(tmp_path / "from-ckpt"), device="cpu", progress=False)))
     save_diffusers(tmp_path / "exported", index, comps)
     ours = load(folder, device="cpu", dtype=torch.float32)
     p = psnr(our_image(ours, "the red cat"), diffusers_image(diffusers_pipe(tmp_path / "exported"), "the red cat"))
@@ -266,6 +273,24 @@ def test_finetune_flags_route_and_bad_settings(base, tmp_path):
         FineTune(config(base, tmp_path, instance_data=str(base / "data")))
     with pytest.raises(UserError, match="match no Linear/Conv2d"):
         Trainer(FineTune(config(base, tmp_path, lora_rank=2, lora_targets=("nothing_here",))))
+    with pytest.raises(UserError, match="give --instance-data DIR"):
+        FineTune(config(base, tmp_path, instance_prompt="a sks cat"))
+    # textual inversion on --data needs no captions (templates); a .pt that is not a checkpoint is refused
+    (tmp_path / "bare").mkdir()
+    from PIL import Image
+
+    for i in range(2):
+        Image.new("RGB", (16, 16), (i * 90, 20, 200)).save(tmp_path / "bare" / f"{i}.png")
+    ti = Trainer(FineTune(config(base, tmp_path, data=str(tmp_path / "bare"), textual_inversion=True, token="<b>",
+                                 init_word="cat", out=str(tmp_path / "ti"))))
+    ti.lock.release()
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "model.pt")
+    from ldmkit.training.loop import load_init
+
+    with pytest.raises(UserError, match="not an `ldm train` checkpoint"):
+        load_init(str(tmp_path / "model.pt"))
+    with pytest.raises(UserError, match="read as a training checkpoint"):
+        FineTune(config(base, tmp_path, init_from=str(tmp_path / "model.pt")))
     with pytest.raises(UserError, match="already in the tokenizer"):
         Trainer(FineTune(config(base, tmp_path, data="", instance_data=str(base / "data"), textual_inversion=True,
                                 token="cat</w>", init_word="cat", out=str(tmp_path / "t2"))))

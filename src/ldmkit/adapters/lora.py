@@ -2,7 +2,7 @@
 
     training   attach(module, rank, alpha, targets)   peft's LoRA layers around the chosen Linear/Conv2d
                extract(module) -> {path: LoRALayer}  the trained factors, plain tensors
-    files      io/lora_files.py                      diffusers/peft and kohya names, both ways
+    files      io/adapter_files.py                      diffusers/peft and kohya names, both ways
     sampling   merge(components, lora, scale)        W += scale * (alpha / r) * up @ down, in place
 
 A `LoRA` holds the layers of each component it adapts, keyed by the component's name in the

@@ -450,13 +450,16 @@ class Trainer:
 
 
 def load_init(source: str) -> dict:
-    """What a run starts from: an `ldm train` checkpoint ({"model": trained weights, "ema": ..., "extra":
-    ...}), or a model in any format ({"source": path}: a method fine-tunes it)."""
+    """What a run starts from: a `.pt` file is an `ldm train` checkpoint ({"model": trained weights, "ema":
+    ..., "extra": ..., "config": ...}); anything else is a model in any format ({"source": path}), which
+    a method fine-tunes (single-file models are .safetensors / .ckpt / .pth / .bin)."""
     p = Path(source)
-    if p.is_file() and p.suffix == ".pt":
+    if p.suffix == ".pt":
         state = common.load_training_state(p)
-        if isinstance(state, dict) and "model" in state and "method" in state:
-            return {"checkpoint": str(p), **state}
+        if "model" not in state or "method" not in state:
+            raise UserError(f"--init-from {source}: not an `ldm train` checkpoint (a .pt file given to --init-from "
+                            "is read as one; a model's single file is .safetensors or .ckpt)")
+        return {"checkpoint": str(p), **state}
     from ldmkit.io import resolve_model_path
 
     return {"source": str(resolve_model_path(source))}

@@ -82,8 +82,9 @@ class FineTuneConfig(LDMConfig):
     def validate(self) -> None:
         super().validate()
         if not self.fine_tunes:
+            got = f" ({self.init_from} is a .pt file, read as a training checkpoint)" if self.init_from else ""
             raise UserError("finetune adapts a pretrained model: give --init-from MODEL (an ldmkit or diffusers "
-                            "folder, an original single file, or a bundled model name)")
+                            f"folder, an original single file, or a bundled model name){got}")
         if self.textual_inversion:
             if not self.token or not self.init_word:
                 raise UserError("--textual-inversion needs --token (the new word) and --init-word (where it starts)")
@@ -98,6 +99,8 @@ class FineTuneConfig(LDMConfig):
             if self.batch_size % 2:
                 raise UserError(f"batch_size {self.batch_size}: with --class-prompt half of each batch are class "
                                 "images, so it must be even")
+        if (self.instance_prompt or self.class_data) and not self.instance_data:
+            raise UserError("--instance-prompt and --class-data describe --instance-data; give --instance-data DIR")
         sources = [n for n in ("instance_data", "data", "latents") if getattr(self, n)]
         if len(sources) != 1:
             raise UserError("training data: give one of --instance-data, --data or --latents"
@@ -125,7 +128,8 @@ class FineTune(LDM):
     # ---- data ---------------------------------------------------------------------------------
     def open_data(self, source):
         c = self.config
-        if not c.instance_data:
+        folder = c.instance_data or (c.data if c.textual_inversion else "")  # TI captions come from templates
+        if not folder:
             return super().open_data(source)
         from ldmkit.data.image_data import ImageData
         from ldmkit.training.methods import ldm_parts as parts
@@ -135,8 +139,9 @@ class FineTune(LDM):
                             "DreamBooth and textual inversion need a text-conditioned one")
         size = c.resolution or parts.default_resolution(source, self.autoencoder)
         caption = c.instance_prompt or (c.token if c.textual_inversion else None)
-        data = ImageData.from_folder(c.instance_data, size, caption=caption, random_crop=c.random_crop,
-                                     flip=c.random_flip, what="--instance-data")
+        what = "--instance-data" if c.instance_data else "--data"
+        data = ImageData.from_folder(folder, size, caption=caption, random_crop=c.random_crop, flip=c.random_flip,
+                                     what=what)
         self.num_instance = len(data)
         if c.class_prompt:
             folder = Path(c.class_data or Path(c.out) / "class_images")
@@ -146,7 +151,7 @@ class FineTune(LDM):
             data = data.plus(folder, c.class_prompt, random_crop=c.random_crop, flip=c.random_flip,
                              what="--class-data")
         data.bind(self.autoencoder)
-        return data, f"--instance-data {c.instance_data}"
+        return data, f"{what} {folder}"
 
     def step_items(self, step: int) -> list[int]:
         """Prior preservation: instance and class images alternate in the batch, each cycling through

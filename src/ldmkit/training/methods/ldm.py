@@ -57,10 +57,10 @@ class LDMConfig(TrainConfig):
     resolution: int | None = option(None, "--data: side of the square crops trained on (default: the model's "
                                     "sample size, else 256)", lo=8, hi=16384)
     random_crop: bool = option(False, "--data: random instead of center crops")
+    random_flip: bool = option(False, "--data: flip images horizontally at random")
     tokenizer: str = option("", "--init-from an original single file: its CLIP tokenizer folder (default: CLIP's)")
     prediction_type: str | None = option(None, "--init-from an original single file: what its UNet predicts "
                                          "(SD 2.x 768 models: v; default eps)", choices=(None, "eps", "v"))
-    random_flip: bool = option(False, "--data: flip images horizontally at random")
     autoencoder: str = option("", "the frozen autoencoder (a component folder; the cache's, with --latents); "
                               "with --init-from MODEL the model's own")
     denoiser: str = option("unet", "network: unet (SD-compatible) or dit", choices=DENOISERS)
@@ -116,7 +116,8 @@ class LDMConfig(TrainConfig):
 
     @property
     def fine_tunes(self) -> bool:
-        """--init-from names a model (not a training checkpoint): the network and its settings come from it."""
+        """--init-from names a model, not a training checkpoint (a .pt file, `loop.load_init`): the network
+        and its settings come from it."""
         return bool(self.init_from) and not self.init_from.endswith(".pt")
 
     def validate(self) -> None:
@@ -146,8 +147,8 @@ def check_sampler(sampler: str, objective: str) -> None:
 
 
 class LDM(Method):
-    """Train a denoiser (and a trainable text encoder) on latents. `data` replaces the cache (tests,
-    scripts); `caption_transform(captions, step) -> captions` rewrites each micro-batch's captions
+    """Train a denoiser (and a trainable text encoder) on latents. `data` (a LatentData or ImageData)
+    replaces the cache / image folder (tests, scripts); `caption_transform(captions, step) -> captions` rewrites each micro-batch's captions
     before encoding (a recipe's caption augmentation; it must be a pure function of its arguments so
     that resume stays exact)."""
 
@@ -156,7 +157,7 @@ class LDM(Method):
                "autoencoder, from scratch or fine-tuning a pretrained model (--init-from MODEL).")
     outputs = ("model",)
 
-    def __init__(self, config: LDMConfig, data: LatentData | None = None,
+    def __init__(self, config: LDMConfig, data=None,
                  caption_transform: Callable[[list[str], int], list[str]] | None = None):
         config.validate()
         self.config, self._data, self.caption_transform = config, data, caption_transform
@@ -167,6 +168,8 @@ class LDM(Method):
         self.ctx, self.micro, self.device = run.ctx, run.micro_batch, run.ctx.device
         options = {k: v for k, v in (("tokenizer", c.tokenizer), ("prediction_type", c.prediction_type)) if v}
         source = parts.load_source(run.init["source"], **options) if run.init and "source" in run.init else None
+        if run.init and "checkpoint" in run.init:
+            parts.check_checkpoint_init(run.init, c.init_from)
         self.source = source
         self.source_sha256 = weights_sha256(source["denoiser"]) if source else None
         self.autoencoder = source["autoencoder"] if source else parts.load_frozen_autoencoder(c.autoencoder)
@@ -248,6 +251,8 @@ class LDM(Method):
         ids = {id(p) for p in text.parameters()}
         main = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in groups["main"]]
         text_params = [p for p in text.parameters() if p.requires_grad]
+        if not text_params:
+            return groups
         return {"main": [g for g in main if g["params"]] + [{"params": text_params, "weight_decay": 0.0, "lr": lr}]}
 
     # ---- batches ----------------------------------------------------------------------------

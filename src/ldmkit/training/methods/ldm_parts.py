@@ -222,6 +222,16 @@ def build_denoiser(c, data: LatentData, conditioner, spatial) -> nn.Module:
                                            position_features=c.position_features), unet=unet)
 
 
+def check_checkpoint_init(init: dict, source: str) -> None:
+    """A checkpoint of a run that fine-tuned a pretrained model holds only what that run trained: the
+    network comes from the model, so a fresh run cannot start from the checkpoint alone."""
+    saved = (init.get("config") or {}).get("init_from")
+    if saved and not str(saved).endswith(".pt"):
+        raise UserError(f"--init-from {source}: the run that wrote it fine-tuned {saved} and its checkpoints hold "
+                        "only what it trained; continue that run with --resume, or start from its model "
+                        "(RUN/model) with --init-from")
+
+
 def load_weights(model: nn.Module, state: dict, source: str) -> None:
     """Start `model` from `state`: every trained parameter must be there with its shape (frozen ones may
     be absent: they come from where the run took them)."""
