@@ -31,7 +31,7 @@ LDM = dict(denoiser="unet", preset="tiny", conditioning="text", text_encoder="mi
            sample_steps=20, guidance=3.0, device="cpu",
            sample_prompts=("a red circle", "a blue square to the left of a yellow circle",
                            "a green circle above a red triangle", "a yellow triangle below a blue circle"))
-STAGES = {"forward": 1000, "full": 1000}  # LDM steps of the two runs
+STAGES = {"forward": 1400, "full": 1400}  # LDM steps of the two runs
 WORD_DROP = 0.0  # probability that a colour word leaves a caption of the full run (0: off)
 COLOURS = ("red", "green", "blue", "yellow")
 

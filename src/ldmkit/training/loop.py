@@ -317,8 +317,8 @@ class Trainer:
                     log.append(s, **logs)
                 bar.update(1)
                 if s % c.log_every == 0 or s == c.steps:
-                    bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}", skipped=self.bad_steps,
-                                    refresh=False)
+                    shown = logs.get("loss", logs.get("total", float("nan")))  # the autoencoder logs "total"
+                    bar.set_postfix(loss=f"{shown:.4f}", skipped=self.bad_steps, refresh=False)
                 if s % c.checkpoint_every == 0 or s == c.steps:
                     self.save_checkpoint()
                     if log is not None:
