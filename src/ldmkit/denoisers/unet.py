@@ -29,6 +29,7 @@ same field names and the same meaning so diffusers configs copy over as is.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -217,29 +218,37 @@ class _Level(nn.Module):
     ``upsamplers``); UNet.forward runs it, so the skip bookkeeping reads in one place."""
 
 
-class UNet(nn.Module):
-    """SD-compatible conditional UNet. ``forward(x, t, context, class_labels, context_mask)``."""
+def _makers(c: UNetConfig):
+    """The config's block builders: resnet(cin, cout) and transformer(channels, heads, depth, only_cross)."""
+    temb_dim = c.block_out_channels[0] * 4
 
-    def __init__(self, config: UNetConfig):
+    def resnet(cin, cout):
+        return ResnetBlock2D(cin, cout, temb_channels=temb_dim, groups=c.norm_num_groups, eps=c.norm_eps,
+                             dropout=c.dropout, time_embedding_norm=c.resnet_time_scale_shift)
+
+    def transformer(channels, level_heads, level_depth, level_only_cross=False):
+        return Transformer2D(channels, level_heads, channels // level_heads, depth=level_depth,
+                             cross_attention_dim=c.cross_attention_dim, groups=c.norm_num_groups,
+                             use_linear_projection=c.use_linear_projection,
+                             upcast_attention=c.upcast_attention, only_cross_attention=level_only_cross)
+
+    return resnet, transformer
+
+
+class UNetEncoder(nn.Module):
+    """The UNet's first half: time embedding, conv_in, the down levels and the mid block. The UNet adds
+    the up levels; a ControlNet (``denoisers.controlnet``) is this half with zero convolutions."""
+
+    def __init__(self, arch: UNetConfig):
         super().__init__()
-        self.config = c = config
+        self.arch = c = arch
         ch = c.block_out_channels
         n = len(ch)
         heads = c.heads
         depth = _per_level(c.transformer_layers_per_block, n, "transformer_layers_per_block")
         temb_dim = ch[0] * 4
-
-        def resnet(cin, cout):
-            return ResnetBlock2D(cin, cout, temb_channels=temb_dim, groups=c.norm_num_groups, eps=c.norm_eps,
-                                 dropout=c.dropout, time_embedding_norm=c.resnet_time_scale_shift)
-
+        resnet, transformer = _makers(c)
         only_cross = _per_level(c.only_cross_attention, n, "only_cross_attention")
-
-        def transformer(channels, level_heads, level_depth, level_only_cross=False):
-            return Transformer2D(channels, level_heads, channels // level_heads, depth=level_depth,
-                                 cross_attention_dim=c.cross_attention_dim, groups=c.norm_num_groups,
-                                 use_linear_projection=c.use_linear_projection,
-                                 upcast_attention=c.upcast_attention, only_cross_attention=level_only_cross)
 
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb_dim)
@@ -268,26 +277,16 @@ class UNet(nn.Module):
                 mid.resnets = nn.ModuleList([resnet(ch[-1], ch[-1])])
                 mid.attentions = None
             self.mid_block = mid
-
-        self.up_blocks = nn.ModuleList()
-        rch, rheads, rdepth, ronly = ch[::-1], heads[::-1], depth[::-1], only_cross[::-1]
-        cout = rch[0]
-        for i, kind in enumerate(c.up_block_types):
-            prev, cout = cout, rch[i]
-            skip_in = rch[min(i + 1, n - 1)]
-            layers = c.layers_per_block + 1
-            level = _Level()
-            level.resnets = nn.ModuleList(
-                resnet((prev if j == 0 else cout) + (skip_in if j == layers - 1 else cout), cout)
-                for j in range(layers))
-            level.attentions = (nn.ModuleList(transformer(cout, rheads[i], rdepth[i], ronly[i]) for _ in range(layers))
-                                if kind == "CrossAttnUpBlock2D" else None)
-            level.upsamplers = nn.ModuleList([Upsample2D(cout, cout)]) if i < n - 1 else None
-            self.up_blocks.append(level)
-
-        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[0], eps=c.norm_eps)
-        self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
         self.gradient_checkpointing = False  # recompute each resnet / transformer in the backward pass
+
+    @property
+    def skip_channels(self) -> list[int]:
+        """Channels of the skip connections `encode` returns, in order (conv_in, each resnet, each
+        downsampler)."""
+        c, out = self.arch, [self.arch.block_out_channels[0]]
+        for i, ch in enumerate(c.block_out_channels):
+            out += [ch] * c.layers_per_block + ([ch] if i < len(c.block_out_channels) - 1 else [])
+        return out
 
     # -- input checks -------------------------------------------------------------------
     def _timesteps(self, t, x: torch.Tensor) -> torch.Tensor:
@@ -299,7 +298,7 @@ class UNet(nn.Module):
         return t
 
     def _check(self, x, context, class_labels, context_mask):
-        c = self.config
+        c = self.arch
         if x.ndim != 4 or x.shape[1] != c.in_channels:
             raise ValueError(f"x has shape {tuple(x.shape)}; expected [B, {c.in_channels}, H, W] "
                              "(in_channels includes concatenated spatial conditions)")
@@ -323,22 +322,21 @@ class UNet(nn.Module):
             if lo < 0 or hi >= c.num_class_embeds:
                 raise ValueError(f"class_labels range [{lo}, {hi}] is outside [0, {c.num_class_embeds - 1}]")
 
-    # -- forward ----------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, t, context: torch.Tensor | None = None,
-                class_labels: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        self._check(x, context, class_labels, context_mask)
-        c = self.config
-        if context_mask is not None:
-            context_mask = context_mask.to(device=x.device, dtype=torch.bool)
+    # -- the first half of forward ------------------------------------------------------------
+    def embed_time(self, x: torch.Tensor, t, class_labels) -> torch.Tensor:
+        """t (scalar or [B]) -> temb [B, 4 * block_out_channels[0]] (+ the class embedding)."""
+        c = self.arch
         t = self._timesteps(t, x)
         temb = timestep_embedding(t, c.block_out_channels[0], flip_sin_to_cos=c.flip_sin_to_cos,
                                   downscale_freq_shift=c.freq_shift).to(x.dtype)
         temb = self.time_embedding(temb)
         if self.class_embedding is not None:
             temb = temb + self.class_embedding(class_labels.to(x.device)).to(temb.dtype)
+        return temb
 
-        h = self.conv_in(x)
+    def encode(self, h: torch.Tensor, temb: torch.Tensor, context, context_mask):
+        """h = conv_in(x) [B, c0, H, W] -> (mid-block output [B, c_last, H / 2^(n-1), W / 2^(n-1)],
+        the skips: conv_in's output, every down resnet's (+ attention's), every downsampler's)."""
         skips = [h]
         ck = self.gradient_checkpointing and self.training
 
@@ -360,12 +358,66 @@ class UNet(nn.Module):
             if self.mid_block.attentions is not None:
                 for attn, res in zip(self.mid_block.attentions, self.mid_block.resnets[1:]):
                     h = run_block(res, attend(attn, h), temb, checkpoint=ck)
+        return h, skips
+
+
+class UNet(UNetEncoder):
+    """SD-compatible conditional UNet. ``forward(x, t, context, class_labels, context_mask)``; a
+    ControlNet's residuals add to the skips and the mid-block output (``down_residuals``,
+    ``mid_residual``), as in diffusers."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__(config)
+        self.config = c = config
+        ch = c.block_out_channels
+        n = len(ch)
+        heads = c.heads
+        depth = _per_level(c.transformer_layers_per_block, n, "transformer_layers_per_block")
+        resnet, transformer = _makers(c)
+        only_cross = _per_level(c.only_cross_attention, n, "only_cross_attention")
+
+        self.up_blocks = nn.ModuleList()
+        rch, rheads, rdepth, ronly = ch[::-1], heads[::-1], depth[::-1], only_cross[::-1]
+        cout = rch[0]
+        for i, kind in enumerate(c.up_block_types):
+            prev, cout = cout, rch[i]
+            skip_in = rch[min(i + 1, n - 1)]
+            layers = c.layers_per_block + 1
+            level = _Level()
+            level.resnets = nn.ModuleList(
+                resnet((prev if j == 0 else cout) + (skip_in if j == layers - 1 else cout), cout)
+                for j in range(layers))
+            level.attentions = (nn.ModuleList(transformer(cout, rheads[i], rdepth[i], ronly[i]) for _ in range(layers))
+                                if kind == "CrossAttnUpBlock2D" else None)
+            level.upsamplers = nn.ModuleList([Upsample2D(cout, cout)]) if i < n - 1 else None
+            self.up_blocks.append(level)
+
+        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[0], eps=c.norm_eps)
+        self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t, context: torch.Tensor | None = None,
+                class_labels: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+                down_residuals: Sequence[torch.Tensor] | None = None,
+                mid_residual: torch.Tensor | None = None) -> torch.Tensor:
+        self._check(x, context, class_labels, context_mask)
+        if context_mask is not None:
+            context_mask = context_mask.to(device=x.device, dtype=torch.bool)
+        temb = self.embed_time(x, t, class_labels)
+        h, skips = self.encode(self.conv_in(x), temb, context, context_mask)
+        if down_residuals is not None:  # diffusers: added after the whole down path, the mid block unchanged
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"{len(down_residuals)} residuals for {len(skips)} skip connections: a "
+                                 "ControlNet made for another UNet")
+            skips = [s + r for s, r in zip(skips, down_residuals)]
+        if mid_residual is not None:
+            h = h + mid_residual
+        ck = self.gradient_checkpointing and self.training
 
         for level in self.up_blocks:
             for j, res in enumerate(level.resnets):
                 h = run_block(res, torch.cat([h, skips.pop()], dim=1), temb, checkpoint=ck)
                 if level.attentions is not None:
-                    h = attend(level.attentions[j], h)
+                    h = run_block(level.attentions[j], h, context, context_mask, checkpoint=ck)
             if level.upsamplers is not None:
                 # upsample to the next skip's size: odd sizes (e.g. 65 -> 33 -> 65) then line up
                 h = level.upsamplers[0](h, output_size=skips[-1].shape[-2:])

@@ -111,6 +111,27 @@ def check_scheduler_config(cfg: dict, where: str) -> None:
         raise UserError(f"{where}: {exc}") from None
 
 
+SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
+# their ControlNet variants: the same parts, plus controlnet/ (controlnet_1/ ... for several) that
+# pipelines.load attaches
+CONTROLNET_PIPELINES = ("StableDiffusionControlNetPipeline", "StableDiffusionControlNetImg2ImgPipeline",
+                        "StableDiffusionControlNetInpaintPipeline")
+
+
+def controlnet_folders(path) -> list[Path]:
+    """The ControlNet folders of a diffusers ControlNet pipeline folder, in order (none for others)."""
+    root = Path(path)
+    index = root / "model_index.json"
+    if not root.is_dir() or not index.is_file() or read_json(index).get("_class_name") not in CONTROLNET_PIPELINES:
+        return []
+    out = [root / "controlnet"] if (root / "controlnet").is_dir() else []
+    k = 1
+    while (root / f"controlnet_{k}").is_dir():
+        out.append(root / f"controlnet_{k}")
+        k += 1
+    return out
+
+
 def read_diffusers(path, variant: str | None = None) -> DiffusersParts:
     """Read a diffusers Stable Diffusion folder into `DiffusersParts` (nothing is built yet)."""
     root = Path(path)
@@ -119,9 +140,9 @@ def read_diffusers(path, variant: str | None = None) -> DiffusersParts:
             raise FileNotFoundError(f"{root} is not a complete diffusers Stable Diffusion folder: {sub}/ is missing")
     index = read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
     pipeline = index.get("_class_name", "StableDiffusionPipeline")
-    if pipeline not in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"):
+    if pipeline not in SD_PIPELINES + CONTROLNET_PIPELINES:
         raise ValueError(f"{root}: pipeline {pipeline!r} is not supported; ldmkit reads StableDiffusionPipeline "
-                         "folders (SD 1.x / 2.x text-to-image)")
+                         "folders (SD 1.x / 2.x text-to-image) and their ControlNet pipelines")
     sched_file = root / "scheduler" / "scheduler_config.json"
     scheduler_config = read_json(sched_file)
     check_scheduler_config(scheduler_config, str(sched_file))

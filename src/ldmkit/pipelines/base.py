@@ -150,6 +150,7 @@ class PipelineCore:
         self.model_name = model_name
         self._model_hash = model_hash
         self.adapters: list[dict] = []  # LoRAs and embeddings loaded into this pipeline (PNG metadata)
+        self.controlnets: list = []  # pipelines.control.Attached, in the order their images are given
         extra = cfg.in_channels - self.latent_channels
         want = {None: 0, "inpaint": self.latent_channels + 1, "upscale": None, "semantic": None}[concat]
         if concat is None and extra != 0:
@@ -209,7 +210,7 @@ class PipelineCore:
         return ["text2img", "img2img", "inpaint"]
 
     def to(self, device=None, dtype=None) -> "PipelineCore":
-        for m in (self.autoencoder, self.denoiser, self.conditioner):
+        for m in (self.autoencoder, self.denoiser, self.conditioner, *(u.net for u in self.controlnets)):
             if m is not None:
                 m.to(device=device, dtype=dtype)
         return self
@@ -313,9 +314,10 @@ class PipelineCore:
                             for g in generators]).to(self.device)
 
     def model_fn(self, concat: torch.Tensor | None, labels: torch.Tensor | None,
-                 max_batch: int | None) -> Callable:
+                 max_batch: int | None, control=None) -> Callable:
         """`model_fn(x, t, cond)` for `diffusion.cfg`: concatenates the spatial inputs, runs the denoiser
-        in chunks of at most `max_batch` rows (CFG batch chunking) and returns float32."""
+        in chunks of at most `max_batch` rows (CFG batch chunking) and returns float32; `control` (a
+        `pipelines.control.ControlRun`) adds its ControlNets' residuals."""
         den, dtype, latent_c = self.denoiser, self.dtype, self.latent_channels
 
         def fn(x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
@@ -327,6 +329,7 @@ class PipelineCore:
             for lo in range(0, B, step):
                 hi = min(lo + step, B)
                 xi = x[lo:hi]
+                latents = xi  # what a ControlNet sees: no spatial channels
                 if spatial is not None:
                     xi = torch.cat([xi, spatial[lo:hi].to(xi.dtype)], dim=1)
                 c = _slice_cond(cond, lo, hi, B)
@@ -341,6 +344,8 @@ class PipelineCore:
                 if extra_labels is not None:
                     kw["class_labels"] = extra_labels[lo:hi]
                 tt = t[lo:hi] if isinstance(t, torch.Tensor) and t.dim() > 0 else t
+                if control is not None:
+                    kw.update(control.residuals(latents.to(dtype), tt, kw, lo, B))
                 out = den(xi.to(dtype), tt, **kw)
                 outs.append(out[:, :latent_c].float())  # DiT with learn_sigma also outputs a variance half
             return torch.cat(outs)
@@ -351,9 +356,11 @@ class PipelineCore:
     def sample_latents(self, s: Settings, conditions: list, negatives: list | None, seeds: Sequence[int], *,
                        z0: torch.Tensor | None = None, strength: float = 1.0, mask: torch.Tensor | None = None,
                        concat: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                       control: list | None = None, guess_mode: bool = False,
                        desc: str = "sampling") -> torch.Tensor:
         """Denoise one batch. `z0` (scaled latents) with `strength` < 1 starts part way (img2img);
-        `mask` (latent, 1 = generate) re-imposes z0 outside it after every step (inpainting by blending)."""
+        `mask` (latent, 1 = generate) re-imposes z0 outside it after every step (inpainting by blending);
+        `control`: one control image per loaded ControlNet (`pipelines.control.prepare`)."""
         h, w = s.height // self.factor, s.width // self.factor
         gens = self.generators(seeds)
         noise = self.noise(gens, (self.latent_channels, h, w))
@@ -375,7 +382,14 @@ class PipelineCore:
             x = mask * x + (1 - mask) * noise_to(z0, noise, sigma0).float()
 
         cond, uncond = self._encode(conditions, negatives)
-        fn = self.model_fn(concat, labels, s.max_model_batch)
+        run = None
+        if control is not None:
+            from ldmkit.pipelines.control import ControlRun
+
+            guess = guess_mode or any(u.net.config.global_pool_conditions for u in self.controlnets)
+            run = ControlRun(self.controlnets, control, guess, len(p.timesteps) - start,
+                             doubled=cond is not None and s.guidance != 1.0)
+        fn = self.model_fn(concat, labels, s.max_model_batch, run)
         if cond is None:
             def network(x, t):
                 return fn(x, t, None)
@@ -387,6 +401,8 @@ class PipelineCore:
 
         def callback(i, sigma, x, x0_pred):
             bar.update(1)
+            if run is not None:
+                run.step = i + 1
             if mask is None:
                 return None
             known = noise_to(z0, noise, sigma).to(x.dtype)

@@ -53,6 +53,21 @@ def _common(p, sizes: bool = True) -> None:
     p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                    help="textual-inversion embedding (diffusers learned_embeds or A1111); its trigger word is "
                    "TOKEN, else the one in the file, else the file name; repeat for several")
+    control = p.add_argument_group("ControlNet (sample, img2img, inpaint)")
+    control.add_argument("--controlnet", action="append", default=[], metavar="DIR[:SCALE]",
+                         help="a diffusers ControlNet folder at SCALE (default 1); repeat for several, each with "
+                         "its --control-image in the same order")
+    control.add_argument("--control-image", action="append", default=[], metavar="IMG",
+                         help="control image (edges, depth, pose, segmentation ...), one per ControlNet; resized "
+                         "to the output (which takes the first one's size without --height / --width)")
+    control.add_argument("--control-start", type=float, default=0.0, help="fraction of the steps where the "
+                         "ControlNets start (default 0)")
+    control.add_argument("--control-end", type=float, default=1.0, help="fraction of the steps where they stop "
+                         "(default 1)")
+    control.add_argument("--guess-mode", action="store_true", help="ControlNets on the conditional half of the CFG "
+                         "batch only, shallow residuals weaker (diffusers' guess_mode)")
+    control.add_argument("--control-fit", choices=("stretch", "error"), default="stretch",
+                         help="a control image of another aspect ratio: stretch it, or refuse it")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: float16 on CUDA)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -141,6 +156,46 @@ def adapter_specs(args) -> tuple[list[tuple[str, float]], list[tuple[str, str | 
         if not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path} " + ("is not a file" if Path(path).exists() else "does not exist"))
     return loras, embeddings
+
+
+def _attach(pipe, args, loras, embeddings, controlnets) -> dict:
+    """Load the LoRAs, embeddings and ControlNets of the command line; the task's extra arguments."""
+    for path, scale in loras:
+        layers = pipe.load_lora(path, scale)
+        print(f"ldm {args.command}: LoRA {path}: {layers} layers at scale {scale:g}", file=sys.stderr)
+    for path, token in embeddings:
+        names = pipe.load_embedding(path, token)
+        print(f"ldm {args.command}: embedding {path}: token {names[0]!r} ({len(names)} vector(s))", file=sys.stderr)
+    for path, scale in controlnets:
+        pipe.load_controlnet(path, scale, args.control_start, args.control_end)
+    if not pipe.controlnets:
+        return {}
+    return dict(control_image=args.control_image or None, guess_mode=args.guess_mode, control_fit=args.control_fit)
+
+
+def control_specs(args, task: str) -> list[tuple[str, float]]:
+    """--controlnet DIR[:SCALE] as ((dir, scale), ...), checked against --control-image before any load."""
+    from ldmkit.errors import UserError
+    from ldmkit.io.adapter_files import parse_weighted
+    from ldmkit.io.images import load_image
+    from ldmkit.pipelines.control import check_settings
+
+    specs = [(spec, 1.0) if Path(spec).is_dir() else parse_weighted(spec, "--controlnet")
+             for spec in getattr(args, "controlnet", [])]
+    images = getattr(args, "control_image", [])
+    if not specs and not images:
+        return []
+    if task not in ("text2img", "img2img", "inpaint"):
+        raise UserError(f"ldm {args.command} takes no ControlNet (sample, img2img and inpaint do)")
+    for path, scale in specs:
+        if not Path(path).is_dir():
+            raise UserError(f"--controlnet {path} " + ("is not a folder" if Path(path).exists() else "does not exist"))
+        check_settings(scale, args.control_start, args.control_end, f"--controlnet {path}")
+    if specs and len(images) != len(specs):
+        raise UserError(f"{len(specs)} --controlnet but {len(images)} --control-image: give one image per ControlNet")
+    for image in images:
+        load_image(image, mode=None, what="--control-image")
+    return specs
 
 
 def _check_args(args) -> None:
@@ -288,6 +343,7 @@ def run(args) -> int:
         args.random_seed = True
     _check_args(args)
     loras, embeddings = adapter_specs(args)
+    controlnets = control_specs(args, task)
     prompts = _prompts(args)
     _out_paths(args.out, args.num * (len(prompts) if prompts else 1), [args.seed], args.overwrite)  # fail early
 
@@ -315,13 +371,7 @@ def run(args) -> int:
     _check_memory(args, task, pipe, n)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        for path, scale in loras:
-            layers = pipe.load_lora(path, scale)
-            print(f"ldm {args.command}: LoRA {path}: {layers} layers at scale {scale:g}", file=sys.stderr)
-        for path, token in embeddings:
-            names = pipe.load_embedding(path, token)
-            print(f"ldm {args.command}: embedding {path}: token {names[0]!r} ({len(names)} vector(s))",
-                  file=sys.stderr)
+        common.update(_attach(pipe, args, loras, embeddings, controlnets))
         if task == "text2img":
             results = pipe.text2img(prompt, num=n, **common)
         elif task == "img2img":

@@ -51,7 +51,10 @@ def image_tensor(pipe: PipelineCore, image, height: int | None, width: int | Non
 
 def img2img(pipe: PipelineCore, image, prompt=None, *, strength: float = 0.75, negative_prompt=None,
             class_label=None, num: int | None = None, seed: int = 0, height: int | None = None,
-            width: int | None = None, **settings) -> list[Result]:
+            width: int | None = None, control_image=None, guess_mode: bool = False, control_fit: str = "stretch",
+            **settings) -> list[Result]:
+    from ldmkit.pipelines import control
+
     pipe.require_task("img2img")
     strength = check_strength(strength)
     x, h, w = image_tensor(pipe, image, height, width)
@@ -60,7 +63,10 @@ def img2img(pipe: PipelineCore, image, prompt=None, *, strength: float = 0.75, n
     conditions = pipe.conditions(prompt, class_label, n)
     z0 = pipe.encode(x)
 
-    def inputs(idx):
-        return {"z0": z0.expand(len(idx), -1, -1, -1), "strength": strength}
+    images, meta = control.prepare(pipe, control_image, h, w, guess_mode, control_fit)
 
-    return pipe.generate("img2img", s, conditions, negative_prompt, int(seed), inputs, {"strength": strength})
+    def inputs(idx):
+        out = {"z0": z0.expand(len(idx), -1, -1, -1), "strength": strength}
+        return {**out, "control": images, "guess_mode": guess_mode} if images else out
+
+    return pipe.generate("img2img", s, conditions, negative_prompt, int(seed), inputs, {"strength": strength, **meta})

@@ -61,7 +61,10 @@ def _input_size(image) -> tuple[int, int]:
 
 def inpaint(pipe: PipelineCore, image, mask, prompt=None, *, strength: float = 1.0, blend: bool | None = None,
             negative_prompt=None, class_label=None, num: int | None = None, seed: int = 0,
-            height: int | None = None, width: int | None = None, **settings) -> list[Result]:
+            height: int | None = None, width: int | None = None, control_image=None, guess_mode: bool = False,
+            control_fit: str = "stretch", **settings) -> list[Result]:
+    from ldmkit.pipelines import control
+
     pipe.require_task("inpaint")
     strength = check_strength(strength)
     size = _input_size(image)
@@ -82,9 +85,13 @@ def inpaint(pipe: PipelineCore, image, mask, prompt=None, *, strength: float = 1
     blend = (pipe.concat != "inpaint") if blend is None else bool(blend)
     m_lat = latent_mask(m, pipe.factor).to(pipe.device) if blend else None
 
+    images, meta = control.prepare(pipe, control_image, h, w, guess_mode, control_fit)
+
     def inputs(idx):
         k = len(idx)
         out = {"z0": z0.expand(k, -1, -1, -1), "strength": strength}
+        if images:
+            out.update(control=images, guess_mode=guess_mode)
         if m_lat is not None:
             out["mask"] = m_lat.expand(k, -1, -1, -1)
         if concat is not None:
@@ -93,4 +100,5 @@ def inpaint(pipe: PipelineCore, image, mask, prompt=None, *, strength: float = 1
 
     mode = "concat" if pipe.concat == "inpaint" else "blend"
     return pipe.generate("inpaint", s, conditions, negative_prompt, int(seed), inputs,
-                         {"strength": strength, "inpaint_mode": mode + ("+blend" if blend and mode == "concat" else "")})
+                         {"strength": strength, "inpaint_mode": mode + ("+blend" if blend and mode == "concat" else ""),
+                          **meta})

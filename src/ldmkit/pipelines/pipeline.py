@@ -13,6 +13,7 @@ import torch
 
 from ldmkit.diffusion import prediction_of, schedule_from_dict
 from ldmkit.io import load_model, resolve_model_path
+from ldmkit.io.diffusers_format import controlnet_folders
 from ldmkit.pipelines.base import PipelineCore, Result, denoiser_weights_file
 from ldmkit.pipelines.img2img import img2img
 from ldmkit.pipelines.inpaint import inpaint
@@ -69,6 +70,23 @@ class Pipeline(PipelineCore):
         self.adapters.append({"kind": "embedding", "name": token, "hash": file_sha256(path)[:12]})
         return names
 
+    def load_controlnet(self, path, scale: float = 1.0, start: float = 0.0, end: float = 1.0):
+        """Attach a ControlNet (a diffusers ControlNetModel folder, or a ControlNet pipeline's controlnet/)
+        at `scale`, active from fraction `start` to `end` of the steps; repeat for several (their control
+        images are then given in the same order). Returns the ControlNet."""
+        from ldmkit.io.controlnet_files import check_fits, controlnet_folder, read_controlnet
+        from ldmkit.pipelines.control import Attached, check_settings
+
+        where = f"--controlnet {path}"
+        check_settings(float(scale), float(start), float(end), where)
+        net = read_controlnet(path, device=self.device, dtype=self.dtype)
+        check_fits(net, self.denoiser, where)
+        folder = controlnet_folder(path)
+        weights = sorted(folder.glob("diffusion_pytorch_model*.safetensors")) or sorted(folder.glob("*.bin"))
+        self.controlnets.append(Attached(net, Path(path).name, float(scale), float(start), float(end),
+                                         file_sha256(weights[0])[:10] if weights else ""))
+        return net
+
 
 def load(path, device=None, dtype=None, **options) -> Pipeline:
     """Load a model folder (ours, diffusers' or an original single file) as a ready `Pipeline`.
@@ -102,7 +120,10 @@ def load(path, device=None, dtype=None, **options) -> Pipeline:
     weights = denoiser_weights_file(p)
     model_hash = file_sha256(weights)[:10] if weights is not None else None
     conditioning = index.get("conditioning") or ("none" if comps.get("conditioner") is None else "text")
-    return Pipeline(comps["autoencoder"], comps["denoiser"], schedule, comps.get("conditioner"),
+    pipe = Pipeline(comps["autoencoder"], comps["denoiser"], schedule, comps.get("conditioner"),
                     prediction=prediction, conditioning=conditioning, concat=index.get("concat"),
                     defaults=index.get("defaults"), latent_size=index.get("latent_size"), model_hash=model_hash,
                     model_name=p.name, spatial=comps.get("spatial"))
+    for folder in controlnet_folders(p):  # a diffusers ControlNet pipeline brings its ControlNets
+        pipe.load_controlnet(folder)
+    return pipe

@@ -15,9 +15,18 @@ from ldmkit.pipelines.base import PipelineCore, Result, image_count
 
 
 def text2img(pipe: PipelineCore, prompt=None, *, negative_prompt=None, class_label=None, num: int | None = None,
-             seed: int = 0, **settings) -> list[Result]:
+             seed: int = 0, control_image=None, guess_mode: bool = False, control_fit: str = "stretch",
+             **settings) -> list[Result]:
+    """`control_image`: one per loaded ControlNet (`Pipeline.load_controlnet`); without height / width
+    the output takes the first control image's size."""
+    from ldmkit.pipelines import control
+
     pipe.require_task("text2img")
     n = image_count(prompt, num)
+    if control_image is not None and settings.get("height") is None and settings.get("width") is None:
+        settings.update(control.image_size(pipe, control_image))
     s = pipe.settings(**settings)
     conditions = pipe.conditions(prompt, class_label, n)
-    return pipe.generate("text2img", s, conditions, negative_prompt, int(seed), lambda idx: {})
+    images, meta = control.prepare(pipe, control_image, s.height, s.width, guess_mode, control_fit)
+    inputs = (lambda idx: {"control": images, "guess_mode": guess_mode}) if images else (lambda idx: {})
+    return pipe.generate("text2img", s, conditions, negative_prompt, int(seed), inputs, meta)
