@@ -28,7 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 EXPECTED = ("autoencoder_bench", "unet_vs_diffusers", "pipeline_vs_diffusers", "train_step_vs_diffusers",
-            "sampler_nfe", "lora_train_step")
+            "sampler_nfe", "lora_train_step", "controlnet_step")
 NOT_BENCHMARKS = {"run_all", "fsweep"}  # fsweep is long (~25 min on CPU): --with-fsweep
 
 

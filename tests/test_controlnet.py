@@ -236,3 +236,40 @@ def test_cli_controlnet(base, tmp_path):
         assert done.returncode == 2 and msg in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     done = ldm("sample", "--model", base / "sd1-control", "--out", tmp_path / "d", *common)
     assert done.returncode == 2 and "no control image given" in done.stderr, done.stderr
+
+
+def test_control_image_command(tmp_path):
+    import subprocess
+
+    import cv2
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (64, 48), "white")
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((8, 8, 30, 30), fill=(200, 30, 30))
+    draw.rectangle((36, 12, 58, 40), fill=(30, 60, 200))
+    image.save(tmp_path / "in.png")
+
+    def ldm(*args):
+        return subprocess.run([sys.executable, "-m", "ldmkit.cli", "control-image", *map(str, args)],
+                              capture_output=True, text=True, timeout=300)
+
+    for kind in ("canny", "scribble", "softedge", "segmentation"):
+        done = ldm("--kind", kind, "--image", tmp_path / "in.png", "--out", tmp_path / f"{kind}.png")
+        assert done.returncode == 0, done.stderr
+    canny = np.asarray(Image.open(tmp_path / "canny.png"))
+    assert canny.shape == (48, 64, 3) and np.array_equal(canny[..., 0], cv2.Canny(np.asarray(image), 100, 200))
+    assert set(np.unique(canny)) == {0, 255} and (canny > 0).mean() > 0.02  # outlines of both shapes
+    scribble, soft = np.asarray(Image.open(tmp_path / "scribble.png")), np.asarray(Image.open(tmp_path / "softedge.png"))
+    assert (scribble > 0).any() and scribble[0, 0, 0] == 0 and soft.max() == 255 and soft[0, 0, 0] == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "segmentation.png")), np.asarray(image))
+    done = ldm("--kind", "canny", "--image", tmp_path / "in.png", "--out", tmp_path / "r.png", "--resolution", "96")
+    assert done.returncode == 0 and Image.open(tmp_path / "r.png").size == (128, 96)
+    Image.new("RGBA", (16, 16), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    for bad, msg in ((["--kind", "canny", "--image", tmp_path / "in.png", "--out", tmp_path / "canny.png"], "exists"),
+                     (["--kind", "canny", "--image", tmp_path / "clear.png", "--out", tmp_path / "c.png"], "transparent"),
+                     (["--kind", "canny", "--image", tmp_path / "in.png", "--out", tmp_path / "c.png", "--low", "300"],
+                      "--low 300 and --high 200"),
+                     (["--kind", "canny", "--image", tmp_path / "nope.png", "--out", tmp_path / "c.png"], "does not exist")):
+        done = ldm(*bad)
+        assert done.returncode == 2 and msg in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -113,6 +113,40 @@ def register(sub, argv: list[str] | None = None) -> None:
                    help="class map: a grey or palette PNG whose pixel values are the class ids")
     p.set_defaults(func=run)
 
+    from ldmkit.conditioning.control_images import KINDS
+
+    p = sub.add_parser("control-image", help="a ControlNet's control image from an image (canny, scribble, "
+                       "softedge) or a ready-made map (segmentation, depth, pose)")
+    p.add_argument("--kind", required=True, choices=KINDS)
+    p.add_argument("--image", required=True, help="input image (for segmentation / depth / pose: the map itself)")
+    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--low", type=int, default=100, help="canny: lower hysteresis threshold (0-1000)")
+    p.add_argument("--high", type=int, default=200, help="canny: upper hysteresis threshold (0-1000)")
+    p.add_argument("--threshold", type=int, default=32, help="scribble: line threshold (0-255)")
+    p.add_argument("--resolution", type=int, default=None, help="short side of the output (multiples of 8; "
+                   "default: the input's size)")
+    p.add_argument("--overwrite", action="store_true", help="allow replacing an existing --out file")
+    p.set_defaults(func=run_control_image)
+
+
+def run_control_image(args) -> int:
+    from ldmkit.conditioning.control_images import make_control_image
+    from ldmkit.errors import UserError
+    from ldmkit.io.images import load_image, save_png
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out {out}: the control image is written as a .png file")
+    if out.exists() and not args.overwrite:
+        raise UserError(f"--out {out} exists; pass --overwrite to replace it")
+    if args.resolution is not None and not 8 <= args.resolution <= MAX_SIDE:
+        raise UserError(f"--resolution {args.resolution} is outside [8, {MAX_SIDE}]")
+    image = make_control_image(load_image(args.image, mode=None), args.kind, args.low, args.high, args.threshold,
+                               args.resolution)
+    save_png(image, out, {"control_kind": args.kind, "source": Path(args.image).name})
+    print(out)
+    return 0
+
 
 MAX_IMAGES = 100_000  # images one command makes (--num x prompts)
 MAX_SIDE = 16384  # pixels: the largest image height or width
