@@ -273,3 +273,72 @@ def test_control_image_command(tmp_path):
                      (["--kind", "canny", "--image", tmp_path / "nope.png", "--out", tmp_path / "c.png"], "does not exist")):
         done = ldm(*bad)
         assert done.returncode == 2 and msg in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def to_original_controlnet(cn) -> dict:
+    """A diffusers ControlNetModel's weights in the original single-file layout (control_model.*)."""
+    from types import SimpleNamespace
+
+    c = cn.config
+    rows = im.ldm_unet_table(SimpleNamespace(block_out_channels=c.block_out_channels, layers_per_block=c.layers_per_block,
+                                             down_block_types=c.down_block_types,
+                                             up_block_types=[t.replace("Down", "Up") for t in c.down_block_types[::-1]]))
+    last = 2 * len(cn.controlnet_cond_embedding.blocks) + 2
+    sd = {}
+    for k, v in cn.state_dict().items():
+        head, _, rest = k.partition(".")
+        if head == "controlnet_cond_embedding":
+            part, _, tail = rest.partition(".")
+            if part == "blocks":
+                j, _, tail = tail.partition(".")
+                new = f"input_hint_block.{2 * int(j) + 2}.{tail}"
+            else:
+                new = f"input_hint_block.{0 if part == 'conv_in' else last}.{tail}"
+        elif head == "controlnet_down_blocks":
+            i, _, tail = rest.partition(".")
+            new = f"zero_convs.{i}.0.{tail}"
+        elif head == "controlnet_mid_block":
+            new = f"middle_block_out.0.{rest}"
+        else:
+            new = im._rename(k, rows, im._resblock_rest)
+        sd["control_model." + new] = v.clone()
+    return sd
+
+
+def test_original_single_file_controlnet(base, tmp_path):
+    from diffusers import ControlNetModel
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+    from safetensors.torch import save_file
+
+    from ldmkit.io.controlnet_files import read_controlnet
+    from ldmkit.pipelines import load
+
+    # the layout written here is the one diffusers' own converter reads (it knows only the standard
+    # 16-32-96-256 embedder, whose conv_out is input_hint_block.14), and ours reads it too
+    standard = ControlNetModel.from_unet(ControlNetModel.from_pretrained(base / "cn1"))  # default embedder
+    original = to_original_controlnet(standard)
+    back = convert_controlnet_checkpoint(original, dict(standard.config))
+    assert set(back) == set(standard.state_dict())
+    assert all(torch.equal(back[k], v) for k, v in standard.state_dict().items())
+    save_file(original, str(tmp_path / "control_standard.safetensors"))
+    net = read_controlnet(tmp_path / "control_standard.safetensors")
+    assert net.config.conditioning_embedding_out_channels == (16, 32, 96, 256)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in standard.state_dict().items())
+
+    ref = ControlNetModel.from_pretrained(base / "cn1")
+    original = to_original_controlnet(ref)
+    save_file(original, str(tmp_path / "control_test.safetensors"))
+    save_file({k.removeprefix("control_model."): v for k, v in original.items()}, str(tmp_path / "bare.safetensors"))
+    for f in ("control_test.safetensors", "bare.safetensors"):
+        net = read_controlnet(tmp_path / f)
+        assert net.config.conditioning_embedding_out_channels == (16, 32)
+        assert all(torch.equal(net.state_dict()[k], v) for k, v in ref.state_dict().items())
+    pipe = load(base / "sd1", device="cpu", dtype=torch.float32)
+    pipe.load_controlnet(tmp_path / "control_test.safetensors")
+    folder = load(base / "sd1", device="cpu", dtype=torch.float32)
+    folder.load_controlnet(base / "cn1")
+    a, b = ours_run(pipe, [control_image(0)]), ours_run(folder, [control_image(0)])
+    assert np.array_equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    save_file({"model.diffusion_model.conv_in.weight": torch.zeros(1)}, str(tmp_path / "not.safetensors"))
+    with pytest.raises(UserError, match="not a ControlNet"):
+        read_controlnet(tmp_path / "not.safetensors")

@@ -1,6 +1,16 @@
-"""Reading ControlNets: a diffusers ``ControlNetModel`` folder (config.json + diffusion_pytorch_model.*), or
-the ``controlnet/`` folder of a diffusers ControlNet pipeline. Parameter names are diffusers' own
-(``denoisers.controlnet``), so the key map is the identity."""
+"""Reading ControlNets: a diffusers ``ControlNetModel`` folder (config.json + diffusion_pytorch_model.*), the
+``controlnet/`` folder of a diffusers ControlNet pipeline, or an original single file
+(``control_*.safetensors`` / ``.pth``: ``control_model.`` + the CompVis UNet's first half, ``input_hint_block``,
+``zero_convs``, ``middle_block_out``). Parameter names are diffusers' own (``denoisers.controlnet``), so
+the diffusers key map is the identity; the original one is:
+
+    input_hint_block.0             controlnet_cond_embedding.conv_in
+    input_hint_block.{2k + 2}      controlnet_cond_embedding.blocks.{k}   (3x3 convs; SiLUs in between)
+    input_hint_block.{last}        controlnet_cond_embedding.conv_out
+    zero_convs.{i}.0               controlnet_down_blocks.{i}
+    middle_block_out.0             controlnet_mid_block
+    the rest                       the UNet's names (io.single_file.unet_to_diffusers)
+"""
 from __future__ import annotations
 
 import os
@@ -26,12 +36,63 @@ def controlnet_folder(path: str | os.PathLike) -> Path:
                     f"{'' if p.is_dir() else '; the path does not exist' if not p.exists() else ''})")
 
 
+def original_to_diffusers(state: dict, where: str):
+    """An original single-file ControlNet's tensors -> (ControlNetConfig, tensors in diffusers' names)."""
+    from ldmkit.denoisers.controlnet import ControlNetConfig
+    from ldmkit.io.single_file import _indices, unet_to_diffusers
+
+    if any(k.startswith("control_model.") for k in state):
+        state = {k[len("control_model."):]: v for k, v in state.items() if k.startswith("control_model.")}
+    if "input_hint_block.0.weight" not in state:
+        hint = "controlnet_cond_embedding.conv_in.weight" in state
+        raise UserError(f"--controlnet {where}: " + ("a ControlNet in diffusers' names: give its folder (with "
+                        "config.json)" if hint else "not a ControlNet (no input_hint_block / control_model keys)"))
+    hint = _indices(state, "input_hint_block.")
+    out, rest = {}, {}
+    for k, v in state.items():
+        head, _, tail = k.partition(".")
+        if head == "input_hint_block":
+            i, _, name = tail.partition(".")
+            pos = hint.index(int(i))
+            new = "conv_in" if pos == 0 else "conv_out" if pos == len(hint) - 1 else f"blocks.{pos - 1}"
+            out[f"controlnet_cond_embedding.{new}.{name}"] = v
+        elif head == "zero_convs":
+            i, _, name = tail.partition(".")
+            out[f"controlnet_down_blocks.{i}.{name.removeprefix('0.')}"] = v
+        elif head == "middle_block_out":
+            out[f"controlnet_mid_block.{tail.removeprefix('0.')}"] = v
+        else:
+            rest[k] = v
+    proj = next((v for k, v in rest.items() if k.endswith("proj_in.weight")), None)
+    to_k = next((v for k, v in rest.items() if k.endswith("attn2.to_k.weight")), None)
+    family = "sd2" if (proj is not None and proj.ndim == 2) or (to_k is not None and to_k.shape[1] == 1024) else "sd1"
+    try:
+        ucfg, unet_state = unet_to_diffusers(rest, family)
+    except (KeyError, ValueError) as e:
+        raise UserError(f"--controlnet {where}: {e}") from None
+    convs = [out[f"controlnet_cond_embedding.{n}.weight"] for n in
+             ["conv_in"] + [f"blocks.{j}" for j in range(len(hint) - 2)]]
+    stages = [convs[0].shape[0]] + [c.shape[0] for c in convs[2::2]]
+    fields = {k: v for k, v in ucfg.items() if not k.startswith("_")}
+    config = ControlNetConfig.from_dict({**fields, "upcast_attention": False,  # as diffusers' converter
+                                         "conditioning_channels": convs[0].shape[1],
+                                         "conditioning_embedding_out_channels": tuple(stages)})
+    return config, {**unet_state, **out}
+
+
 def read_controlnet(path: str | os.PathLike, device=None, dtype: torch.dtype = torch.float32):
-    """A diffusers ControlNet folder -> ``ControlNet`` (eval mode, on `device`, in `dtype`)."""
+    """A diffusers ControlNet folder or an original single file -> ``ControlNet`` (eval mode, on
+    `device`, in `dtype`)."""
     from ldmkit.denoisers.controlnet import ControlNet, ControlNetConfig
     from ldmkit.io.diffusers_format import _build_on_meta, _check_fixed, _read_weights
     from ldmkit.io.files import read_json
+    from ldmkit.io.single_file import read_checkpoint
 
+    if Path(path).is_file():
+        state, _ = read_checkpoint(path)
+        config, state = original_to_diffusers(state, str(path))
+        net = _build_on_meta(lambda: ControlNet(config), state, f"ControlNet {path}", dtype)
+        return net.to(device) if device is not None else net
     folder = controlnet_folder(path)
     cfg = read_json(folder / "config.json")
     kind = cfg.get("_class_name", "ControlNetModel")

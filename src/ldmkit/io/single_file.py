@@ -271,7 +271,9 @@ def _unet_config(state: dict, out: dict, family: str, layout: dict, num_heads, n
         "_class_name": "UNet2DConditionModel",
         "sample_size": 64,
         "in_channels": state["input_blocks.0.0.weight"].shape[1],
-        "out_channels": state["out.2.weight"].shape[0],
+        # a ControlNet's copy of the UNet has no output layers
+        "out_channels": (state["out.2.weight"].shape[0] if "out.2.weight" in state
+                         else state["input_blocks.0.0.weight"].shape[1]),
         "block_out_channels": channels,
         "layers_per_block": layout["layers"],
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in down_attn],

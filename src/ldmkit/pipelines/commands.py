@@ -54,9 +54,9 @@ def _common(p, sizes: bool = True) -> None:
                    help="textual-inversion embedding (diffusers learned_embeds or A1111); its trigger word is "
                    "TOKEN, else the one in the file, else the file name; repeat for several")
     control = p.add_argument_group("ControlNet (sample, img2img, inpaint)")
-    control.add_argument("--controlnet", action="append", default=[], metavar="DIR[:SCALE]",
-                         help="a diffusers ControlNet folder at SCALE (default 1); repeat for several, each with "
-                         "its --control-image in the same order")
+    control.add_argument("--controlnet", action="append", default=[], metavar="PATH[:SCALE]",
+                         help="a diffusers ControlNet folder or an original single file (control_*.safetensors) "
+                         "at SCALE (default 1); repeat for several, each with its --control-image in order")
     control.add_argument("--control-image", action="append", default=[], metavar="IMG",
                          help="control image (edges, depth, pose, segmentation ...), one per ControlNet; resized "
                          "to the output (which takes the first one's size without --height / --width)")
@@ -214,7 +214,7 @@ def control_specs(args, task: str) -> list[tuple[str, float]]:
     from ldmkit.io.images import load_image
     from ldmkit.pipelines.control import check_settings
 
-    specs = [(spec, 1.0) if Path(spec).is_dir() else parse_weighted(spec, "--controlnet")
+    specs = [(spec, 1.0) if Path(spec).exists() else parse_weighted(spec, "--controlnet")
              for spec in getattr(args, "controlnet", [])]
     images = getattr(args, "control_image", [])
     if not specs and not images:
@@ -222,8 +222,8 @@ def control_specs(args, task: str) -> list[tuple[str, float]]:
     if task not in ("text2img", "img2img", "inpaint"):
         raise UserError(f"ldm {args.command} takes no ControlNet (sample, img2img and inpaint do)")
     for path, scale in specs:
-        if not Path(path).is_dir():
-            raise UserError(f"--controlnet {path} " + ("is not a folder" if Path(path).exists() else "does not exist"))
+        if not Path(path).exists():
+            raise UserError(f"--controlnet {path} does not exist")
         check_settings(scale, args.control_start, args.control_end, f"--controlnet {path}")
     if specs and len(images) != len(specs):
         raise UserError(f"{len(specs)} --controlnet but {len(images)} --control-image: give one image per ControlNet")

@@ -71,7 +71,8 @@ class Pipeline(PipelineCore):
         return names
 
     def load_controlnet(self, path, scale: float = 1.0, start: float = 0.0, end: float = 1.0):
-        """Attach a ControlNet (a diffusers ControlNetModel folder, or a ControlNet pipeline's controlnet/)
+        """Attach a ControlNet (a diffusers ControlNetModel folder, a ControlNet pipeline's controlnet/, or an
+        original single file)
         at `scale`, active from fraction `start` to `end` of the steps; repeat for several (their control
         images are then given in the same order). Returns the ControlNet."""
         from ldmkit.io.controlnet_files import check_fits, controlnet_folder, read_controlnet
@@ -81,9 +82,12 @@ class Pipeline(PipelineCore):
         check_settings(float(scale), float(start), float(end), where)
         net = read_controlnet(path, device=self.device, dtype=self.dtype)
         check_fits(net, self.denoiser, where)
-        folder = controlnet_folder(path)
-        weights = sorted(folder.glob("diffusion_pytorch_model*.safetensors")) or sorted(folder.glob("*.bin"))
-        self.controlnets.append(Attached(net, Path(path).name, float(scale), float(start), float(end),
+        if Path(path).is_file():  # an original single file
+            weights, name = [Path(path)], Path(path).stem
+        else:
+            folder, name = controlnet_folder(path), Path(path).name
+            weights = sorted(folder.glob("diffusion_pytorch_model*.safetensors")) or sorted(folder.glob("*.bin"))
+        self.controlnets.append(Attached(net, name, float(scale), float(start), float(end),
                                          file_sha256(weights[0])[:10] if weights else ""))
         return net
 
