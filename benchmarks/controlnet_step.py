@@ -12,7 +12,6 @@ reports medians.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -26,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _results import write_results  # noqa: E402
 from unet_vs_diffusers import twin_unet  # noqa: E402
 
 from ldmkit.denoisers.unet import PRESETS, UNetConfig  # noqa: E402
@@ -104,10 +104,7 @@ def main(argv=None) -> int:
     for k, v in med.items():
         print(f"{k:16s} {v * 1000:8.1f} ms")
     print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in results["ratios"].items()) + f"; max |diff| {diff:.1e}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(args.out, results)
     return 0
 
 

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _results import write_results  # noqa: E402
 from _memory import peak_rss_mb, reset_peak, rss_mb  # noqa: E402
 from unet_vs_diffusers import twin_unet  # noqa: E402
 
@@ -194,10 +195,7 @@ def main() -> int:
     print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
     print(f"LoRA file: ours {results['file_sizes']['ours_bytes']:,} B, diffusers "
           f"{results['file_sizes']['diffusers_bytes']:,} B")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(args.out, results)
     return 0
 
 

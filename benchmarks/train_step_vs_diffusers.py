@@ -50,6 +50,7 @@ from ldmkit.denoisers.unet import PRESETS, UNetConfig  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from unet_vs_diffusers import twin_unet  # noqa: E402
+from _results import write_results  # noqa: E402
 from _memory import peak_rss_mb, reset_peak, rss_mb  # noqa: E402
 
 CASES = {
@@ -232,10 +233,7 @@ def main() -> int:
                                                      f"diffusers {c['diffusers_speedup_vs_eager']:.2f}x"
                                                      if r.get("ours") else ""), flush=True)
         results["cases"][case] = r
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(args.out, results)
     return 0
 
 

@@ -15,7 +15,6 @@ during one forward minus RSS before it); CUDA peak memory with torch.cuda.max_me
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import subprocess
@@ -209,9 +208,9 @@ def main():
 
 
 def _write(path, results):
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    from _results import write_results
+
+    write_results(path, results)
 
 
 if __name__ == "__main__":
