@@ -120,6 +120,13 @@ def _build_world(root: Path) -> Path:
     save_file({f"{q}.lora_down.weight": torch.randn(2, 32), f"{q}.lora_up.weight": torch.randn(32, 2),
                f"{q}.alpha": torch.tensor(2.0)}, str(root / "lora.safetensors"))
     save_file({"emb_params": torch.randn(2, 128)}, str(root / "emb.safetensors"))
+    # a ControlNet for the diffusers model (factor-2 hint embedder), and one of another base
+    from diffusers import ControlNetModel
+
+    ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32)).save_pretrained(root / "cn")
+    ControlNetModel(block_out_channels=(32, 32, 64), cross_attention_dim=64, layers_per_block=2,
+                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                    conditioning_embedding_out_channels=(16, 32)).save_pretrained(root / "cn-other")
     return root
 
 
@@ -1046,6 +1053,67 @@ def adapter_cases() -> list[Case]:
     return out
 
 
+def controlnet_cases() -> list[Case]:
+    """--controlnet folders and files, --control-image inputs and settings, ldm control-image."""
+    m, cn, edges = f"{W}/sd1-diffusers", f"{W}/cn", f"{W}/img/in.png"
+
+    def gen(*extra, command="sample"):
+        return _gen(command, m, *extra, prompt=True)
+
+    weights = "cn/diffusion_pytorch_model.safetensors"
+    out = [Case(f"controlnet-weights-{how}", gen("--controlnet", f"{T}/cn", "--control-image", edges),
+                (_copy("cn"), _step(functools.partial(corrupt_safetensors, how=how), weights)))
+           for how in SAFETENSORS_CORRUPTIONS]
+    out += [Case(f"controlnet-single-file-{how}", gen("--controlnet", f"{T}/c.safetensors", "--control-image", edges),
+                 (_copy(weights, "c.safetensors"), _step(functools.partial(corrupt_safetensors, how=how),
+                                                         "c.safetensors")))
+            for how in SAFETENSORS_CORRUPTIONS]
+    for style in ("torch-zip-system", "legacy-pickle"):
+        out.append(Case(f"controlnet-pickle-{style}", gen("--controlnet", f"{T}/control.pth", "--control-image", edges),
+                        (_step(functools.partial(malicious_pickle, style=style), "control.pth"),), marker=True))
+    for label, value in (("list", [1]), ("null-channels", {"_class_name": "ControlNetModel", "block_out_channels": None}),
+                         ("huge-channels", {"_class_name": "ControlNetModel", "block_out_channels": [2 ** 40] * 3}),
+                         ("sdxl", {"_class_name": "ControlNetModel", "addition_embed_type": "text_time"}),
+                         ("hint-zero", {"_class_name": "ControlNetModel", "conditioning_embedding_out_channels": [0]}),
+                         ("other-class", {"_class_name": "ControlNetXSAdapter"})):
+        out.append(Case(f"controlnet-config-{label}", gen("--controlnet", f"{T}/cn", "--control-image", edges),
+                        (_copy("cn"), _json_file("cn/config.json", value))))
+    for label, image in BAD_IMAGES.items():
+        out.append(Case(f"controlnet-control-image-{label}", gen("--controlnet", cn, "--control-image", f"{T}/bad.png"),
+                        (_bytes_file("bad.png", image()),)))
+    rgba = _step(lambda p: Image.new("RGBA", (16, 16), (0, 0, 0, 0)).save(_fresh(p)), "clear.png")
+    out += [
+        Case("controlnet-other-base", gen("--controlnet", f"{W}/cn-other", "--control-image", edges)),
+        Case("controlnet-missing", gen("--controlnet", f"{T}/nope", "--control-image", edges)),
+        Case("controlnet-empty-folder", gen("--controlnet", f"{T}/d", "--control-image", edges), (_dir("d"),)),
+        Case("controlnet-two-nets-one-image", gen("--controlnet", cn, "--controlnet", cn, "--control-image", edges)),
+        Case("controlnet-no-image", gen("--controlnet", cn)),
+        Case("controlnet-image-without-net", gen("--control-image", edges)),
+        Case("controlnet-transparent-image", gen("--controlnet", cn, "--control-image", f"{T}/clear.png"), (rgba,)),
+        Case("controlnet-aspect-error", gen("--controlnet", cn, "--control-image", edges, "--control-fit", "error",
+                                            "--width", "32", "--height", "16")),
+        Case("controlnet-start-after-end", gen("--controlnet", cn, "--control-image", edges, "--control-start", "0.9",
+                                               "--control-end", "0.1")),
+        Case("controlnet-end-above-one", gen("--controlnet", cn, "--control-image", edges, "--control-end", "2")),
+        Case("controlnet-huge-scale", gen("--controlnet", f"{cn}:1e9", "--control-image", edges)),
+        Case("controlnet-nan-scale", gen("--controlnet", f"{cn}:nan", "--control-image", edges)),
+        Case("controlnet-on-upscale", _gen("upscale", f"{W}/upscale", "--controlnet", cn, "--control-image", edges,
+                                           prompt=False)),
+    ]
+    ci = ("control-image", "--out", f"{T}/o.png")
+    out += [Case("control-image-bad-kind", ci + ("--kind", "hed", "--image", edges)),
+            Case("control-image-missing", ci + ("--kind", "canny", "--image", f"{T}/nope.png")),
+            Case("control-image-transparent", ci + ("--kind", "canny", "--image", f"{T}/clear.png"), (rgba,)),
+            Case("control-image-thresholds", ci + ("--kind", "canny", "--image", edges, "--low", "300")),
+            Case("control-image-resolution", ci + ("--kind", "canny", "--image", edges, "--resolution", "0")),
+            Case("control-image-not-png", ("control-image", "--out", f"{T}/o.jpg", "--kind", "canny", "--image", edges)),
+            Case("control-image-exists", ("control-image", "--out", edges, "--kind", "canny", "--image", edges))]
+    for label, image in BAD_IMAGES.items():
+        out.append(Case(f"control-image-input-{label}", ci + ("--kind", "canny", "--image", f"{T}/bad.png"),
+                        (_bytes_file("bad.png", image()),)))
+    return out
+
+
 # ----------------------------------------------------------------------------- all cases
 CASES_BY_COMMAND: dict[str, Callable[[], list[Case]]] = {
     "weights files": weights_cases,
@@ -1064,6 +1132,7 @@ CASES_BY_COMMAND: dict[str, Callable[[], list[Case]]] = {
     "train": train_cases,
     "train-autoencoder": train_autoencoder_cases,
     "adapters": adapter_cases,
+    "ControlNets": controlnet_cases,
 }
 
 

@@ -203,6 +203,11 @@ def _attach(pipe, args, loras, embeddings, controlnets) -> dict:
     for path, scale in controlnets:
         pipe.load_controlnet(path, scale, args.control_start, args.control_end)
     if not pipe.controlnets:
+        if getattr(args, "control_image", None):
+            from ldmkit.errors import UserError
+
+            raise UserError("--control-image needs a ControlNet: add --controlnet PATH (or give a ControlNet pipeline "
+                            "folder as --model)")
         return {}
     return dict(control_image=args.control_image or None, guess_mode=args.guess_mode, control_fit=args.control_fit)
 
