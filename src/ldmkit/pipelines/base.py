@@ -37,6 +37,7 @@ from ldmkit.conditioning.base import trim_padding
 from ldmkit.diffusion import (Denoiser, cfg, get_sampler, img2img_start, noise_to, plan, prediction_name,
                               sampler_names, split_options)
 from ldmkit.pipelines import vae_decode
+from ldmkit.pipelines.control import ControlRun
 from ldmkit.util import progress, weights_sha256
 
 CONDITIONINGS = ("text", "class", "none")
@@ -384,8 +385,6 @@ class PipelineCore:
         cond, uncond = self._encode(conditions, negatives)
         run = None
         if control is not None:
-            from ldmkit.pipelines.control import ControlRun
-
             guess = guess_mode or any(u.net.config.global_pool_conditions for u in self.controlnets)
             run = ControlRun(self.controlnets, control, guess, len(p.timesteps) - start,
                              doubled=cond is not None and s.guidance != 1.0)

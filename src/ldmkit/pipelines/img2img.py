@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ldmkit.pipelines import control
 from ldmkit.pipelines.base import PipelineCore, Result, image_count
 
 
@@ -53,8 +54,6 @@ def img2img(pipe: PipelineCore, image, prompt=None, *, strength: float = 0.75, n
             class_label=None, num: int | None = None, seed: int = 0, height: int | None = None,
             width: int | None = None, control_image=None, guess_mode: bool = False, control_fit: str = "stretch",
             **settings) -> list[Result]:
-    from ldmkit.pipelines import control
-
     pipe.require_task("img2img")
     strength = check_strength(strength)
     x, h, w = image_tensor(pipe, image, height, width)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ldmkit.pipelines import control
 from ldmkit.pipelines.base import PipelineCore, Result, image_count, latent_mask
 from ldmkit.pipelines.img2img import check_strength, image_tensor
 
@@ -63,8 +64,6 @@ def inpaint(pipe: PipelineCore, image, mask, prompt=None, *, strength: float = 1
             negative_prompt=None, class_label=None, num: int | None = None, seed: int = 0,
             height: int | None = None, width: int | None = None, control_image=None, guess_mode: bool = False,
             control_fit: str = "stretch", **settings) -> list[Result]:
-    from ldmkit.pipelines import control
-
     pipe.require_task("inpaint")
     strength = check_strength(strength)
     size = _input_size(image)

@@ -11,6 +11,7 @@ ldmkit.denoisers.dit.pos_embed_2d); quality away from the training size is the m
 """
 from __future__ import annotations
 
+from ldmkit.pipelines import control
 from ldmkit.pipelines.base import PipelineCore, Result, image_count
 
 
@@ -19,8 +20,6 @@ def text2img(pipe: PipelineCore, prompt=None, *, negative_prompt=None, class_lab
              **settings) -> list[Result]:
     """`control_image`: one per loaded ControlNet (`Pipeline.load_controlnet`); without height / width
     the output takes the first control image's size."""
-    from ldmkit.pipelines import control
-
     pipe.require_task("text2img")
     n = image_count(prompt, num)
     if control_image is not None and settings.get("height") is None and settings.get("width") is None:
