@@ -23,13 +23,10 @@ KINDS = ("canny", "scribble", "softedge", "segmentation", "depth", "pose")
 
 
 def _rgb_uint8(image) -> np.ndarray:
-    from PIL import Image
+    from ldmkit.io.images import check_opaque
 
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = np.asarray(image.convert("RGBA"))
-        if rgba[..., 3].min() < 255:
-            raise UserError("the image has transparent pixels; give an opaque RGB or grayscale image")
-    return np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.uint8)
+    check_opaque(image, "the image")
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 def _resized(image, resolution: int | None):

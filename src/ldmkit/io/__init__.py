@@ -63,4 +63,17 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     return load_single_file(p, device=device, dtype=dtype, **options)
 
 
-__all__ = ["detect_format", "load_component", "load_model", "resolve_model_path", "save_component", "save_model"]
+def sampling_settings(index: dict, components: dict) -> dict:
+    """How a loaded model samples, from its index and components: its noise schedule (built), what its
+    network predicts, its conditioning (text when a conditioner is there and the index says nothing),
+    its spatial concat input and latent size. The index must hold a schedule."""
+    from ldmkit.diffusion import prediction_of, schedule_from_dict
+
+    sched = index["schedule"]
+    return {"schedule": schedule_from_dict(sched), "objective": index.get("objective") or prediction_of(sched),
+            "conditioning": index.get("conditioning") or ("none" if components.get("conditioner") is None else "text"),
+            "concat": index.get("concat"), "latent_size": index.get("latent_size")}
+
+
+__all__ = ["detect_format", "load_component", "load_model", "resolve_model_path", "sampling_settings",
+           "save_component", "save_model"]

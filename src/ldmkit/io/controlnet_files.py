@@ -83,17 +83,27 @@ def original_to_diffusers(state: dict, where: str):
 def read_controlnet(path: str | os.PathLike, device=None, dtype: torch.dtype = torch.float32):
     """A diffusers ControlNet folder or an original single file -> ``ControlNet`` (eval mode, on
     `device`, in `dtype`)."""
-    from ldmkit.denoisers.controlnet import ControlNet, ControlNetConfig
-    from ldmkit.io.diffusers_format import _build_on_meta, _check_fixed, _read_weights
-    from ldmkit.io.files import read_json
+    from ldmkit.denoisers.controlnet import ControlNet
+    from ldmkit.io.diffusers_format import _build_on_meta, _read_weights
     from ldmkit.io.single_file import read_checkpoint
 
     if Path(path).is_file():
-        state, _ = read_checkpoint(path)
-        config, state = original_to_diffusers(state, str(path))
-        net = _build_on_meta(lambda: ControlNet(config), state, f"ControlNet {path}", dtype)
-        return net.to(device) if device is not None else net
-    folder = controlnet_folder(path)
+        config, state = original_to_diffusers(read_checkpoint(path)[0], str(path))
+        source = Path(path)
+    else:
+        source = controlnet_folder(path)
+        config, state = _diffusers_config(path, source), _read_weights(source, "diffusion_pytorch_model")
+    net = _build_on_meta(lambda: ControlNet(config), state, f"ControlNet {source}", dtype)
+    return net.to(device) if device is not None else net
+
+
+def _diffusers_config(path, folder: Path):
+    """A diffusers ControlNetModel folder's config.json -> ``ControlNetConfig`` (other classes and options
+    refused)."""
+    from ldmkit.denoisers.controlnet import ControlNetConfig
+    from ldmkit.io.diffusers_format import _check_fixed
+    from ldmkit.io.files import read_json
+
     cfg = read_json(folder / "config.json")
     kind = cfg.get("_class_name", "ControlNetModel")
     if kind != "ControlNetModel":
@@ -101,12 +111,9 @@ def read_controlnet(path: str | os.PathLike, device=None, dtype: torch.dtype = t
                         + (" (SDXL / SD3 / FLUX ControlNets are not supported)" if "XL" in str(kind) else ""))
     try:
         _check_fixed(cfg, _FIXED, "diffusers ControlNet")
-        config = ControlNetConfig.from_dict(cfg)
+        return ControlNetConfig.from_dict(cfg)
     except (TypeError, ValueError) as e:
         raise UserError(f"--controlnet {path}: {e}") from None
-    state = _read_weights(folder, "diffusion_pytorch_model")
-    net = _build_on_meta(lambda: ControlNet(config), state, f"ControlNet {folder}", dtype)
-    return net.to(device) if device is not None else net
 
 
 def check_fits(net, unet, where: str) -> None:

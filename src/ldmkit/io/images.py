@@ -30,6 +30,16 @@ def load_image(path: str | os.PathLike, mode: str | None = "RGB", what: str = "i
         raise ValueError(f"cannot read {what} {path}: {exc}") from None
 
 
+def check_opaque(img: Image.Image, what: str = "image") -> None:
+    """Refuse an image with transparent pixels where only colours count (a control image: what would
+    transparent pixels mean?); an alpha channel that is opaque everywhere is fine."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        if np.asarray(img.convert("RGBA"))[..., 3].min() < 255:
+            from ldmkit.errors import UserError
+
+            raise UserError(f"{what} has transparent pixels ({img.mode}); give an opaque RGB or grayscale image")
+
+
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL image -> float tensor [C, H, W] in [-1, 1]."""
     arr = np.asarray(img, dtype=np.float32)

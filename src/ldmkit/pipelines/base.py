@@ -386,8 +386,7 @@ class PipelineCore:
         run = None
         if control is not None:
             guess = guess_mode or any(u.net.config.global_pool_conditions for u in self.controlnets)
-            run = ControlRun(self.controlnets, control, guess, len(p.timesteps) - start,
-                             doubled=cond is not None and s.guidance != 1.0)
+            run = ControlRun(self.controlnets, control, guess, len(p.timesteps) - start, rows=len(seeds))
         fn = self.model_fn(concat, labels, s.max_model_batch, run)
         if cond is None:
             def network(x, t):

@@ -46,17 +46,14 @@ def control_tensor(image, width: int, height: int, channels: int = 3, fit: str =
     import numpy as np
     from PIL import Image
 
-    from ldmkit.io.images import load_image
+    from ldmkit.io.images import check_opaque, load_image
 
     if isinstance(image, torch.Tensor):
         x = (image if image.dim() == 4 else image[None]).float()
         size = (x.shape[-1], x.shape[-2])
     else:
         pil = image if isinstance(image, Image.Image) else load_image(image, mode=None)
-        if pil.mode in ("RGBA", "LA", "PA") or (pil.mode == "P" and "transparency" in pil.info):
-            alpha = np.asarray(pil.convert("RGBA"))[..., 3]
-            if alpha.min() < 255:
-                raise UserError(f"{what} has transparent pixels ({pil.mode}); give an opaque RGB or grayscale image")
+        check_opaque(pil, what)
         size = pil.size
     if fit == "error" and abs(size[0] * height - size[1] * width) > max(size):
         raise UserError(f"{what} is {size[0]}x{size[1]}, the output {width}x{height}: another aspect ratio "
@@ -76,9 +73,9 @@ class ControlRun:
     """The ControlNets of one sampling call. `step` is the index of the step being run (the sampler's
     callback advances it); `residuals` is called by the pipeline's model function for each chunk."""
 
-    def __init__(self, units: list, images: list, guess_mode: bool, steps: int, doubled: bool):
+    def __init__(self, units: list, images: list, guess_mode: bool, steps: int, rows: int):
         self.units, self.images, self.guess_mode = units, images, guess_mode
-        self.steps, self.doubled, self.step = max(1, steps), doubled, 0
+        self.steps, self.rows, self.step = max(1, steps), rows, 0  # rows: images sampled together
 
     def keep(self, u: Attached) -> float:
         i, n = self.step, self.steps
@@ -86,8 +83,8 @@ class ControlRun:
 
     def residuals(self, x: torch.Tensor, t, kw: dict, lo: int, B: int) -> dict:
         """Keyword arguments for the UNet (down_residuals, mid_residual) for rows lo .. lo + len(x) of a
-        batch of B rows ([uncond; cond] when doubled)."""
-        skip = max(0, B // 2 - lo) if (self.guess_mode and self.doubled) else 0
+        batch of B rows: [uncond; cond] when classifier-free guidance doubled the images (B = 2 rows)."""
+        skip = max(0, B // 2 - lo) if (self.guess_mode and B == 2 * self.rows) else 0
         skip = min(skip, x.shape[0])
         if skip == x.shape[0]:
             return {}
@@ -134,16 +131,19 @@ def prepare(pipe, control_image, height: int, width: int, guess_mode: bool, fit:
     return tensors, meta
 
 
-def image_size(pipe, control_image) -> dict:
-    """{height, width} of the first control image, rounded down to the model's size multiple."""
+def open_images(control_image) -> list:
+    """The call's control images as a list, files opened (PIL images and tensors as they are)."""
     from PIL import Image
 
     from ldmkit.io.images import load_image
 
-    first = control_image[0] if isinstance(control_image, (list, tuple)) and control_image else control_image
-    if isinstance(first, torch.Tensor):
-        w, h = first.shape[-1], first.shape[-2]
-    else:
-        w, h = (first if isinstance(first, Image.Image) else load_image(first, mode=None)).size
+    images = list(control_image) if isinstance(control_image, (list, tuple)) else [control_image]
+    return [im if isinstance(im, (Image.Image, torch.Tensor)) else load_image(im, mode=None) for im in images]
+
+
+def image_size(pipe, images: list) -> dict:
+    """{height, width} of the first of `images` (`open_images`), rounded down to the model's size multiple."""
+    first = images[0]
+    w, h = (first.shape[-1], first.shape[-2]) if isinstance(first, torch.Tensor) else first.size
     m = pipe.size_multiple
     return {"height": max(m, h // m * m), "width": max(m, w // m * m)}

@@ -9,10 +9,11 @@ semantic) says what the latents start from and what the denoiser sees concatenat
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from ldmkit.diffusion import prediction_of, schedule_from_dict
-from ldmkit.io import load_model, resolve_model_path
+from ldmkit.io import load_model, resolve_model_path, sampling_settings
 from ldmkit.io.diffusers_format import controlnet_folders
 from ldmkit.pipelines.base import PipelineCore, Result, denoiser_weights_file
 from ldmkit.pipelines.img2img import img2img
@@ -20,8 +21,6 @@ from ldmkit.pipelines.inpaint import inpaint
 from ldmkit.pipelines.semantic import semantic2img
 from ldmkit.pipelines.text2img import text2img
 from ldmkit.pipelines.upscale import upscale
-from pathlib import Path
-
 from ldmkit.util import file_sha256, parse_dtype
 
 
@@ -116,17 +115,14 @@ def load(path, device=None, dtype=None, **options) -> Pipeline:
     for name in ("autoencoder", "denoiser"):
         if comps.get(name) is None:
             raise FileNotFoundError(f"model {p} has no {name} component (expected {p / name}/)")
-    sched = index.get("schedule")
-    if not sched:
+    if not index.get("schedule"):
         raise ValueError(f"{p}: model_index.json has no 'schedule'")
-    schedule = schedule_from_dict(sched)
-    prediction = index.get("objective") or prediction_of(sched)
+    how = sampling_settings(index, comps)
     weights = denoiser_weights_file(p)
     model_hash = file_sha256(weights)[:10] if weights is not None else None
-    conditioning = index.get("conditioning") or ("none" if comps.get("conditioner") is None else "text")
-    pipe = Pipeline(comps["autoencoder"], comps["denoiser"], schedule, comps.get("conditioner"),
-                    prediction=prediction, conditioning=conditioning, concat=index.get("concat"),
-                    defaults=index.get("defaults"), latent_size=index.get("latent_size"), model_hash=model_hash,
+    pipe = Pipeline(comps["autoencoder"], comps["denoiser"], how["schedule"], comps.get("conditioner"),
+                    prediction=how["objective"], conditioning=how["conditioning"], concat=how["concat"],
+                    defaults=index.get("defaults"), latent_size=how["latent_size"], model_hash=model_hash,
                     model_name=p.name, spatial=comps.get("spatial"))
     for folder in controlnet_folders(p):  # a diffusers ControlNet pipeline brings its ControlNets
         pipe.load_controlnet(folder)

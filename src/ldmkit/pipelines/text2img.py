@@ -22,8 +22,10 @@ def text2img(pipe: PipelineCore, prompt=None, *, negative_prompt=None, class_lab
     the output takes the first control image's size."""
     pipe.require_task("text2img")
     n = image_count(prompt, num)
-    if control_image is not None and settings.get("height") is None and settings.get("width") is None:
-        settings.update(control.image_size(pipe, control_image))
+    if control_image is not None:
+        control_image = control.open_images(control_image)  # read once: for the size and the control
+        if settings.get("height") is None and settings.get("width") is None and control_image:
+            settings.update(control.image_size(pipe, control_image))
     s = pipe.settings(**settings)
     conditions = pipe.conditions(prompt, class_label, n)
     images, meta = control.prepare(pipe, control_image, s.height, s.width, guess_mode, control_fit)

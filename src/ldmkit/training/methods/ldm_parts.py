@@ -307,8 +307,7 @@ def settings_of(c) -> dict:
 def load_source(path: str, **options) -> dict:
     """A pretrained model to fine-tune (`--init-from MODEL`, any format; float32 on the CPU): its modules
     and how it samples, as `settings_of` gives them for a fresh run."""
-    from ldmkit.diffusion import prediction_of, schedule_from_dict
-    from ldmkit.io import detect_format, load_model
+    from ldmkit.io import detect_format, load_model, sampling_settings
 
     if options and detect_format(path) != "single_file":
         raise UserError(f"--{'/--'.join(k.replace('_', '-') for k in options)} apply to original single files; "
@@ -317,15 +316,10 @@ def load_source(path: str, **options) -> dict:
     for name in ("autoencoder", "denoiser"):
         if comps.get(name) is None:
             raise UserError(f"--init-from {path}: the model has no {name}")
-    sched = index.get("schedule")
-    if not sched:
+    if not index.get("schedule"):
         raise UserError(f"--init-from {path}: the model has no schedule")
-    conditioner = comps.get("conditioner")
-    return {"autoencoder": comps["autoencoder"], "denoiser": comps["denoiser"], "conditioner": conditioner,
-            "spatial": comps.get("spatial"), "schedule": schedule_from_dict(sched),
-            "objective": index.get("objective") or prediction_of(sched),
-            "conditioning": index.get("conditioning") or ("none" if conditioner is None else "text"),
-            "concat": index.get("concat"), "latent_size": index.get("latent_size"), "index": index}
+    return {"autoencoder": comps["autoencoder"], "denoiser": comps["denoiser"], "conditioner": comps.get("conditioner"),
+            "spatial": comps.get("spatial"), **sampling_settings(index, comps), "index": index}
 
 
 def default_resolution(source: dict | None, autoencoder) -> int:
