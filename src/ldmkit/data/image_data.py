@@ -43,8 +43,9 @@ class ImageData:
 
     @classmethod
     def from_folder(cls, folder: str | Path, size: int, caption: str | None = None, random_crop: bool = False,
-                    flip: bool = False, what: str = "--data") -> "ImageData":
-        return cls([_part(folder, size, caption, random_crop, flip, what)], size)
+                    flip: bool = False, what: str = "--data", controls: str | Path | None = None) -> "ImageData":
+        """`controls`: a folder of control images mirroring `folder` (ControlNet training; `controls`)."""
+        return cls([_part(folder, size, caption, random_crop, flip, what, controls)], size)
 
     def plus(self, folder: str | Path, caption: str | None, random_crop: bool = False, flip: bool = False,
              what: str = "--class-data") -> "ImageData":
@@ -104,24 +105,40 @@ class ImageData:
         for part in self.parts:
             for p in part.folder.files:
                 h.update(f"{p.relative_to(part.folder.root)}\0{p.stat().st_size}\0".encode())
+                if part.folder.controls is not None:
+                    h.update(f"control\0{part.folder.control_path(p).stat().st_size}\0".encode())
         h.update("\0".join(c or "" for c in self.captions).encode())
         return {"num_items": len(self), "size": self.size, "files_sha256": h.hexdigest()}
 
-    def pixels(self, indices, seeds) -> torch.Tensor:
-        """Items `indices` as [b, 3, size, size] in [-1, 1]; item k cropped / flipped by Random(seeds[k])."""
+    def items(self, indices, seeds) -> list[dict]:
+        """Items `indices` (ImageFolder items); item k cropped / flipped by Random(seeds[k])."""
         out = []
         for i, seed in zip(indices, seeds):
             k, j = self.locate(int(i))
-            out.append(self.parts[k].folder.item(j, random.Random(int(seed)))["image"])
-        return torch.stack(out)
+            out.append(self.parts[k].folder.item(j, random.Random(int(seed))))
+        return out
+
+    def pixels(self, indices, seeds) -> torch.Tensor:
+        """Items `indices` as [b, 3, size, size] in [-1, 1]; item k cropped / flipped by Random(seeds[k])."""
+        return torch.stack([it["image"] for it in self.items(indices, seeds)])
+
+    def controls(self, indices, seeds) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images [b, 3, S, S] in [-1, 1], their control images [b, 3, S, S] in [0, 1]), cropped alike."""
+        items = self.items(indices, seeds)
+        return torch.stack([it["image"] for it in items]), torch.stack([it["control"] for it in items])
 
 
-def _part(folder, size: int, caption: str | None, random_crop: bool, flip: bool, what: str) -> _Part:
+def _part(folder, size: int, caption: str | None, random_crop: bool, flip: bool, what: str,
+          controls: str | Path | None = None) -> _Part:
     if not Path(folder).is_dir():
         raise UserError(f"{what} {folder}: not a folder of images")
     try:
-        images = ImageFolder(folder, size=size, random_crop=random_crop, flip=flip, captions=caption is None)
-    except ValueError as exc:
+        images = ImageFolder(folder, size=size, random_crop=random_crop, flip=flip, captions=caption is None,
+                             controls=controls)
+        if controls is not None:  # every image has a fitting control image (before training starts, not at step k)
+            for path in images.files:
+                images.check_control(path)
+    except (ValueError, FileNotFoundError, OSError) as exc:
         raise UserError(f"{what} {folder}: {exc}") from None
     return _Part(images, caption)
 

@@ -19,7 +19,9 @@ are unreadable the dataset raises ValueError.
 Label maps (`maps=DIR`, for semantic synthesis): DIR mirrors the image tree, the map of
 `root/a/b.jpg` being `DIR/a/b.png` -- a grey or palette PNG whose pixel values are class ids;
 it gets the image's resize (nearest), crop and flip, and the item a "segmentation" entry
-(long [S, S]).
+(long [S, S]). Control images (`controls=DIR`, ControlNet training) mirror the tree the same way
+(any image suffix), have their image's size, and get its resize (bicubic), crop and flip: a
+"control" entry, float [3, S, S] in [0, 1].
 """
 from __future__ import annotations
 
@@ -106,11 +108,15 @@ def class_ids(img: Image.Image, where: str) -> np.ndarray:
 class ImageFolder(torch.utils.data.Dataset):
     def __init__(self, root: str | Path, size: int = 256, random_crop: bool = False, flip: bool = False,
                  channels: int = 3, class_folders: bool = False, captions: bool = True,
-                 files: list[Path] | None = None, seed: int | None = None, maps: str | Path | None = None):
+                 files: list[Path] | None = None, seed: int | None = None, maps: str | Path | None = None,
+                 controls: str | Path | None = None):
         self.root = Path(root)
         self.maps = Path(maps) if maps is not None else None
         if self.maps is not None and not self.maps.is_dir():
             raise FileNotFoundError(f"label-map folder {self.maps} does not exist")
+        self.controls = Path(controls) if controls is not None else None
+        if self.controls is not None and not self.controls.is_dir():
+            raise FileNotFoundError(f"control-image folder {self.controls} does not exist")
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
         if size < 1:
@@ -166,6 +172,31 @@ class ImageFolder(torch.utils.data.Dataset):
             im.load()
             return Image.fromarray(class_ids(im, f"label map {m}").astype(np.int32), mode="I")
 
+    def control_path(self, path: Path) -> Path:
+        """The control image of image `path`: the same relative path under `controls`, any image suffix."""
+        base = self.controls / path.relative_to(self.root)
+        for suffix in (path.suffix, ".png", *sorted(IMAGE_EXTENSIONS)):
+            if base.with_suffix(suffix).is_file():
+                return base.with_suffix(suffix)
+        raise ValueError(f"image {path} has no control image {base.with_suffix('.png')} (control images mirror "
+                         "the image folder)")
+
+    def check_control(self, path: Path) -> None:
+        """Refuse, from its header, a control image that is missing, of another size than its image, or
+        with an alpha channel (what would transparent control pixels mean?)."""
+        c = self.control_path(path)
+        with Image.open(path) as im, Image.open(c) as ctrl:
+            if ctrl.size != im.size:
+                raise ValueError(f"control image {c} is {ctrl.size[0]}x{ctrl.size[1]}, its image {path} "
+                                 f"{im.size[0]}x{im.size[1]}: they must have one size")
+            if ctrl.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in ctrl.info:
+                raise ValueError(f"control image {c} has an alpha channel ({ctrl.mode}); save it as RGB or grey")
+
+    def load_control(self, path: Path) -> Image.Image:
+        with Image.open(self.control_path(path)) as im:
+            im.load()
+            return im.convert("RGB")
+
     def _load(self, path: Path) -> Image.Image:
         with Image.open(path) as im:
             im.load()
@@ -186,6 +217,7 @@ class ImageFolder(torch.utils.data.Dataset):
             path = self.files[i]
             try:
                 img = self._load(path)
+                control = self.load_control(path) if self.controls is not None else None  # skipped with its image
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
                 self._bad.add(i)
                 self.skipped += 1
@@ -195,6 +227,9 @@ class ImageFolder(torch.utils.data.Dataset):
             if seg is not None and seg.size != img.size:
                 raise ValueError(f"label map {self.map_path(path)} is {seg.size[0]}x{seg.size[1]}, its image "
                                  f"{path} {img.size[0]}x{img.size[1]}: they must have one size")
+            if control is not None and control.size != img.size:
+                raise ValueError(f"control image {self.control_path(path)} is {control.size[0]}x{control.size[1]}, "
+                                 f"its image {path} {img.size[0]}x{img.size[1]}: they must have one size")
             plan = crop_plan(*img.size, self.size, self.random_crop, rng)
             img = apply_crop(img, plan, self.size)
             flip = self.flip and rng.random() < 0.5
@@ -205,6 +240,10 @@ class ImageFolder(torch.utils.data.Dataset):
                 seg = apply_crop(seg, plan, self.size, Image.NEAREST)
                 seg = seg.transpose(Image.FLIP_LEFT_RIGHT) if flip else seg
                 item["segmentation"] = torch.from_numpy(np.asarray(seg).astype(np.int64))
+            if control is not None:  # [3, S, S] in [0, 1], cropped and flipped with the image
+                control = apply_crop(control, plan, self.size)
+                control = control.transpose(Image.FLIP_LEFT_RIGHT) if flip else control
+                item["control"] = pil_to_unit_tensor(control).add(1).div(2)
             return item
         raise ValueError(f"all {n} images under {self.root} are unreadable")
 

@@ -10,6 +10,9 @@ Both start as the identity (zero-initialised output projections), so wrapping a 
 nothing until they train. `ExtendedUNet` is its own component type ("unet-extended"): the model
 folder records the extensions, and `.unet` is the plain UNet (diffusers' key names) inside.
 
+A ControlNet runs on an extended UNet as on its plain `.unet`, reading the adapted context
+(`adapt_context`); position features stay the UNet's own (the control image tells the ControlNet where).
+
 Position features reach the UNet's inner modules through forward hooks registered as bound methods
 of the injection modules, so copies of the whole wrapper (EMA, FSDP templates) hook their own copies.
 """
@@ -109,13 +112,18 @@ class ExtendedUNet(nn.Module):
     def _after_conv_in(self, module, args, output):
         return self.position["conv_in"](output)
 
+    def adapt_context(self, context: torch.Tensor | None, context_mask: torch.Tensor | None = None):
+        """The context the UNet's cross-attention reads (a ControlNet on this UNet reads the same)."""
+        if self.context_adapter is None or context is None:
+            return context
+        if context_mask is not None:
+            context_mask = context_mask.to(device=context.device, dtype=torch.bool)
+        return self.context_adapter(context, context_mask)
+
     def forward(self, x: torch.Tensor, t, context: torch.Tensor | None = None, class_labels: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.context_adapter is not None and context is not None:
-            if context_mask is not None:
-                context_mask = context_mask.to(device=context.device, dtype=torch.bool)
-            context = self.context_adapter(context, context_mask)
-        return self.unet(x, t, context=context, class_labels=class_labels, context_mask=context_mask)
+                context_mask: torch.Tensor | None = None, down_residuals=None, mid_residual=None) -> torch.Tensor:
+        return self.unet(x, t, context=self.adapt_context(context, context_mask), class_labels=class_labels,
+                         context_mask=context_mask, down_residuals=down_residuals, mid_residual=mid_residual)
 
 
 LEGACY_FIELDS = ("position_features", "context_adapter_layers", "context_adapter_width", "context_adapter_heads")

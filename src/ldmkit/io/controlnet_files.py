@@ -116,14 +116,26 @@ def _diffusers_config(path, folder: Path):
         raise UserError(f"--controlnet {path}: {e}") from None
 
 
+def write_controlnet(folder: str | os.PathLike, net, metadata: dict[str, str] | None = None) -> Path:
+    """A ``ControlNet`` as the diffusers ``ControlNetModel`` folder ``ControlNetModel.from_pretrained`` and
+    ``--controlnet`` read: weights first, config.json last (a folder with a config is complete)."""
+    from ldmkit.io.files import save_tensors, write_json
+
+    root = Path(folder)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+    save_tensors(root / "diffusion_pytorch_model.safetensors", state, {"format": "pt", **(metadata or {})})
+    config = {"_class_name": "ControlNetModel", "_diffusers_version": "0.30.0", **_FIXED,
+              **{k: list(v) if isinstance(v, tuple) else v for k, v in net.config.to_dict().items()}}
+    write_json(root / "config.json", config)
+    return root
+
+
 def check_fits(net, unet, where: str) -> None:
     """Refuse a ControlNet built for another UNet: its skip channels, latent channels and context width
     must be the UNet's."""
     from ldmkit.denoisers.unet import UNetEncoder
 
-    if hasattr(unet, "unet"):  # ExtendedUNet: its adapter and position features would have to reach the ControlNet
-        raise UserError(f"{where}: ControlNets run on plain UNets; this model's UNet has ldmkit's extensions "
-                        "(context adapter / position features)")
+    unet = getattr(unet, "unet", unet)  # an extended UNet: its plain UNet (denoisers/extensions.py)
     if not isinstance(unet, UNetEncoder):
         raise UserError(f"{where}: ControlNets need a UNet model; this model's denoiser is a "
                         f"{type(unet).__name__}")

@@ -73,8 +73,8 @@ class ControlRun:
     """The ControlNets of one sampling call. `step` is the index of the step being run (the sampler's
     callback advances it); `residuals` is called by the pipeline's model function for each chunk."""
 
-    def __init__(self, units: list, images: list, guess_mode: bool, steps: int, rows: int):
-        self.units, self.images, self.guess_mode = units, images, guess_mode
+    def __init__(self, units: list, images: list, guess_mode: bool, steps: int, rows: int, adapt_context=None):
+        self.units, self.images, self.guess_mode, self.adapt_context = units, images, guess_mode, adapt_context
         self.steps, self.rows, self.step = max(1, steps), rows, 0  # rows: images sampled together
 
     def keep(self, u: Attached) -> float:
@@ -88,15 +88,17 @@ class ControlRun:
         skip = min(skip, x.shape[0])
         if skip == x.shape[0]:
             return {}
+        rows = slice(skip, x.shape[0])
+        tt = t[rows] if isinstance(t, torch.Tensor) and t.dim() > 0 else t
+        args = {name: (v[rows] if isinstance(v, torch.Tensor) else v) for name, v in kw.items()}
+        if self.adapt_context is not None:  # an extended UNet's ControlNets read its adapted context
+            args["context"] = self.adapt_context(args.get("context"), args.get("context_mask"))
         total = None
         for u, image in zip(self.units, self.images):
             k = u.scale * self.keep(u)
             if k == 0:
                 continue  # adds nothing: skip the network
-            rows = slice(skip, x.shape[0])
             control = image.to(x.device, x.dtype).expand(x.shape[0] - skip, -1, -1, -1)
-            tt = t[rows] if isinstance(t, torch.Tensor) and t.dim() > 0 else t
-            args = {name: (v[rows] if isinstance(v, torch.Tensor) else v) for name, v in kw.items()}
             r = u.net(x[rows], tt, control, scale=k, guess_mode=self.guess_mode, **args)
             total = r if total is None else total + r
         if total is None:

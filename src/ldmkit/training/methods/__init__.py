@@ -1,6 +1,7 @@
 """Training methods: each says what a batch is, which parameters train and what the loss is; the one
 loop (`training/loop.py`) does the rest. A new method is one module here and one line below."""
 from ldmkit.training.methods.autoencoder import AETrainConfig, AutoencoderMethod
+from ldmkit.training.methods.controlnet import ControlNetMethod, ControlTrainConfig
 from ldmkit.training.methods.finetune import FineTune, FineTuneConfig
 from ldmkit.training.methods.ldm import LDM, LDMConfig
 
@@ -9,6 +10,7 @@ METHODS = {
     "ldm": (LDM, LDMConfig),
     "autoencoder": (AutoencoderMethod, AETrainConfig),
     "finetune": (FineTune, FineTuneConfig),
+    "controlnet": (ControlNetMethod, ControlTrainConfig),
 }
 
-__all__ = ["AETrainConfig", "AutoencoderMethod", "FineTune", "FineTuneConfig", "LDM", "LDMConfig", "METHODS"]
+__all__ = ["AETrainConfig", "AutoencoderMethod", "ControlNetMethod", "ControlTrainConfig", "FineTune", "FineTuneConfig", "LDM", "LDMConfig", "METHODS"]

@@ -41,6 +41,10 @@ class Stage2(nn.Module):
     def forward(self, x, t, conditions=None, drop=None, concat=None, labels=None):
         """`drop` [B] nulls the text / class condition of those rows; `concat` [B, C, h, w] (spatial input)
         and `labels` [B] (upscale noise levels) stay as they are."""
+        cond = self.condition(conditions, drop, concat, labels)
+        return self.denoiser(cond.denoiser_input(x), t, **cond.denoiser_kwargs())
+
+    def condition(self, conditions=None, drop=None, concat=None, labels=None) -> Conditioning:
         cond = Conditioning()
         if self.conditioner is not None:
             cond = self.conditioner.encode(list(conditions))
@@ -49,7 +53,7 @@ class Stage2(nn.Module):
             cond = trim_padding(cond)[0]
         if concat is not None or labels is not None:
             cond = cond.merge(Conditioning(concat=concat, class_labels=labels))
-        return self.denoiser(cond.denoiser_input(x), t, **cond.denoiser_kwargs())
+        return cond
 
 
 def spatial_grid(method, pipe, settings: dict, n: int = 4) -> tuple[list, list]:
