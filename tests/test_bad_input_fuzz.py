@@ -127,6 +127,17 @@ def _build_world(root: Path) -> Path:
     ControlNetModel(block_out_channels=(32, 32, 64), cross_attention_dim=64, layers_per_block=2,
                     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                     conditioning_embedding_out_channels=(16, 32)).save_pretrained(root / "cn-other")
+    # an IP-Adapter (h94's layout) for the diffusers model, its image encoder beside it
+    from test_ip_adapter import basic_adapter, random_encoder
+
+    random_encoder().save_pretrained(root / "ip" / "image_encoder")
+    save_file(basic_adapter(pipe.unet), str(root / "ip" / "ip-adapter.safetensors"))
+    # control data for `ldm train --method controlnet`: 4 captioned images and their control images
+    for i in range(4):
+        for sub in ("images", "conditioning"):
+            (root / "cdata" / sub).mkdir(parents=True, exist_ok=True)
+            _png(root / "cdata" / sub / f"{i}.png", rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+        (root / "cdata" / "images" / f"{i}.txt").write_text("a cat")
     return root
 
 
@@ -1100,6 +1111,23 @@ def controlnet_cases() -> list[Case]:
         Case("controlnet-on-upscale", _gen("upscale", f"{W}/upscale", "--controlnet", cn, "--control-image", edges,
                                            prompt=False)),
     ]
+    train = ("train", "--init-from", m, "--control-data", f"{T}/cd", "--resolution", "16", "--steps", "1",
+             "--batch-size", "2", "--out", f"{T}/run", "--no-progress")
+    data = _copy("cdata", "cd")
+    grey_alpha = _step(lambda p: Image.new("LA", (16, 16)).save(_fresh(p)), "cd/conditioning/1.png")
+    small = _step(lambda p: Image.new("RGB", (8, 8)).save(_fresh(p)), "cd/conditioning/1.png")
+    gone = _step(lambda p: p.unlink(), "cd/conditioning/2.png")
+    out += [Case("train-controlnet-no-init-from", train[:1] + train[3:]),
+            Case("train-controlnet-no-conditioning", train, (_dir("cd/images"),)),
+            Case("train-controlnet-missing-control", train, (data, gone)),
+            Case("train-controlnet-control-size", train, (data, small)),
+            Case("train-controlnet-control-alpha", train, (data, grey_alpha)),
+            Case("train-controlnet-control-garbage", train, (data, _bytes_file("cd/conditioning/3.png", b"xx"))),
+            Case("train-controlnet-with-data", train + ("--data", f"{W}/cdata/images"), (data,)),
+            Case("train-controlnet-on-upscale", ("train", "--init-from", f"{W}/upscale") + train[3:], (data,)),
+            Case("train-controlnet-other-base", train + ("--controlnet", f"{W}/cn-other"), (data,)),
+            Case("train-controlnet-corrupt", train + ("--controlnet", f"{T}/cn"),
+                 (data, _copy("cn"), _step(functools.partial(corrupt_safetensors, how="truncated-half"), weights)))]
     ci = ("control-image", "--out", f"{T}/o.png")
     out += [Case("control-image-bad-kind", ci + ("--kind", "hed", "--image", edges)),
             Case("control-image-missing", ci + ("--kind", "canny", "--image", f"{T}/nope.png")),
@@ -1111,6 +1139,44 @@ def controlnet_cases() -> list[Case]:
     for label, image in BAD_IMAGES.items():
         out.append(Case(f"control-image-input-{label}", ci + ("--kind", "canny", "--image", f"{T}/bad.png"),
                         (_bytes_file("bad.png", image()),)))
+    return out
+
+
+def ip_adapter_cases() -> list[Case]:
+    """--ip-adapter files, --image-prompt images, --ip-scale, --image-encoder folders."""
+    m, ip, img = f"{W}/sd1-diffusers", f"{W}/ip/ip-adapter.safetensors", f"{W}/img/in.png"
+
+    def gen(*extra):
+        return _gen("sample", m, *extra, prompt=True)
+
+    own = ("--image-encoder", f"{W}/ip/image_encoder")
+    copy = (_copy("ip/ip-adapter.safetensors", "a.safetensors"),)
+    out = [Case(f"ip-adapter-weights-{how}", gen("--ip-adapter", f"{T}/a.safetensors", "--image-prompt", img, *own),
+                copy + (_step(functools.partial(corrupt_safetensors, how=how), "a.safetensors"),))
+           for how in SAFETENSORS_CORRUPTIONS]
+    for style in ("torch-zip-system", "legacy-pickle"):
+        out.append(Case(f"ip-adapter-pickle-{style}", gen("--ip-adapter", f"{T}/ip.bin", "--image-prompt", img, *own),
+                        (_step(functools.partial(malicious_pickle, style=style), "ip.bin"),), marker=True))
+    for label, image in BAD_IMAGES.items():
+        out.append(Case(f"ip-adapter-image-prompt-{label}", gen("--ip-adapter", ip, "--image-prompt", f"{T}/bad.png"),
+                        (_bytes_file("bad.png", image()),)))
+    out += [Case("ip-adapter-missing", gen("--ip-adapter", f"{T}/none.safetensors", "--image-prompt", img, *own)),
+            Case("ip-adapter-lora-file", gen("--ip-adapter", f"{W}/lora.safetensors", "--image-prompt", img, *own)),
+            Case("ip-adapter-controlnet-file", gen("--ip-adapter", f"{W}/cn/diffusion_pytorch_model.safetensors",
+                                                   "--image-prompt", img, *own)),
+            Case("ip-adapter-no-image", gen("--ip-adapter", ip)),
+            Case("ip-adapter-image-without-adapter", gen("--image-prompt", img)),
+            Case("ip-adapter-scale-huge", gen("--ip-adapter", ip, "--image-prompt", img, "--ip-scale", "1e9")),
+            Case("ip-adapter-scale-nan", gen("--ip-adapter", ip, "--image-prompt", img, "--ip-scale", "nan")),
+            Case("ip-adapter-encoder-missing", gen("--ip-adapter", ip, "--image-prompt", img, "--image-encoder",
+                                                   f"{T}/none")),
+            Case("ip-adapter-encoder-not-clip", gen("--ip-adapter", ip, "--image-prompt", img, "--image-encoder",
+                                                    f"{W}/cn")),
+            Case("ip-adapter-encoder-config-list", gen("--ip-adapter", f"{T}/ip/ip-adapter.safetensors",
+                                                       "--image-prompt", img),
+                 (_copy("ip"), _json_file("ip/image_encoder/config.json", [1]))),
+            Case("ip-adapter-on-upscale", _gen("upscale", f"{W}/upscale", "--ip-adapter", ip, "--image-prompt", img,
+                                               prompt=False))]
     return out
 
 
@@ -1133,6 +1199,7 @@ CASES_BY_COMMAND: dict[str, Callable[[], list[Case]]] = {
     "train-autoencoder": train_autoencoder_cases,
     "adapters": adapter_cases,
     "ControlNets": controlnet_cases,
+    "IP-Adapters": ip_adapter_cases,
 }
 
 

@@ -9,7 +9,8 @@ A conditioner is an ``nn.Module`` with
 ``Conditioning`` carries every way a condition reaches the denoiser: a token sequence for
 cross-attention (``context`` [B, L, D] with optional key ``mask`` [B, L], True = attend), a pooled
 vector, class labels [B] (added to the time embedding), and spatial channels ``concat`` [B, C, h, w]
-that are concatenated to the noisy latent (``in_channels`` of the denoiser counts them).
+that are concatenated to the noisy latent (``in_channels`` of the denoiser counts them), and an image
+prompt's tokens (``image_tokens`` [B, n, D], an IP-Adapter's: ``adapters.ip_adapter``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-FIELDS = ("context", "pooled", "mask", "class_labels", "concat")
+FIELDS = ("context", "pooled", "mask", "class_labels", "concat", "image_tokens")
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Conditioning:
     mask: torch.Tensor | None = None  # [B, L] bool, True = attend
     class_labels: torch.Tensor | None = None  # [B] long
     concat: torch.Tensor | None = None  # [B, C, h, w]
+    image_tokens: torch.Tensor | None = None  # [B, n, D] an IP-Adapter's image-prompt tokens
 
     @property
     def batch_size(self) -> int:

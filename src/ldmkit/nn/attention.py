@@ -14,7 +14,10 @@ class Attention(nn.Module):
     """softmax(Q K^T / sqrt(d)) V with Q from `x` and K, V from `context` (or `x` for self-attention).
 
     `mask` is boolean [B, M] over the context tokens (True = attend). `upcast=True`
-    computes the attention in float32 when the inputs are half precision.
+    computes the attention in float32 when the inputs are half precision. `processor` is None, or an
+    adapter's module that adds attention over more keys and values before `to_out`,
+    ``out = processor(self, q, out)`` (an IP-Adapter's image tokens: `adapters.ip_adapter`); diffusers keeps
+    such weights under the same name (``attn2.processor.to_k_ip.0``).
     """
 
     def __init__(
@@ -38,6 +41,7 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner, bias=bias)
         self.to_v = nn.Linear(context_dim, inner, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim, bias=out_bias), nn.Dropout(dropout)])
+        self.processor: nn.Module | None = None
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Heads split, SDPA, heads merged: [B, N, H*D] x [B, M, H*D] -> [B, N, H*D]."""
@@ -59,7 +63,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        out = self.attend(self.to_q(x), self.to_k(context), self.to_v(context), mask)
+        q = self.to_q(x)
+        out = self.attend(q, self.to_k(context), self.to_v(context), mask)
+        if self.processor is not None:
+            out = self.processor(self, q, out)
         return self.to_out[1](self.to_out[0](out))
 
 

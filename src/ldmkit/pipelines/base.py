@@ -152,6 +152,7 @@ class PipelineCore:
         self._model_hash = model_hash
         self.adapters: list[dict] = []  # LoRAs and embeddings loaded into this pipeline (PNG metadata)
         self.controlnets: list = []  # pipelines.control.Attached, in the order their images are given
+        self.ip_adapter = None  # pipelines.image_prompt.Attached: an IP-Adapter with its image encoder
         extra = cfg.in_channels - self.latent_channels
         want = {None: 0, "inpaint": self.latent_channels + 1, "upscale": None, "semantic": None}[concat]
         if concat is None and extra != 0:
@@ -211,7 +212,8 @@ class PipelineCore:
         return ["text2img", "img2img", "inpaint"]
 
     def to(self, device=None, dtype=None) -> "PipelineCore":
-        for m in (self.autoencoder, self.denoiser, self.conditioner, *(u.net for u in self.controlnets)):
+        for m in (self.autoencoder, self.denoiser, self.conditioner, *(u.net for u in self.controlnets),
+                  self.ip_adapter):
             if m is not None:
                 m.to(device=device, dtype=dtype)
         return self
@@ -318,8 +320,9 @@ class PipelineCore:
                  max_batch: int | None, control=None) -> Callable:
         """`model_fn(x, t, cond)` for `diffusion.cfg`: concatenates the spatial inputs, runs the denoiser
         in chunks of at most `max_batch` rows (CFG batch chunking) and returns float32; `control` (a
-        `pipelines.control.ControlRun`) adds its ControlNets' residuals."""
-        den, dtype, latent_c = self.denoiser, self.dtype, self.latent_channels
+        `pipelines.control.ControlRun`) adds its ControlNets' residuals; an IP-Adapter gets each chunk's
+        image tokens (`Conditioning.image_tokens`)."""
+        den, dtype, latent_c, ip = self.denoiser, self.dtype, self.latent_channels, self.ip_adapter
 
         def fn(x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
             B = x.shape[0]
@@ -347,6 +350,9 @@ class PipelineCore:
                 tt = t[lo:hi] if isinstance(t, torch.Tensor) and t.dim() > 0 else t
                 if control is not None:
                     kw.update(control.residuals(latents.to(dtype), tt, kw, lo, B))
+                if ip is not None:
+                    tokens = getattr(c, "image_tokens", None)
+                    ip.adapter.use(tokens.to(dtype) if tokens is not None else None)
                 out = den(xi.to(dtype), tt, **kw)
                 outs.append(out[:, :latent_c].float())  # DiT with learn_sigma also outputs a variance half
             return torch.cat(outs)
@@ -358,10 +364,11 @@ class PipelineCore:
                        z0: torch.Tensor | None = None, strength: float = 1.0, mask: torch.Tensor | None = None,
                        concat: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                        control: list | None = None, guess_mode: bool = False,
-                       desc: str = "sampling") -> torch.Tensor:
+                       image_tokens: tuple | None = None, desc: str = "sampling") -> torch.Tensor:
         """Denoise one batch. `z0` (scaled latents) with `strength` < 1 starts part way (img2img);
         `mask` (latent, 1 = generate) re-imposes z0 outside it after every step (inpainting by blending);
-        `control`: one control image per loaded ControlNet (`pipelines.control.prepare`)."""
+        `control`: one control image per loaded ControlNet (`pipelines.control.prepare`); `image_tokens`: an
+        image prompt's (tokens, unconditional tokens) for the IP-Adapter (`pipelines.image_prompt.prepare`)."""
         h, w = s.height // self.factor, s.width // self.factor
         gens = self.generators(seeds)
         noise = self.noise(gens, (self.latent_channels, h, w))
@@ -383,10 +390,13 @@ class PipelineCore:
             x = mask * x + (1 - mask) * noise_to(z0, noise, sigma0).float()
 
         cond, uncond = self._encode(conditions, negatives)
+        if image_tokens is not None:  # cfg pairs them as it pairs the text: [uncond; cond]
+            cond, uncond = cond.replace(image_tokens=image_tokens[0]), uncond.replace(image_tokens=image_tokens[1])
         run = None
         if control is not None:
             guess = guess_mode or any(u.net.config.global_pool_conditions for u in self.controlnets)
-            run = ControlRun(self.controlnets, control, guess, len(p.timesteps) - start, rows=len(seeds))
+            run = ControlRun(self.controlnets, control, guess, len(p.timesteps) - start, rows=len(seeds),
+                             adapt_context=getattr(self.denoiser, "adapt_context", None))
         fn = self.model_fn(concat, labels, s.max_model_batch, run)
         if cond is None:
             def network(x, t):
@@ -410,6 +420,8 @@ class PipelineCore:
             out = sampler.fn(denoise, x, p.sigmas[start:], generator=gens, callback=callback, **fn_opts)
         finally:
             bar.close()
+            if self.ip_adapter is not None:
+                self.ip_adapter.adapter.use(None)
         if mask is not None:  # the final level may not be exactly clean (e.g. DDIM without alpha_to_one)
             out = mask * out + (1 - mask) * z0
         return out

@@ -68,6 +68,16 @@ def _common(p, sizes: bool = True) -> None:
                          "batch only, shallow residuals weaker (diffusers' guess_mode)")
     control.add_argument("--control-fit", choices=("stretch", "error"), default="stretch",
                          help="a control image of another aspect ratio: stretch it, or refuse it")
+    ip = p.add_argument_group("IP-Adapter (sample, img2img, inpaint)")
+    ip.add_argument("--ip-adapter", default=None, metavar="FILE",
+                    help="an IP-Adapter in h94's single-file layout (ip-adapter_sd15.safetensors / .bin; the basic "
+                    "one or Plus): the image prompt steers the images")
+    ip.add_argument("--image-prompt", action="append", default=[], metavar="IMG",
+                    help="the image prompt (repeat for several: their tokens side by side)")
+    ip.add_argument("--ip-scale", type=float, default=1.0, help="weight of the image prompt in [0, 2] (default 1)")
+    ip.add_argument("--image-encoder", default=None, metavar="DIR",
+                    help="its CLIP image encoder (a transformers CLIPVisionModelWithProjection folder; default: "
+                    "image_encoder/ beside the --ip-adapter file, else the model folder's)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: float16 on CUDA)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -193,7 +203,13 @@ def adapter_specs(args) -> tuple[list[tuple[str, float]], list[tuple[str, str | 
 
 
 def _attach(pipe, args, loras, embeddings, controlnets) -> dict:
-    """Load the LoRAs, embeddings and ControlNets of the command line; the task's extra arguments."""
+    """Load the LoRAs, embeddings, ControlNets and IP-Adapter of the command line; the task's extra arguments."""
+    extra = {}
+    if getattr(args, "ip_adapter", None):
+        adapter = pipe.load_ip_adapter(args.ip_adapter, args.ip_scale, args.image_encoder)
+        print(f"ldm {args.command}: IP-Adapter {args.ip_adapter} ({adapter.kind}, {len(adapter.layers)} layers) at "
+              f"scale {args.ip_scale:g}", file=sys.stderr)
+        extra["image_prompt"] = args.image_prompt
     for path, scale in loras:
         layers = pipe.load_lora(path, scale)
         print(f"ldm {args.command}: LoRA {path}: {layers} layers at scale {scale:g}", file=sys.stderr)
@@ -208,8 +224,38 @@ def _attach(pipe, args, loras, embeddings, controlnets) -> dict:
 
             raise UserError("--control-image needs a ControlNet: add --controlnet PATH (or give a ControlNet pipeline "
                             "folder as --model)")
-        return {}
-    return dict(control_image=args.control_image or None, guess_mode=args.guess_mode, control_fit=args.control_fit)
+        return extra
+    return dict(extra, control_image=args.control_image or None, guess_mode=args.guess_mode,
+                control_fit=args.control_fit)
+
+
+def check_ip_args(args, task: str) -> None:
+    """--ip-adapter, --image-prompt, --ip-scale and --image-encoder, checked before the model loads."""
+    from ldmkit.errors import UserError
+    from ldmkit.io.images import load_image
+    from ldmkit.pipelines.image_prompt import SCALE_RANGE
+
+    path, images = getattr(args, "ip_adapter", None), getattr(args, "image_prompt", [])
+    if path is None:
+        if images:
+            raise UserError("--image-prompt needs an IP-Adapter: add --ip-adapter FILE")
+        if args.image_encoder is not None:
+            raise UserError("--image-encoder belongs to an IP-Adapter: add --ip-adapter FILE")
+        return
+    if task not in ("text2img", "img2img", "inpaint"):
+        raise UserError(f"ldm {args.command} takes no IP-Adapter (sample, img2img and inpaint do)")
+    if not Path(path).is_file():
+        raise UserError(f"--ip-adapter {path} " + ("is not a file" if Path(path).exists() else "does not exist"))
+    if not images:
+        raise UserError("--ip-adapter needs an image prompt: add --image-prompt IMG")
+    lo, hi = SCALE_RANGE
+    if not lo <= args.ip_scale <= hi:
+        raise UserError(f"--ip-scale {args.ip_scale:g} is outside [{lo:g}, {hi:g}]")
+    if args.image_encoder is not None and not Path(args.image_encoder).is_dir():
+        raise UserError(f"--image-encoder {args.image_encoder} "
+                        + ("is not a folder" if Path(args.image_encoder).exists() else "does not exist"))
+    for image in images:
+        load_image(image, what="--image-prompt")
 
 
 def control_specs(args, task: str) -> list[tuple[str, float]]:
@@ -383,6 +429,7 @@ def run(args) -> int:
     _check_args(args)
     loras, embeddings = adapter_specs(args)
     controlnets = control_specs(args, task)
+    check_ip_args(args, task)
     prompts = _prompts(args)
     _out_paths(args.out, args.num * (len(prompts) if prompts else 1), [args.seed], args.overwrite)  # fail early
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ldmkit.pipelines import control
+from ldmkit.pipelines import control, image_prompt as ip
 from ldmkit.pipelines.base import PipelineCore, Result, image_count
 
 
@@ -53,7 +53,7 @@ def image_tensor(pipe: PipelineCore, image, height: int | None, width: int | Non
 def img2img(pipe: PipelineCore, image, prompt=None, *, strength: float = 0.75, negative_prompt=None,
             class_label=None, num: int | None = None, seed: int = 0, height: int | None = None,
             width: int | None = None, control_image=None, guess_mode: bool = False, control_fit: str = "stretch",
-            **settings) -> list[Result]:
+            image_prompt=None, **settings) -> list[Result]:
     pipe.require_task("img2img")
     strength = check_strength(strength)
     x, h, w = image_tensor(pipe, image, height, width)
@@ -63,9 +63,13 @@ def img2img(pipe: PipelineCore, image, prompt=None, *, strength: float = 0.75, n
     z0 = pipe.encode(x)
 
     images, meta = control.prepare(pipe, control_image, h, w, guess_mode, control_fit)
+    tokens, ip_meta = ip.prepare(pipe, image_prompt)
+    meta.update(ip_meta)
 
     def inputs(idx):
         out = {"z0": z0.expand(len(idx), -1, -1, -1), "strength": strength}
+        if tokens:
+            out["image_tokens"] = tokens
         return {**out, "control": images, "guess_mode": guess_mode} if images else out
 
     return pipe.generate("img2img", s, conditions, negative_prompt, int(seed), inputs, {"strength": strength, **meta})

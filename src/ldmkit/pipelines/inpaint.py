@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ldmkit.pipelines import control
+from ldmkit.pipelines import control, image_prompt as ip
 from ldmkit.pipelines.base import PipelineCore, Result, image_count, latent_mask
 from ldmkit.pipelines.img2img import check_strength, image_tensor
 
@@ -63,7 +63,7 @@ def _input_size(image) -> tuple[int, int]:
 def inpaint(pipe: PipelineCore, image, mask, prompt=None, *, strength: float = 1.0, blend: bool | None = None,
             negative_prompt=None, class_label=None, num: int | None = None, seed: int = 0,
             height: int | None = None, width: int | None = None, control_image=None, guess_mode: bool = False,
-            control_fit: str = "stretch", **settings) -> list[Result]:
+            control_fit: str = "stretch", image_prompt=None, **settings) -> list[Result]:
     pipe.require_task("inpaint")
     strength = check_strength(strength)
     size = _input_size(image)
@@ -85,12 +85,16 @@ def inpaint(pipe: PipelineCore, image, mask, prompt=None, *, strength: float = 1
     m_lat = latent_mask(m, pipe.factor).to(pipe.device) if blend else None
 
     images, meta = control.prepare(pipe, control_image, h, w, guess_mode, control_fit)
+    tokens, ip_meta = ip.prepare(pipe, image_prompt)
+    meta.update(ip_meta)
 
     def inputs(idx):
         k = len(idx)
         out = {"z0": z0.expand(k, -1, -1, -1), "strength": strength}
         if images:
             out.update(control=images, guess_mode=guess_mode)
+        if tokens:
+            out["image_tokens"] = tokens
         if m_lat is not None:
             out["mask"] = m_lat.expand(k, -1, -1, -1)
         if concat is not None:

@@ -27,6 +27,8 @@ from ldmkit.util import file_sha256, parse_dtype
 class Pipeline(PipelineCore):
     """Build it with `load(path)` or directly from modules (`PipelineCore`'s arguments)."""
 
+    model_path: Path | None = None  # the folder or file `load` read
+
     def text2img(self, prompt=None, **kw) -> list[Result]:
         return text2img(self, prompt, **kw)
 
@@ -90,6 +92,42 @@ class Pipeline(PipelineCore):
                                          file_sha256(weights[0])[:10] if weights else ""))
         return net
 
+    def load_ip_adapter(self, path, scale: float = 1.0, image_encoder=None):
+        """Attach an IP-Adapter (h94's single file, .safetensors or .bin: the basic one or Plus) at `scale`,
+        with its CLIP image encoder: `image_encoder` (a CLIPVisionModelWithProjection folder), else
+        image_encoder/ beside the file, else the model folder's. The image prompt is then given to
+        text2img / img2img / inpaint (`image_prompt=`). Returns the adapter (`adapters.ip_adapter.IPAdapter`)."""
+        from ldmkit.adapters.ip_adapter import attach
+        from ldmkit.errors import UserError
+        from ldmkit.io import ip_adapter_files as files
+        from ldmkit.pipelines.image_prompt import Attached, check_scale
+
+        where = f"--ip-adapter {path}"
+        scale = check_scale(scale, where)
+        if self.ip_adapter is not None:
+            raise UserError(f"{where}: IP-Adapter {self.ip_adapter.name} is already loaded; ldmkit runs one at a time")
+        if self.conditioning != "text":
+            raise UserError(f"{where}: IP-Adapters need a text-conditioned UNet; this model's conditioning is "
+                            f"{self.conditioning!r}")
+        adapter = files.read_ip_adapter(path, dtype=self.dtype)
+        unet = files.check_fits(adapter, self.denoiser, where)
+        folder = files.image_encoder_folder(image_encoder, path, self.model_path)
+        encoder, processor = files.read_image_encoder(folder, self.model_path, self.device, self.dtype)
+        files.check_encoder_fits(adapter, encoder, where)
+        self.model_hash  # noqa: B018 -- the model's own hash, before the adapter's layers join the denoiser
+        adapter.set_scale(scale)
+        attach(unet, adapter.to(self.device))
+        self.ip_adapter = Attached(adapter, encoder, processor, Path(path).stem, file_sha256(path)[:10])
+        return adapter
+
+    def unload_ip_adapter(self) -> None:
+        """Remove the IP-Adapter: the UNet's cross-attention is its own again."""
+        from ldmkit.adapters.ip_adapter import detach
+
+        if self.ip_adapter is not None:
+            detach(getattr(self.denoiser, "unet", self.denoiser))
+            self.ip_adapter = None
+
 
 def load(path, device=None, dtype=None, **options) -> Pipeline:
     """Load a model folder (ours, diffusers' or an original single file) as a ready `Pipeline`.
@@ -124,6 +162,7 @@ def load(path, device=None, dtype=None, **options) -> Pipeline:
                     prediction=how["objective"], conditioning=how["conditioning"], concat=how["concat"],
                     defaults=index.get("defaults"), latent_size=how["latent_size"], model_hash=model_hash,
                     model_name=p.name, spatial=comps.get("spatial"))
+    pipe.model_path = p  # an IP-Adapter's image encoder may sit in its image_encoder/
     for folder in controlnet_folders(p):  # a diffusers ControlNet pipeline brings its ControlNets
         pipe.load_controlnet(folder)
     return pipe

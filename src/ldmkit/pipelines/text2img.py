@@ -11,15 +11,16 @@ ldmkit.denoisers.dit.pos_embed_2d); quality away from the training size is the m
 """
 from __future__ import annotations
 
-from ldmkit.pipelines import control
+from ldmkit.pipelines import control, image_prompt as ip
 from ldmkit.pipelines.base import PipelineCore, Result, image_count
 
 
 def text2img(pipe: PipelineCore, prompt=None, *, negative_prompt=None, class_label=None, num: int | None = None,
              seed: int = 0, control_image=None, guess_mode: bool = False, control_fit: str = "stretch",
-             **settings) -> list[Result]:
+             image_prompt=None, **settings) -> list[Result]:
     """`control_image`: one per loaded ControlNet (`Pipeline.load_controlnet`); without height / width
-    the output takes the first control image's size."""
+    the output takes the first control image's size. `image_prompt`: an image (or several) for the loaded
+    IP-Adapter (`Pipeline.load_ip_adapter`)."""
     pipe.require_task("text2img")
     n = image_count(prompt, num)
     if control_image is not None:
@@ -29,5 +30,8 @@ def text2img(pipe: PipelineCore, prompt=None, *, negative_prompt=None, class_lab
     s = pipe.settings(**settings)
     conditions = pipe.conditions(prompt, class_label, n)
     images, meta = control.prepare(pipe, control_image, s.height, s.width, guess_mode, control_fit)
-    inputs = (lambda idx: {"control": images, "guess_mode": guess_mode}) if images else (lambda idx: {})
-    return pipe.generate("text2img", s, conditions, negative_prompt, int(seed), inputs, meta)
+    inputs = {"control": images, "guess_mode": guess_mode} if images else {}
+    tokens, ip_meta = ip.prepare(pipe, image_prompt)
+    if tokens:
+        inputs["image_tokens"] = tokens
+    return pipe.generate("text2img", s, conditions, negative_prompt, int(seed), lambda idx: inputs, {**meta, **ip_meta})
