@@ -1,0 +1,133 @@
+"""diffusers' Stable Diffusion 3 / 3.5 folders (`StableDiffusion3Pipeline`) -> an ldmkit model:
+
+    transformer/   SD3Transformer2DModel          -> denoiser  (denoisers.mmdit.MMDiT, identity key map)
+    vae/           AutoencoderKL, 16 channels, no quant convs, scaling and shift factors -> autoencoder
+    text_encoder/, text_encoder_2/  CLIPTextModelWithProjection (L, G) + tokenizer/, tokenizer_2/
+    text_encoder_3/ T5EncoderModel + tokenizer_3/ (optional: `without_t5=True` or an absent folder)
+                                                   -> conditioner (conditioning.sd3.SD3TextEncoder)
+    scheduler/     FlowMatchEulerDiscreteScheduler (static `shift`) -> a FlowSchedule and flow_euler
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ldmkit.io.files import read_json
+
+SD3_PIPELINES = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+
+
+def is_sd3(path: Path) -> bool:
+    index = Path(path) / "model_index.json"
+    return index.is_file() and read_json(index).get("_class_name") in SD3_PIPELINES
+
+
+def flow_schedule_from_diffusers(cfg: dict, where: str) -> tuple[dict, str]:
+    """A FlowMatch scheduler config -> (FlowSchedule dict, default sampler); dynamic shifting refused here
+    (it needs the image size: FLUX)."""
+    from ldmkit.errors import UserError, check_int, check_number
+
+    kind = cfg.get("_class_name")
+    if kind not in FLOW_SCHEDULERS:
+        raise UserError(f"{where}: scheduler {kind!r} is not a flow-matching scheduler ({', '.join(FLOW_SCHEDULERS)})")
+    try:
+        check_int("num_train_timesteps", cfg.get("num_train_timesteps", 1000), 2, 1_000_000)
+        check_number("shift", cfg.get("shift", 1.0), 0.0, 1000.0, lo_open=True)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+    for key, ok in (("use_dynamic_shifting", False), ("invert_sigmas", False), ("shift_terminal", None),
+                    ("use_karras_sigmas", False), ("use_exponential_sigmas", False), ("use_beta_sigmas", False),
+                    ("stochastic_sampling", False)):
+        if cfg.get(key, ok) != ok:
+            raise UserError(f"{where}: {key}={cfg[key]!r} is not supported (ldmkit runs {ok!r})")
+    sched = {"kind": "flow", "num_train_timesteps": int(cfg.get("num_train_timesteps", 1000)),
+             "shift": float(cfg.get("shift", 1.0))}
+    return sched, "flow_heun" if kind == "FlowMatchHeunDiscreteScheduler" else "flow_euler"
+
+
+def _weights(folder: Path, stem: str, variant: str | None) -> dict:
+    from ldmkit.io.diffusers_format import _read_weights
+
+    return _read_weights(folder, stem, variant)
+
+
+def _text(root: Path, sub: str, tok: str, cls, variant: str | None, what: str):
+    from transformers import AutoTokenizer
+
+    from ldmkit.conditioning.text import check_hf_text_config, load_hf_tokenizer
+    from ldmkit.io.files import check_state_dict
+
+    cfg = read_json(root / sub / "config.json")
+    check_hf_text_config(cfg, f"{root / sub / 'config.json'}")
+    hf = {k: v for k, v in cfg.items() if k not in ("_name_or_path", "architectures", "transformers_version",
+                                                      "torch_dtype", "dtype")}
+    config_cls = cls.config_class
+    model = cls(config_cls.from_dict(hf))
+    state = _weights(root / sub, "model", variant)
+    own = model.state_dict()
+    inner = any(k.startswith("text_model.") for k in own)
+    if cls.__name__.startswith("CLIP"):
+        state = {k if k.startswith("text_projection") else (f"text_model.{k.removeprefix('text_model.')}" if inner
+                 else k.removeprefix("text_model.")): v for k, v in state.items() if not k.endswith("position_ids")}
+    for k in own:  # buffers and tied weights the file may omit
+        if k not in state and (k.endswith("position_ids") or k == "encoder.embed_tokens.weight"):
+            state[k] = state.get("shared.weight", own[k]) if k == "encoder.embed_tokens.weight" else own[k]
+    check_state_dict(model, state, what)
+    model.load_state_dict(state, strict=True)
+    tok_dir = root / tok
+    tokenizer = load_hf_tokenizer(lambda: AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True), tok_dir)
+    return model.eval(), tokenizer
+
+
+def load_sd3(path, device=None, dtype: torch.dtype | None = None, variant: str | None = None, without_t5: bool = False,
+             max_sequence_length: int = 256, clip_skip: int = 0, **unused):
+    """(index, components) of a diffusers SD3 folder (see the module docstring)."""
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    from ldmkit.autoencoder.model import Autoencoder, AutoencoderConfig
+    from ldmkit.conditioning.sd3 import SD3TextEncoder
+    from ldmkit.denoisers.mmdit import MMDiT, MMDiTConfig
+    from ldmkit.errors import UserError
+    from ldmkit.io.diffusers_format import UNET_WEIGHTS, _build_on_meta, autoencoder_config_from_diffusers
+    from ldmkit.io.files import config_from_dict
+
+    root = Path(path)
+    for sub in ("transformer", "vae", "text_encoder", "text_encoder_2", "scheduler"):
+        if not (root / sub).is_dir():
+            raise FileNotFoundError(f"{root} is not a complete diffusers SD3 folder: {sub}/ is missing")
+    try:
+        cfg = MMDiTConfig.from_dict(read_json(root / "transformer" / "config.json"))
+        ae_cfg = config_from_dict(AutoencoderConfig, autoencoder_config_from_diffusers(read_json(root / "vae" /
+                                                                                                 "config.json")))
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{root}: {exc}") from None
+    schedule, sampler = flow_schedule_from_diffusers(read_json(root / "scheduler" / "scheduler_config.json"),
+                                                     str(root / "scheduler" / "scheduler_config.json"))
+    dtype = dtype or torch.float32
+    net = _build_on_meta(lambda: MMDiT(cfg), _weights(root / "transformer", UNET_WEIGHTS, variant), "transformer",
+                         dtype)
+    ae = _build_on_meta(lambda: Autoencoder(ae_cfg), _weights(root / "vae", UNET_WEIGHTS, variant), "VAE",
+                        torch.float32 if dtype == torch.float16 else dtype)
+    clips = [_text(root, s, t, CLIPTextModelWithProjection, variant, f"text encoder {k + 1}")
+             for k, (s, t) in enumerate((("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")))]
+    t5 = None
+    if not without_t5 and (root / "text_encoder_3").is_dir():
+        t5 = _text(root, "text_encoder_3", "tokenizer_3", T5EncoderModel, variant, "text encoder 3 (T5)")
+    text = SD3TextEncoder.build([m for m, _ in clips], [t for _, t in clips], *(t5 or (None, None)),
+                                clip_skip=clip_skip, max_sequence_length=max_sequence_length,
+                                joint_attention_dim=cfg.joint_attention_dim).to(dtype=dtype)
+    if device is not None:
+        for m in (net, ae, text):
+            m.to(device=device)
+    size = cfg.sample_size
+    index = {"format": "ldmkit", "format_version": 1, "schedule": schedule, "objective": "flow",
+             "conditioning": "text", "concat": None, "latent_size": [size, size],
+             "defaults": {"sampler": sampler, "steps": 28, "guidance": 7.0},
+             "components": ["autoencoder", "conditioner", "denoiser"],
+             "notes": [f"{root.name}: diffusers StableDiffusion3Pipeline folder" + ("" if t5 else ", without T5")]}
+    return index, {"autoencoder": ae, "denoiser": net, "conditioner": text}
+
+
+__all__ = ["SD3_PIPELINES", "flow_schedule_from_diffusers", "is_sd3", "load_sd3"]
