@@ -233,3 +233,131 @@ def _openclip_layout(text: dict, cfg, seed: int) -> dict:
     out[p + "text_projection"] = torch.randn(d, d, generator=g)
     out[p + "logit_scale"] = torch.tensor(4.6052)
     return {k: v.clone() for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- SDXL
+def build_sdxl_pipeline(refiner: bool = False, scheduler: str = "euler", seed: int = 0, workdir: Path | None = None):
+    """A random tiny SDXL (StableDiffusionXLPipeline) or SDXL refiner (StableDiffusionXLImg2ImgPipeline,
+    the second text encoder only, aesthetic-score time ids): SDXL's shapes at small widths -- no
+    attention at the first level, 2 transformer layers at the last, the text encoders' penultimate states
+    side by side (64 + 128 = 192 wide), the second's projected pooled output (48) plus 6 (5) time ids."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                           StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    widths, pooled, n_ids = ((128,), 48, 5) if refiner else ((64, 128), 48, 6)
+    unet = UNet2DConditionModel(  # 64-wide heads, as SDXL's (single files do not record the head count)
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), attention_head_dim=(1, 2), cross_attention_dim=sum(widths),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=pooled + n_ids * 8, norm_num_groups=32)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        latent_channels=4, norm_num_groups=32, sample_size=16, scaling_factor=0.13025)
+    tok = make_tokenizer(Path(workdir or ".") / "tok-sdxl", "sd1")
+    tok2 = make_tokenizer(Path(workdir or ".") / "tok-sdxl-2", "sd2")  # OpenCLIP's: pads with "!"
+    texts = []
+    for k, width in enumerate((64, 128)):
+        cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=3,
+                             num_attention_heads=width // 64, max_position_embeddings=77, projection_dim=pooled,
+                             hidden_act="quick_gelu" if k == 0 else "gelu", bos_token_id=0, eos_token_id=2,
+                             pad_token_id=1)
+        texts.append(CLIPTextModel(cfg) if k == 0 else CLIPTextModelWithProjection(cfg))
+    with torch.no_grad():
+        for module in (unet, vae, *texts):
+            for p in module.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    for m in (unet, vae, *texts):
+        m.eval()
+    sched_cfg = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                     steps_offset=1, timestep_spacing="leading")
+    sched = {"euler": lambda: EulerDiscreteScheduler(**sched_cfg),
+             "ddim": lambda: DDIMScheduler(**sched_cfg, clip_sample=False, set_alpha_to_one=False),
+             "dpmpp_2m": lambda: DPMSolverMultistepScheduler(**sched_cfg, algorithm_type="dpmsolver++",
+                                                             solver_order=2)}[scheduler]()
+    if refiner:
+        return StableDiffusionXLImg2ImgPipeline(vae=vae, text_encoder=None, text_encoder_2=texts[1], tokenizer=None,
+                                                tokenizer_2=tok2, unet=unet, scheduler=sched,
+                                                requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=texts[0], text_encoder_2=texts[1], tokenizer=tok,
+                                     tokenizer_2=tok2, unet=unet, scheduler=sched)
+
+
+def to_original_sdxl(pipe, refiner: bool = False) -> dict[str, torch.Tensor]:
+    """An SDXL (or refiner) pipeline's weights in Stability's single-file layout: the CompVis UNet with
+    `label_emb.0.{0,2}` (the pooled-text + time-id MLP), `conditioner.embedders.K.transformer.text_model.*`
+    for CLIP ViT-L (HF names) and `conditioner.embedders.K.model.*` for OpenCLIP ViT-bigG (all its blocks,
+    ln_final and the [width, projection] text_projection matrix that OpenCLIP multiplies from the right)."""
+    sd = {}
+    urows = ldm_unet_table(pipe.unet.config) + [("add_embedding.linear_1", "label_emb.0.0", False),
+                                                ("add_embedding.linear_2", "label_emb.0.2", False)]
+    if pipe.unet.config.mid_block_type is None:
+        urows = [r for r in urows if not r[0].startswith("mid_block")]
+    for k, v in pipe.unet.state_dict().items():
+        sd["model.diffusion_model." + _rename(k, urows, _resblock_rest)] = v.clone()
+    for k, v in pipe.vae.state_dict().items():
+        new = _rename(k, ldm_vae_table(pipe.vae.config), _vae_rest)
+        sd["first_stage_model." + new] = (v[:, :, None, None] if ".mid.attn_1." in new and v.ndim == 2 else v).clone()
+    k = 0
+    if not refiner:
+        for name, v in pipe.text_encoder.state_dict().items():
+            if not name.endswith("position_ids"):
+                sd["conditioner.embedders.0.transformer.text_model." + name.removeprefix("text_model.")] = v.clone()
+        k = 1
+    big = pipe.text_encoder_2
+    text = {n.removeprefix("text_model."): v for n, v in big.state_dict().items() if not n.endswith("position_ids")}
+    p = f"conditioner.embedders.{k}.model."
+    sd[p + "token_embedding.weight"] = text["embeddings.token_embedding.weight"].clone()
+    sd[p + "positional_embedding"] = text["embeddings.position_embedding.weight"].clone()
+    sd[p + "ln_final.weight"], sd[p + "ln_final.bias"] = text["final_layer_norm.weight"], text["final_layer_norm.bias"]
+    sd[p + "text_projection"] = text["text_projection.weight"].t().contiguous()
+    for i in range(big.config.num_hidden_layers):
+        src, dst = f"encoder.layers.{i}.", f"{p}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            sd[dst + f"attn.in_proj_{kind}"] = torch.cat([text[src + f"self_attn.{n}_proj.{kind}"] for n in "qkv"], 0)
+            sd[dst + f"attn.out_proj.{kind}"] = text[src + f"self_attn.out_proj.{kind}"]
+            sd[dst + f"ln_1.{kind}"] = text[src + f"layer_norm1.{kind}"]
+            sd[dst + f"ln_2.{kind}"] = text[src + f"layer_norm2.{kind}"]
+            sd[dst + f"mlp.c_fc.{kind}"] = text[src + f"mlp.fc1.{kind}"]
+            sd[dst + f"mlp.c_proj.{kind}"] = text[src + f"mlp.fc2.{kind}"]
+    return {name: v.clone().contiguous() for name, v in sd.items()}
+
+
+# ----------------------------------------------------------------------------- SD3
+def build_sd3_pipeline(t5: bool = True, qk_norm: str | None = None, seed: int = 0, workdir: Path | None = None):
+    """A random tiny StableDiffusion3Pipeline: MM-DiT (2 joint blocks of 2 x 16 heads), a 16-channel VAE
+    without quant convs (scaling 1.5305, shift 0.0609), CLIP "L" (16 wide) and "G" (24 wide) with
+    projections (16 each: pooled 32), T5 (64 wide: the joint width; the CLIPs' 40 are zero-padded to it)
+    and FlowMatchEuler with shift 3. The T5 tokenizer is a CLIP BPE one (any tokenizer serves)."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    net = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=16,
+                                num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32,
+                                pooled_projection_dim=32, out_channels=16, pos_embed_max_size=16, qk_norm=qk_norm)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        latent_channels=16, norm_num_groups=32, sample_size=16, scaling_factor=1.5305,
+                        shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    work = Path(workdir or ".")
+    toks = [make_tokenizer(work / "tok-sd3-l", "sd1"), make_tokenizer(work / "tok-sd3-g", "sd2"),
+            make_tokenizer(work / "tok-sd3-t5", "sd2")]
+    clips = [CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(toks[0]), hidden_size=w, intermediate_size=2 * w, num_hidden_layers=3, num_attention_heads=2,
+        max_position_embeddings=77, projection_dim=16, hidden_act="quick_gelu" if k == 0 else "gelu",
+        bos_token_id=0, eos_token_id=2, pad_token_id=1)) for k, w in enumerate((16, 24))]
+    t5_model = T5EncoderModel(T5Config(vocab_size=len(toks[2]), d_model=64, d_ff=96, d_kv=16, num_layers=2,
+                                       num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0)) if t5 else None
+    with torch.no_grad():
+        for module in (net, vae, *clips, *([t5_model] if t5 else [])):
+            for p in module.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    for m in (net, vae, *clips, *([t5_model] if t5 else [])):
+        m.eval()
+    return StableDiffusion3Pipeline(transformer=net, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                                    text_encoder=clips[0], tokenizer=toks[0], text_encoder_2=clips[1],
+                                    tokenizer_2=toks[1], text_encoder_3=t5_model, tokenizer_3=toks[2] if t5 else None)

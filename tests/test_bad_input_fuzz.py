@@ -132,6 +132,16 @@ def _build_world(root: Path) -> Path:
 
     random_encoder().save_pretrained(root / "ip" / "image_encoder")
     save_file(basic_adapter(pipe.unet), str(root / "ip" / "ip-adapter.safetensors"))
+    # a tiny SDXL, its refiner, an SDXL LoRA (kohya names) and an SDXL ControlNet; the base as a single file
+    xl = im.build_sdxl_pipeline(workdir=root / "work-xl")
+    xl.save_pretrained(root / "sdxl")
+    im.build_sdxl_pipeline(refiner=True, workdir=root / "work-xl").save_pretrained(root / "sdxl-refiner")
+    save_file(im.to_original_sdxl(xl), str(root / "sdxl.safetensors"))
+    shutil.rmtree(root / "work-xl")
+    q = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{q}.lora_down.weight": torch.randn(2, 128), f"{q}.lora_up.weight": torch.randn(128, 2),
+               f"{q}.alpha": torch.tensor(2.0)}, str(root / "lora-xl.safetensors"))
+    ControlNetModel.from_unet(xl.unet, conditioning_embedding_out_channels=(16, 32)).save_pretrained(root / "cn-xl")
     # control data for `ldm train --method controlnet`: 4 captioned images and their control images
     for i in range(4):
         for sub in ("images", "conditioning"):
@@ -1180,6 +1190,38 @@ def ip_adapter_cases() -> list[Case]:
     return out
 
 
+def sdxl_cases() -> list[Case]:
+    """SDXL: adapters of the other family, the refiner, micro-conditioning, sizes, damaged single files."""
+    xl, sd1, ref, img = f"{W}/sdxl", f"{W}/sd1-diffusers", f"{W}/sdxl-refiner", f"{W}/img/in.png"
+
+    def gen(model, *extra, command="sample"):
+        return _gen(command, model, *extra, prompt=True)
+
+    out = [Case("sdxl-lora-on-sd1", gen(sd1, "--lora", f"{W}/lora-xl.safetensors")),
+           Case("sd1-lora-on-sdxl", gen(xl, "--lora", f"{W}/lora.safetensors")),
+           Case("sdxl-controlnet-on-sd1", gen(sd1, "--controlnet", f"{W}/cn-xl", "--control-image", img)),
+           Case("sd1-controlnet-on-sdxl", gen(xl, "--controlnet", f"{W}/cn", "--control-image", img)),
+           Case("sdxl-refiner-alone", gen(ref)),
+           Case("sdxl-refiner-start-without-refiner", gen(xl, "--refiner-start", "0.5")),
+           Case("sdxl-refiner-not-a-model", gen(xl, "--refiner", f"{T}/none")),
+           Case("sdxl-micro-on-sd1", gen(sd1, "--original-size", "32", "32")),
+           Case("sdxl-aesthetic-without-refiner", gen(xl, "--aesthetic-score", "6")),
+           Case("sdxl-original-size-zero", gen(xl, "--original-size", "0", "16")),
+           Case("sdxl-crop-huge", gen(xl, "--crop", "99999", "0")),
+           Case("sdxl-aesthetic-nan", gen(xl, "--refiner", ref, "--aesthetic-score", "nan")),
+           Case("sdxl-height-not-multiple", gen(xl, "--height", "21")),
+           Case("sdxl-index-force-zeros-string", gen(f"{T}/x"), (_copy("sdxl", "x"),
+                _patch_json("x/model_index.json", ("force_zeros_for_empty_prompt",), "yes"))),
+           Case("sdxl-no-text-encoder-2", gen(f"{T}/x"), (_copy("sdxl", "x"), _step(shutil.rmtree, "x/text_encoder_2")))]
+    for value in ("0", "1", "1.5", "nan", "-0.2"):
+        out.append(Case(f"sdxl-refiner-start-{value}", gen(xl, "--refiner", ref, "--refiner-start", value)))
+    for how in ("truncated-half", "header-garbage", "zero-byte"):
+        out.append(Case(f"sdxl-single-file-{how}", gen(f"{T}/xl.safetensors"),
+                        (_copy("sdxl.safetensors", "xl.safetensors"),
+                         _step(functools.partial(corrupt_safetensors, how=how), "xl.safetensors"))))
+    return out
+
+
 # ----------------------------------------------------------------------------- all cases
 CASES_BY_COMMAND: dict[str, Callable[[], list[Case]]] = {
     "weights files": weights_cases,
@@ -1200,6 +1242,7 @@ CASES_BY_COMMAND: dict[str, Callable[[], list[Case]]] = {
     "adapters": adapter_cases,
     "ControlNets": controlnet_cases,
     "IP-Adapters": ip_adapter_cases,
+    "SDXL": sdxl_cases,
 }
 
 

@@ -325,7 +325,7 @@ def test_caption_transform_is_applied_per_step_and_resume_stays_exact(tmp_path, 
     trainer = make_trainer(cfg, make_data(), caption_transform=no_colours_on_odd_steps)
     seen = []
     encode = trainer.model.conditioner.encode
-    trainer.model.conditioner.encode = lambda prompts: seen.append(list(prompts)) or encode(prompts)
+    trainer.model.conditioner.encode = lambda prompts, **kw: seen.append(list(prompts)) or encode(prompts, **kw)
     trainer.run()
     assert [at for at, _ in calls] == [0, 1, 2, 3]  # once per micro-batch, told its step
     batches = [q for q in seen if len(q) == 4]  # the training batches (the grid encodes 2 prompts)

@@ -16,7 +16,8 @@ from ldmkit.errors import UserError, describe, known_bad_input
 
 # subcommand modules, each with register(subparsers); imported when the parser is built
 COMMAND_MODULES = ("ldmkit.autoencoder.commands", "ldmkit.data.commands", "ldmkit.training.commands",
-                   "ldmkit.pipelines.commands", "ldmkit.io.commands", "ldmkit.metrics.commands")
+                   "ldmkit.pipelines.commands", "ldmkit.io.commands", "ldmkit.metrics.commands",
+                   "ldmkit.serve.commands")
 
 
 class _Parser(argparse.ArgumentParser):

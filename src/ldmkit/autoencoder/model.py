@@ -62,6 +62,9 @@ class AutoencoderConfig:
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
     sample_size: int = 256                # training resolution (informative)
+    # 1x1 convolutions around the bottleneck (diffusers' names); SD3 / FLUX autoencoders have neither
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
 
     def __post_init__(self):
         self._check_values()
@@ -118,6 +121,14 @@ PRESETS: dict[str, AutoencoderConfig] = {
                                latent_channels=4, scaling_factor=0.18215),
     "kl-f4": AutoencoderConfig(kind="kl", channels=128, ch_mult=(1, 2, 4), num_res_blocks=2,
                                latent_channels=3),
+    # SD3's / FLUX.1's: 16 latent channels, no 1x1 convolutions around the bottleneck (SD3's factors; `ldm
+    # train-autoencoder` measures its own scaling factor).
+    "kl-f8-c16": AutoencoderConfig(kind="kl", channels=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2,
+                                   latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
+                                   use_quant_conv=False, use_post_quant_conv=False),
+    "tiny-kl-f4-c16": AutoencoderConfig(kind="kl", channels=16, ch_mult=(1, 2, 4), num_res_blocks=1,
+                                        latent_channels=16, norm_groups=8, sample_size=32, use_quant_conv=False,
+                                        use_post_quant_conv=False),
     "vq-f4": AutoencoderConfig(kind="vq", channels=128, ch_mult=(1, 2, 4), num_res_blocks=2,
                                latent_channels=3, num_codes=8192),
     "vq-f8": AutoencoderConfig(kind="vq", channels=128, ch_mult=(1, 2, 2, 4), num_res_blocks=2,
@@ -235,8 +246,8 @@ class Autoencoder(nn.Module):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         moments = 2 * c if config.kind == "kl" else c
-        self.quant_conv = nn.Conv2d(moments, moments, 1)
-        self.post_quant_conv = nn.Conv2d(c, c, 1)
+        self.quant_conv = nn.Conv2d(moments, moments, 1) if config.use_quant_conv else nn.Identity()
+        self.post_quant_conv = nn.Conv2d(c, c, 1) if config.use_post_quant_conv else nn.Identity()
         if config.kind == "vq":
             self.quantize = VectorQuantizer(
                 config.num_codes, c, beta=config.vq_beta, use_ema=config.vq_ema,
@@ -286,7 +297,7 @@ class Autoencoder(nn.Module):
         if z.ndim != 4 or z.shape[1] != self.latent_channels:
             raise ValueError(f"expected latents [B, {self.latent_channels}, h, w], got shape {tuple(z.shape)}")
         z, _, _ = self.quantize_latents(z)
-        return self.decoder(self.post_quant_conv(z.to(self.post_quant_conv.weight.dtype)))
+        return self.decoder(self.post_quant_conv(z.to(self.decoder.conv_in.weight.dtype)))
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True):
         """Training pass: returns (x_rec, aux) with aux keys `kl` ([B], KL only),
@@ -294,7 +305,7 @@ class Autoencoder(nn.Module):
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample else posterior.mode()
         z_q, vq_loss, info = self.quantize_latents(z)
-        x_rec = self.decoder(self.post_quant_conv(z_q.to(self.post_quant_conv.weight.dtype)))
+        x_rec = self.decoder(self.post_quant_conv(z_q.to(self.decoder.conv_in.weight.dtype)))
         aux = {"posterior": posterior}
         if self.config.kind == "kl":
             aux["kl"] = posterior.kl()

@@ -10,7 +10,8 @@ A conditioner is an ``nn.Module`` with
 cross-attention (``context`` [B, L, D] with optional key ``mask`` [B, L], True = attend), a pooled
 vector, class labels [B] (added to the time embedding), and spatial channels ``concat`` [B, C, h, w]
 that are concatenated to the noisy latent (``in_channels`` of the denoiser counts them), and an image
-prompt's tokens (``image_tokens`` [B, n, D], an IP-Adapter's: ``adapters.ip_adapter``).
+prompt's tokens (``image_tokens`` [B, n, D], an IP-Adapter's: ``adapters.ip_adapter``), and SDXL's
+micro-conditioning ``time_ids`` [B, k] (with ``pooled``, into the UNet's time embedding).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-FIELDS = ("context", "pooled", "mask", "class_labels", "concat", "image_tokens")
+FIELDS = ("context", "pooled", "mask", "class_labels", "concat", "image_tokens", "time_ids")
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Conditioning:
     class_labels: torch.Tensor | None = None  # [B] long
     concat: torch.Tensor | None = None  # [B, C, h, w]
     image_tokens: torch.Tensor | None = None  # [B, n, D] an IP-Adapter's image-prompt tokens
+    time_ids: torch.Tensor | None = None  # [B, k] SDXL's micro-conditioning (sizes, crop, aesthetic score)
 
     @property
     def batch_size(self) -> int:
@@ -87,7 +89,17 @@ class Conditioning:
 
     def denoiser_kwargs(self) -> dict:
         """Keyword arguments for ``UNet/DiT.forward`` besides x and t."""
-        return {"context": self.context, "class_labels": self.class_labels, "context_mask": self.mask}
+        kw = {"context": self.context, "class_labels": self.class_labels, "context_mask": self.mask}
+        if self.time_ids is not None:  # SDXL: the pooled text and the time ids enter the time embedding
+            kw.update(pooled=self.pooled, time_ids=self.time_ids)
+        return kw
+
+    def kwargs_for(self, denoiser) -> dict:
+        """`denoiser_kwargs`, plus the pooled text for denoisers that always take it (SD3's MM-DiT)."""
+        kw = self.denoiser_kwargs()
+        if getattr(denoiser, "takes_pooled", False):
+            kw["pooled"] = self.pooled
+        return kw
 
 
 def trim_padding(*conds: Conditioning | None, multiple: int = 8) -> tuple:

@@ -193,7 +193,9 @@ def low_res_input(images: torch.Tensor, size) -> torch.Tensor:
 
 def augment_low_res(low: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """The x4 upscaler's noise augmentation: the low-res image put at level `levels[i]` of a linear DDPM
-    schedule with NOISE_LEVELS steps (level 0 = unchanged). Training and `ldm upscale` both use it."""
+    schedule with NOISE_LEVELS steps (level 0 = unchanged). Training uses it and `ldm upscale` the same
+    schedule for ldmkit's upscalers; diffusers' x4 upscaler was trained otherwise (its low_res_scheduler:
+    scaled-linear betas, level 0 noised too), which `ldm upscale` follows for it (`pipelines.upscale`)."""
     from ldmkit.diffusion.forward import q_sample
     from ldmkit.diffusion.schedules import make_schedule
 

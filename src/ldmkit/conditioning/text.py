@@ -9,7 +9,8 @@
   Diffusion uses it (``clip_skip`` picks an earlier layer, then the final LayerNorm, like diffusers).
 
 Every encoder pads to ``max_length`` (fixed L, so conditions and null conditions batch together),
-truncates longer prompts with a warning, and uses the empty prompt "" as its null condition.
+truncates longer prompts with a warning, and uses the empty prompt "" as its null condition;
+``encode(prompts, syntax=True)`` reads A1111's prompt syntax (``prompt_syntax``; CLIP: chunks).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from ldmkit.conditioning.base import Conditioner, Conditioning, check_batch, warn_truncated
+from ldmkit.conditioning.prompt_syntax import Tokens, encode_weighted, hf_tokens, is_plain, stack_rows
 from ldmkit.nn.transformer import BasicTransformerBlock
 
 MAX_TOKENS = 16384  # the longest token sequence a text encoder config may ask for
@@ -138,6 +140,7 @@ class TransformerTextEncoder(Conditioner):
     """
 
     component_type = "text-transformer"
+    prompt_syntax = True  # encode(..., syntax=True) reads A1111's prompt syntax
 
     def __init__(self, config: TransformerTextConfig, tokenizer):
         super().__init__()
@@ -206,8 +209,18 @@ class TransformerTextEncoder(Conditioner):
             ids[i, : len(row)] = torch.tensor(row)
         return ids, ids != 0
 
-    def encode(self, prompts: list[str]) -> Conditioning:
-        ids, mask = self.tokenize(prompts)
+    def encode(self, prompts: list[str], syntax: bool = False) -> Conditioning:
+        """`syntax`: read A1111's prompt syntax (`conditioning.prompt_syntax`: weights; one row, BREAK a
+        word boundary); a prompt without it is encoded as with syntax=False."""
+        prompts = _check_prompts(prompts)
+        if syntax and not all(map(is_plain, prompts)):
+            tok = Tokens(lambda texts: [e.ids for e in self.tokenizer.encode_batch(
+                [normalize_prompt(t) if self.config.normalize else t for t in texts], add_special_tokens=False)],
+                bos=2, eos=3, pad=0, length=self.max_length - 2, max_chunks=1)
+            return stack_rows([encode_weighted(p, tok, self._forward, self.max_length) for p in prompts])
+        return self._forward(*self.tokenize(prompts))
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> Conditioning:
         device = self.token_embedding.weight.device
         ids, mask = ids.to(device), mask.to(device)
         h = self.token_embedding(ids) + self.position_embedding[None]
@@ -315,7 +328,7 @@ class _FrozenHFText(Conditioner):
 
     A frozen encoder maps a prompt to the same tensors every time, so ``encode`` keeps the last
     ``_ENCODE_CACHE_SIZE`` prompts' rows (per device and dtype): training on a caption set
-    encodes each caption once. Subclasses implement ``_encode``.
+    encodes each caption once. Subclasses implement ``_forward(ids, mask)``.
     """
 
     def __init__(self, config: PretrainedTextConfig, model: nn.Module, tokenizer):
@@ -328,6 +341,9 @@ class _FrozenHFText(Conditioner):
         self.model.eval()
         self._cache: dict = {}
         self.expansions: dict[str, str] = {}  # multi-vector textual-inversion tokens -> their entries
+
+    prompt_syntax = True  # encode(..., syntax=True) reads A1111's prompt syntax
+    chunked = False  # a prompt longer than one row: chunks (CLIP) or truncated (word-level encoders)
 
     @property
     def weights_external(self) -> bool:
@@ -342,31 +358,56 @@ class _FrozenHFText(Conditioner):
     def grad_context(self):
         return contextlib.nullcontext() if self.trainable else torch.no_grad()
 
-    def encode(self, prompts: list[str]) -> Conditioning:
-        prompts = _check_prompts(prompts)
+    def encode(self, prompts: list[str], syntax: bool = False) -> Conditioning:
+        """`syntax`: read A1111's prompt syntax (`conditioning.prompt_syntax`: weights, BREAK and, for
+        `chunked` encoders, 75-token chunks); a prompt without it that fits one row is encoded exactly
+        as with syntax=False."""
+        keys = [(syntax and self._needs_syntax(q), q) for q in _check_prompts(prompts)]
+        if self.trainable:
+            if not any(w for w, _ in keys):
+                return self._encode(self._prepare(list(prompts)))
+            return stack_rows(self._rows(keys))
+        p = next(self.model.parameters())
+        where = (str(p.device), p.dtype)
+        missing = [k for k in dict.fromkeys(keys) if (where, k) not in self._cache]
+        for k, row in zip(missing, self._rows(missing)):
+            if len(self._cache) >= _ENCODE_CACHE_SIZE:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[(where, k)] = row
+        return stack_rows([self._cache[(where, k)] for k in keys])
+
+    def _prepare(self, texts: list[str]) -> list[str]:
+        """Prompt normalisation (when configured), then multi-vector textual-inversion tokens expanded."""
         if self.config.normalize:
-            prompts = [normalize_prompt(q) for q in prompts]
+            texts = [normalize_prompt(q) for q in texts]
         if self.expansions:
             from ldmkit.adapters.embeddings import expand_prompt
 
-            prompts = [expand_prompt(q, self.expansions) for q in prompts]
-        if self.trainable:
-            return self._encode(prompts)
-        p = next(self.model.parameters())
-        where = (str(p.device), p.dtype)
-        missing = [q for q in dict.fromkeys(prompts) if (where, q) not in self._cache]
-        if missing:
-            fresh = self._encode(missing)
-            for i, q in enumerate(missing):
-                if len(self._cache) >= _ENCODE_CACHE_SIZE:
-                    self._cache.pop(next(iter(self._cache)))
-                self._cache[(where, q)] = tuple(None if getattr(fresh, n) is None else getattr(fresh, n)[i]
-                                                for n in ("context", "pooled", "mask"))
-        rows = [self._cache[(where, q)] for q in prompts]
+            texts = [expand_prompt(q, self.expansions) for q in texts]
+        return texts
 
-        def stack(j):
-            return None if rows[0][j] is None else torch.stack([r[j] for r in rows])
-        return Conditioning(context=stack(0), pooled=stack(1), mask=stack(2))
+    def _needs_syntax(self, prompt: str) -> bool:
+        if not is_plain(prompt):
+            return True
+        return self.chunked and len(self.tokenizer(self._prepare([prompt]))["input_ids"][0]) > self.max_length
+
+    def _rows(self, keys: list[tuple[bool, str]]) -> list[Conditioning]:
+        """One Conditioning of batch 1 per (syntax, prompt): plain prompts in one batch, as always."""
+        plain = [q for w, q in keys if not w]
+        fresh = self._encode(self._prepare(plain)) if plain else None
+        rows, i = [], 0
+        tok = hf_tokens(self.tokenizer, self._prepare, self.max_length, self.chunked) if len(plain) < len(keys) else None
+        for w, q in keys:
+            if w:
+                rows.append(encode_weighted(q, tok, self._forward, self.max_length))
+            else:
+                rows.append(Conditioning(**{n: None if getattr(fresh, n) is None else getattr(fresh, n)[i: i + 1]
+                                            for n in ("context", "pooled", "mask")}))
+                i += 1
+        return rows
+
+    def _encode(self, prompts: list[str]) -> Conditioning:
+        return self._forward(*self._tokenize(prompts))
 
     def train(self, mode: bool = True):  # frozen: dropout stays off
         super().train(mode)
@@ -459,8 +500,9 @@ class BertTextEncoder(_FrozenHFText):
         return cls(cfg, model, load_hf_tokenizer(
             lambda: AutoTokenizer.from_pretrained(str(folder), local_files_only=True), folder))
 
-    def _encode(self, prompts: list[str]) -> Conditioning:
-        ids, mask = self._tokenize(prompts)
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> Conditioning:
+        device = next(self.model.parameters()).device
+        ids, mask = ids.to(device), mask.to(device)
         k = self.config.hidden_layer
         with self.grad_context():
             out = self.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=k is not None)
@@ -476,6 +518,7 @@ class CLIPTextEncoder(_FrozenHFText):
     ``clip_skip=k`` takes hidden_states[-(k+1)] and applies the final LayerNorm (diffusers)."""
 
     component_type = "text-clip"
+    chunked = True  # prompts of any length, in 75-token chunks (A1111)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None,
@@ -515,8 +558,9 @@ class CLIPTextEncoder(_FrozenHFText):
             raise ValueError(f"max_length={config.max_length} exceeds the model's "
                              f"{model.config.max_position_embeddings} positions")
 
-    def _encode(self, prompts: list[str]) -> Conditioning:
-        ids, mask = self._tokenize(prompts)
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> Conditioning:
+        device = next(self.model.parameters()).device
+        ids, mask = ids.to(device), mask.to(device)
         skip = self.config.clip_skip
         with self.grad_context():
             out = self.model(input_ids=ids, output_hidden_states=skip > 0)

@@ -230,12 +230,16 @@ class ImageFolder(torch.utils.data.Dataset):
             if control is not None and control.size != img.size:
                 raise ValueError(f"control image {self.control_path(path)} is {control.size[0]}x{control.size[1]}, "
                                  f"its image {path} {img.size[0]}x{img.size[1]}: they must have one size")
+            source = img.size
             plan = crop_plan(*img.size, self.size, self.random_crop, rng)
             img = apply_crop(img, plan, self.size)
             flip = self.flip and rng.random() < 0.5
             if flip:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
-            item = {"image": pil_to_unit_tensor(img), "caption": self.caption(path), "label": self.label(path)}
+            nw, _, left, top = plan
+            item = {"image": pil_to_unit_tensor(img), "caption": self.caption(path), "label": self.label(path),
+                    # SDXL's micro-conditioning: the source size (h, w) and the crop's corner (top, left)
+                    "original_size": (source[1], source[0]), "crop_top_left": (top, nw - left - self.size if flip else left)}
             if seg is not None:
                 seg = apply_crop(seg, plan, self.size, Image.NEAREST)
                 seg = seg.transpose(Image.FLIP_LEFT_RIGHT) if flip else seg

@@ -24,7 +24,8 @@ _MIRROR = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock
 _SHARED = ("in_channels", "down_block_types", "mid_block_type", "block_out_channels", "layers_per_block",
            "downsample_padding", "norm_num_groups", "norm_eps", "cross_attention_dim", "transformer_layers_per_block",
            "attention_head_dim", "num_attention_heads", "use_linear_projection", "num_class_embeds",
-           "upcast_attention", "resnet_time_scale_shift", "flip_sin_to_cos", "freq_shift", "only_cross_attention")
+           "upcast_attention", "resnet_time_scale_shift", "flip_sin_to_cos", "freq_shift", "only_cross_attention",
+           "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class ControlNetConfig:
     controlnet_conditioning_channel_order: str = "rgb"
     conditioning_embedding_out_channels: tuple = (16, 32, 96, 256)
     global_pool_conditions: bool = False
+    addition_embed_type: str | None = None  # SDXL ControlNets: "text_time", as their UNet
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     def __post_init__(self):
         for f in fields(self):
@@ -159,10 +163,11 @@ class ControlNet(UNetEncoder):
 
     def forward(self, x: torch.Tensor, t, control: torch.Tensor, context: torch.Tensor | None = None,
                 class_labels: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
-                scale: float = 1.0, guess_mode: bool = False) -> Residuals:
+                scale: float = 1.0, guess_mode: bool = False, pooled: torch.Tensor | None = None,
+                time_ids: torch.Tensor | None = None) -> Residuals:
         # x: [B, in_channels, h, w] latents; control: [B, conditioning_channels, h * factor, w * factor] in [0, 1]
         c = self.config
-        self._check(x, context, class_labels, context_mask)
+        self._check(x, context, class_labels, context_mask, pooled, time_ids)
         want = (x.shape[0], c.conditioning_channels, x.shape[2] * self.factor, x.shape[3] * self.factor)
         if tuple(control.shape) != want:
             raise ValueError(f"control image has shape {tuple(control.shape)}; expected {want} "
@@ -171,7 +176,7 @@ class ControlNet(UNetEncoder):
             control = control.flip(1)
         if context_mask is not None:
             context_mask = context_mask.to(device=x.device, dtype=torch.bool)
-        temb = self.embed_time(x, t, class_labels)
+        temb = self.embed_time(x, t, class_labels, pooled, time_ids)
         h = self.conv_in(x) + self.controlnet_cond_embedding(control.to(x.dtype))
         h, skips = self.encode(h, temb, context, context_mask)
         down = [conv(s) for conv, s in zip(self.controlnet_down_blocks, skips)]  # [B, c_k, h_k, w_k] each

@@ -74,6 +74,10 @@ class UNetConfig:
     norm_eps: float = 1e-5
     resnet_time_scale_shift: str = "default"  # or "scale_shift"
     num_class_embeds: int | None = None  # nn.Embedding added to temb (class labels, x4-upscaler noise level)
+    # SDXL's micro-conditioning: "text_time" adds MLP([pooled text; sinusoids of each time id]) to temb
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None  # sinusoid width per time id (SDXL: 256)
+    projection_class_embeddings_input_dim: int | None = None  # pooled width + n_ids * addition_time_embed_dim
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
     downsample_padding: int = 1
@@ -115,6 +119,12 @@ class UNetConfig:
                 raise ValueError(f"{c} channels cannot be split into {h} attention heads")
         _per_level(self.transformer_layers_per_block, n, "transformer_layers_per_block")
         _per_level(self.only_cross_attention, n, "only_cross_attention")
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"addition_embed_type={self.addition_embed_type!r} is not supported (only 'text_time', "
+                             "SDXL's)")
+        if self.addition_embed_type and not (self.addition_time_embed_dim and self.projection_class_embeddings_input_dim):
+            raise ValueError("addition_embed_type='text_time' needs addition_time_embed_dim and "
+                             "projection_class_embeddings_input_dim")
 
     def _check_values(self) -> None:
         """Types and sane ranges of every field (a config read from JSON may hold anything)."""
@@ -146,6 +156,9 @@ class UNetConfig:
         if not (isinstance(v, bool) or (isinstance(v, tuple) and all(isinstance(b, bool) for b in v))):
             raise ValueError(f"only_cross_attention={v!r} must be true/false or one per level")
         check_int("num_class_embeds", self.num_class_embeds, 1, 1 << 24, optional=True)
+        check_int("addition_time_embed_dim", self.addition_time_embed_dim, 2, big, optional=True)
+        check_int("projection_class_embeddings_input_dim", self.projection_class_embeddings_input_dim, 1, 1 << 20,
+                  optional=True)
         check_int("freq_shift", self.freq_shift, 0, 1 << 16)
         check_int("downsample_padding", self.downsample_padding, 0, 16)
         check_int("sample_size", self.sample_size, 1, big, optional=True)  # informational: null allowed
@@ -200,6 +213,29 @@ PRESETS: dict[str, UNetConfig] = {
         up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",),
         attention_head_dim=8, cross_attention_dim=1024, use_linear_projection=True,
         only_cross_attention=(True, True, True, False), num_class_embeds=1000, sample_size=128),
+    # SDXL base: no attention at the first level, 2 / 10 transformer layers below, two text encoders'
+    # 768 + 1280 = 2048-wide context, pooled text (1280) + 6 size / crop ids into the time embedding.
+    "sdxl": UNetConfig(block_out_channels=(320, 640, 1280),
+                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                       up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                       transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                       cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+                       addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, sample_size=128),
+    # SDXL refiner: OpenCLIP-G context only; 5 ids (sizes, crop, aesthetic score).
+    "sdxl-refiner": UNetConfig(block_out_channels=(384, 768, 1536, 1536),
+                               down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",),
+                               up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",),
+                               transformer_layers_per_block=4, attention_head_dim=(6, 12, 24, 24),
+                               cross_attention_dim=1280, use_linear_projection=True, addition_embed_type="text_time",
+                               addition_time_embed_dim=256, projection_class_embeddings_input_dim=2560,
+                               sample_size=128),
+    # SDXL's shape at CPU size: no attention at the first level, two transformer layers at the second,
+    # pooled text + 6 size / crop ids into the time embedding (`ldm train` fits the widths to the text encoder).
+    "sdxl-small": UNetConfig(block_out_channels=(64, 128), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+                             transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), cross_attention_dim=128,
+                             use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=32,
+                             projection_class_embeddings_input_dim=128 + 6 * 32, sample_size=8),
     # Small CPU models: same code path, few channels.
     "tiny": UNetConfig(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
@@ -253,6 +289,9 @@ class UNetEncoder(nn.Module):
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb_dim)
         self.class_embedding = nn.Embedding(c.num_class_embeds, temb_dim) if c.num_class_embeds else None
+        # SDXL: pooled text + Fourier features of the size / crop (/ aesthetic score) ids -> temb
+        self.add_embedding = (TimestepEmbedding(c.projection_class_embeddings_input_dim, temb_dim)
+                              if c.addition_embed_type == "text_time" else None)
 
         self.down_blocks = nn.ModuleList()
         cout = ch[0]
@@ -297,8 +336,17 @@ class UNetEncoder(nn.Module):
             raise ValueError(f"t has shape {tuple(t.shape)}; expected a scalar or [B] with B={x.shape[0]}")
         return t
 
-    def _check(self, x, context, class_labels, context_mask):
+    def _check(self, x, context, class_labels, context_mask, pooled=None, time_ids=None):
         c = self.arch
+        if c.addition_embed_type == "text_time":
+            if pooled is None or time_ids is None:
+                raise ValueError("this UNet takes SDXL's micro-conditioning: pass pooled [B, P] and time_ids [B, k]")
+            width = pooled.shape[-1] + time_ids.shape[-1] * c.addition_time_embed_dim
+            if pooled.shape[0] != x.shape[0] or time_ids.shape[0] != x.shape[0] or \
+                    width != c.projection_class_embeddings_input_dim:
+                raise ValueError(f"pooled {tuple(pooled.shape)} and time_ids {tuple(time_ids.shape)} give "
+                                 f"{width} features for batch {pooled.shape[0]}; the UNet takes "
+                                 f"{c.projection_class_embeddings_input_dim} for batch {x.shape[0]}")
         if x.ndim != 4 or x.shape[1] != c.in_channels:
             raise ValueError(f"x has shape {tuple(x.shape)}; expected [B, {c.in_channels}, H, W] "
                              "(in_channels includes concatenated spatial conditions)")
@@ -323,8 +371,9 @@ class UNetEncoder(nn.Module):
                 raise ValueError(f"class_labels range [{lo}, {hi}] is outside [0, {c.num_class_embeds - 1}]")
 
     # -- the first half of forward ------------------------------------------------------------
-    def embed_time(self, x: torch.Tensor, t, class_labels) -> torch.Tensor:
-        """t (scalar or [B]) -> temb [B, 4 * block_out_channels[0]] (+ the class embedding)."""
+    def embed_time(self, x: torch.Tensor, t, class_labels, pooled=None, time_ids=None) -> torch.Tensor:
+        """t (scalar or [B]) -> temb [B, 4 * block_out_channels[0]] (+ the class embedding, + SDXL's
+        embedding of the pooled text and the time ids)."""
         c = self.arch
         t = self._timesteps(t, x)
         temb = timestep_embedding(t, c.block_out_channels[0], flip_sin_to_cos=c.flip_sin_to_cos,
@@ -332,6 +381,11 @@ class UNetEncoder(nn.Module):
         temb = self.time_embedding(temb)
         if self.class_embedding is not None:
             temb = temb + self.class_embedding(class_labels.to(x.device)).to(temb.dtype)
+        if self.add_embedding is not None:
+            ids = time_ids.to(x.device).flatten()
+            fourier = timestep_embedding(ids, c.addition_time_embed_dim, flip_sin_to_cos=c.flip_sin_to_cos,
+                                         downscale_freq_shift=c.freq_shift).reshape(x.shape[0], -1)
+            temb = temb + self.add_embedding(torch.cat([pooled.to(x.device), fourier.to(pooled.dtype)], -1).to(temb.dtype))
         return temb
 
     def encode(self, h: torch.Tensor, temb: torch.Tensor, context, context_mask):
@@ -398,11 +452,13 @@ class UNet(UNetEncoder):
     def forward(self, x: torch.Tensor, t, context: torch.Tensor | None = None,
                 class_labels: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
                 down_residuals: Sequence[torch.Tensor] | None = None,
-                mid_residual: torch.Tensor | None = None) -> torch.Tensor:
-        self._check(x, context, class_labels, context_mask)
+                mid_residual: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
+                time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # x: [B, in_channels, h, w]; context: [B, L, cross_attention_dim]; SDXL: pooled [B, P], time_ids [B, k]
+        self._check(x, context, class_labels, context_mask, pooled, time_ids)
         if context_mask is not None:
             context_mask = context_mask.to(device=x.device, dtype=torch.bool)
-        temb = self.embed_time(x, t, class_labels)
+        temb = self.embed_time(x, t, class_labels, pooled, time_ids)
         h, skips = self.encode(self.conv_in(x), temb, context, context_mask)
         if down_residuals is not None:  # diffusers: added after the whole down path, the mid block unchanged
             if len(down_residuals) != len(skips):

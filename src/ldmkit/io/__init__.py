@@ -56,6 +56,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
         return load_ldmkit_model(p, device=device, dtype=dtype)
     if kind == "diffusers":
         from ldmkit.io.diffusers_format import load_diffusers
+        from ldmkit.io.sd3_format import is_sd3, load_sd3
+
+        if is_sd3(p):
+            return load_sd3(p, device=device, dtype=dtype, **options)
 
         return load_diffusers(p, device=device, dtype=dtype, **options)
     from ldmkit.io.single_file import load_single_file

@@ -21,9 +21,8 @@ import torch
 from ldmkit.errors import UserError
 
 # ControlNetModel options ldmkit does not build (value: the one it does)
-_FIXED = {"act_fn": "silu", "class_embed_type": None, "addition_embed_type": None, "encoder_hid_dim": None,
-          "encoder_hid_dim_type": None, "projection_class_embeddings_input_dim": None,
-          "addition_time_embed_dim": None, "mid_block_scale_factor": 1}
+_FIXED = {"act_fn": "silu", "class_embed_type": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
+          "mid_block_scale_factor": 1}
 
 
 def controlnet_folder(path: str | os.PathLike) -> Path:
@@ -39,7 +38,7 @@ def controlnet_folder(path: str | os.PathLike) -> Path:
 def original_to_diffusers(state: dict, where: str):
     """An original single-file ControlNet's tensors -> (ControlNetConfig, tensors in diffusers' names)."""
     from ldmkit.denoisers.controlnet import ControlNetConfig
-    from ldmkit.io.single_file import _indices, unet_to_diffusers
+    from ldmkit.io.ldm_layout import _indices, unet_to_diffusers
 
     if any(k.startswith("control_model.") for k in state):
         state = {k[len("control_model."):]: v for k, v in state.items() if k.startswith("control_model.")}
@@ -108,7 +107,7 @@ def _diffusers_config(path, folder: Path):
     kind = cfg.get("_class_name", "ControlNetModel")
     if kind != "ControlNetModel":
         raise UserError(f"--controlnet {path}: {folder / 'config.json'} describes a {kind!r}, not a ControlNetModel"
-                        + (" (SDXL / SD3 / FLUX ControlNets are not supported)" if "XL" in str(kind) else ""))
+                        + (" (SD3 / FLUX ControlNets are not supported)" if "SD3" in str(kind) or "Flux" in str(kind) else ""))
     try:
         _check_fixed(cfg, _FIXED, "diffusers ControlNet")
         return ControlNetConfig.from_dict(cfg)

@@ -1,7 +1,8 @@
 """Writing a diffusers folder: our model as the diffusers pipeline that runs it -- StableDiffusionPipeline
-(or the inpainting variant) for text models with a CLIP encoder, LDMPipeline for unconditional ones,
-DiTPipeline for class-conditional DiTs -- with diffusers' config files, weight names and scheduler
-config (reading: `diffusers_format`). Models diffusers has no pipeline for are refused with the reason."""
+(or the inpainting variant, or StableDiffusionUpscalePipeline for x4 upscalers: `diffusers_upscaler`) for
+text models with a CLIP encoder, LDMPipeline for unconditional ones, DiTPipeline for class-conditional
+DiTs -- with diffusers' config files, weight names and scheduler config (reading: `diffusers_format`).
+Models diffusers has no pipeline for are refused with the reason."""
 from __future__ import annotations
 
 import shutil
@@ -12,6 +13,7 @@ import torch
 from ldmkit.errors import UserError
 from ldmkit.io.diffusers_format import (_UNET_FIXED, _VAE_FIXED, SCHEDULER_OF_SAMPLER, TEXT_WEIGHTS, UNET_WEIGHTS,
                                         _unet_fields)
+from ldmkit.io.diffusers_upscaler import FOLDER_SETTINGS, export_refusal, write_low_res_scheduler
 from ldmkit.io.files import config_to_dict, save_tensors, write_json
 
 
@@ -35,6 +37,7 @@ def autoencoder_config_to_diffusers(cfg: dict, force_upcast: bool = True) -> dic
         "norm_num_groups": cfg["norm_groups"], "mid_block_add_attention": cfg["mid_attention"],
         "sample_size": cfg["sample_size"], "scaling_factor": cfg["scaling_factor"],
         "shift_factor": cfg["shift_factor"] or None, "force_upcast": force_upcast,
+        "use_quant_conv": cfg.get("use_quant_conv", True), "use_post_quant_conv": cfg.get("use_post_quant_conv", True),
     }
     out.update({k: v for k, v in _VAE_FIXED.items()})
     return out
@@ -85,11 +88,18 @@ def diffusers_pipeline_of(index: dict, components: dict) -> str:
         why = "its autoencoder is not a KL autoencoder (diffusers' pipelines here decode with AutoencoderKL)"
     elif schedule.get("kind", "discrete") != "discrete":
         why = "rectified-flow models have no diffusers pipeline for this network (diffusers' flow pipelines are SD3/FLUX)"
+    elif isinstance(den, UNet) and conditioning == "text" and type(text).__name__ == "SDXLTextEncoder":
+        if concat is not None:
+            why = f"ldmkit writes SDXL text-to-image models as diffusers folders, not concat={concat!r} ones"
+        else:
+            return "sdxl"
     elif isinstance(den, UNet) and conditioning == "text":
         if not isinstance(text, CLIPTextEncoder):
             why = (f"StableDiffusionPipeline needs a CLIP text encoder, this model has {type(text).__name__}; train "
                    "with --text-encoder clip-tiny|clip-small|clip-base or --text-encoder-from a Stable Diffusion model")
-        elif concat not in (None, "inpaint"):
+        elif concat == "upscale" and export_refusal(den.config.num_class_embeds, ae.config.scaling_factor):
+            why = export_refusal(den.config.num_class_embeds, ae.config.scaling_factor)
+        elif concat not in (None, "inpaint", "upscale"):
             why = f"diffusers has no pipeline for a text UNet with concat={concat!r} in ldmkit's layout"
         else:
             return "sd"
@@ -130,7 +140,7 @@ def save_diffusers(folder, index: dict, components: dict) -> Path:
     write_json(root / "scheduler" / "scheduler_config.json", sched)
     model_index = {"_diffusers_version": "0.30.0", "scheduler": ["diffusers", sched["_class_name"]],
                    "_ldmkit": {"defaults": defaults, "latent_size": index.get("latent_size")}}
-    write = {"sd": _write_sd, "ldm": _write_ldm, "dit": _write_dit}[kind]
+    write = {"sd": _write_sd, "sdxl": _write_sdxl, "ldm": _write_ldm, "dit": _write_dit}[kind]
     model_index.update(write(root, index, components))
     write_json(root / "model_index.json", dict(sorted(model_index.items())))
     return root
@@ -155,12 +165,53 @@ def _write_sd(root: Path, index: dict, components: dict) -> dict:
         shutil.rmtree(tok_dir)
     text.tokenizer.save_pretrained(str(tok_dir))
     inpaint = index.get("concat") == "inpaint"
-    return {"_class_name": "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline",
+    out = {"_class_name": "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline",
             "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
             "_ldmkit": {"defaults": index.get("defaults") or {}, "latent_size": index.get("latent_size"),
                         "conditioner": {"max_length": text.config.max_length, "clip_skip": text.config.clip_skip}}}
+    if index.get("concat") == "upscale":  # StableDiffusionUpscalePipeline: + low_res_scheduler/, max_noise_level
+        del out["requires_safety_checker"]  # not one of its arguments
+        out.update(write_low_res_scheduler(root, index, unet.config.num_class_embeds))
+        extra = out["_ldmkit"]  # the folder's own entries say these; a stale copy must not override them
+        extra["defaults"] = {k: v for k, v in extra["defaults"].items() if k not in FOLDER_SETTINGS}
+    return out
+
+
+def _write_sdxl(root: Path, index: dict, components: dict) -> dict:
+    """SDXL: StableDiffusionXLPipeline (two text encoders) or, for a refiner (the second encoder alone,
+    aesthetic-score ids), StableDiffusionXLImg2ImgPipeline."""
+    unet, text = components["denoiser"], components["conditioner"]
+    write_json(root / "unet" / "config.json", unet_config_to_diffusers(config_to_dict(unet.config)))
+    _weights(root, unet.state_dict(), "unet", UNET_WEIGHTS)
+    refiner = len(text.encoders) == 1
+    subs = [("text_encoder_2", "tokenizer_2")] if refiner else [("text_encoder", "tokenizer"),
+                                                                ("text_encoder_2", "tokenizer_2")]
+    out = {}
+    for (sub, tok_sub), enc in zip(subs, text.encoders):
+        hf = dict(enc.config.hf_config)
+        kind = type(enc.model).__name__
+        hf.update(architectures=[kind], model_type="clip_text_model")
+        write_json(root / sub / "config.json", hf)
+        state = enc.model.state_dict()
+        if kind == "CLIPTextModel":  # the classic `text_model.` layout every transformers version reads
+            state = {"text_model." + k.removeprefix("text_model."): v for k, v in state.items()}
+        _weights(root, state, sub, TEXT_WEIGHTS)
+        if (root / tok_sub).exists():
+            shutil.rmtree(root / tok_sub)
+        enc.tokenizer.save_pretrained(str(root / tok_sub))
+        out[sub], out[tok_sub] = ["transformers", kind], ["transformers", "CLIPTokenizer"]
+    if refiner:
+        out.update(text_encoder=[None, None], tokenizer=[None, None])
+    options = {"force_zeros_for_empty_prompt": text.config.force_zeros_for_empty_prompt}
+    if refiner:
+        options["requires_aesthetics_score"] = text.config.requires_aesthetics_score
+    return {"_class_name": "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline",
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+            "image_encoder": [None, None], "feature_extractor": [None, None], **out, **options,
+            "_ldmkit": {"defaults": index.get("defaults") or {}, "latent_size": index.get("latent_size"),
+                        "conditioner": {"max_length": text.max_length, "clip_skip": text.encoders[0].config.clip_skip}}}
 
 
 def _write_ldm(root: Path, index: dict, components: dict) -> dict:

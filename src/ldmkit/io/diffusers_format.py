@@ -49,6 +49,8 @@ class DiffusersParts:
     scheduler_config: dict
     pad_with_eos: bool = True   # SD 1.x pads prompts with <|endoftext|>, SD 2.x with "!" (used without tokenizer_config)
     notes: list = field(default_factory=list)
+    sdxl: dict | None = None    # SDXL: {"texts": [{config, state, tokenizer, projection}], "options": {...}}
+    upscaler: dict | None = None  # x4 upscaler: {"low_res_schedule", "max_noise_level"} (diffusers_upscaler)
 
 
 # ----------------------------------------------------------------------------- reading weights
@@ -134,29 +136,39 @@ def controlnet_folders(path) -> list[Path]:
 
 def read_diffusers(path, variant: str | None = None) -> DiffusersParts:
     """Read a diffusers Stable Diffusion folder into `DiffusersParts` (nothing is built yet)."""
+    from ldmkit.io.diffusers_upscaler import UPSCALE_PIPELINE, read_upscaler
+    from ldmkit.io.sdxl_format import SDXL_PIPELINES, read_sdxl_texts
+
     root = Path(path)
-    for sub in ("unet", "vae", "text_encoder", "scheduler"):
-        if not (root / sub).is_dir():
-            raise FileNotFoundError(f"{root} is not a complete diffusers Stable Diffusion folder: {sub}/ is missing")
     index = read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
     pipeline = index.get("_class_name", "StableDiffusionPipeline")
-    if pipeline not in SD_PIPELINES + CONTROLNET_PIPELINES:
+    sdxl = pipeline in SDXL_PIPELINES
+    for sub in ("unet", "vae", "scheduler") + (() if sdxl else ("text_encoder",)):
+        if not (root / sub).is_dir():
+            raise FileNotFoundError(f"{root} is not a complete diffusers Stable Diffusion folder: {sub}/ is missing")
+    if pipeline not in SD_PIPELINES + CONTROLNET_PIPELINES + SDXL_PIPELINES + (UPSCALE_PIPELINE,):
         raise ValueError(f"{root}: pipeline {pipeline!r} is not supported; ldmkit reads StableDiffusionPipeline "
-                         "folders (SD 1.x / 2.x text-to-image) and their ControlNet pipelines")
+                         "folders (SD 1.x / 2.x text-to-image), their ControlNet pipelines, SDXL pipelines and "
+                         "the x4 upscaler")
     sched_file = root / "scheduler" / "scheduler_config.json"
     scheduler_config = read_json(sched_file)
     check_scheduler_config(scheduler_config, str(sched_file))
-    return DiffusersParts(
+    parts = DiffusersParts(
         unet_config=read_json(root / "unet" / "config.json"),
         unet_state=_read_weights(root / "unet", UNET_WEIGHTS, variant),
         vae_config=read_json(root / "vae" / "config.json"),
         vae_state=_read_weights(root / "vae", UNET_WEIGHTS, variant),
-        text_config=read_json(root / "text_encoder" / "config.json"),
-        text_state=_read_weights(root / "text_encoder", TEXT_WEIGHTS, variant),
+        text_config={} if sdxl else read_json(root / "text_encoder" / "config.json"),
+        text_state={} if sdxl else _read_weights(root / "text_encoder", TEXT_WEIGHTS, variant),
         tokenizer=root / "tokenizer" if (root / "tokenizer").is_dir() else None,
         scheduler_config=scheduler_config,
         notes=[f"{root.name}: diffusers {pipeline} folder"],
+        sdxl=dict(zip(("texts", "options"), read_sdxl_texts(
+            root, index, lambda folder: _read_weights(folder, TEXT_WEIGHTS, variant)))) if sdxl else None,
     )
+    if pipeline == UPSCALE_PIPELINE:  # low_res_scheduler/, max_noise_level, the VAE's fixed scaling factor
+        read_upscaler(root, index, parts)
+    return parts
 
 
 # ----------------------------------------------------------------------------- configs: UNet
@@ -173,14 +185,14 @@ _UNET_DEFAULTS = {
 }
 # diffusers options ldmkit's UNet implements only at these values (anything else is refused by name).
 _UNET_FIXED = {
-    "center_input_sample": False, "act_fn": "silu", "class_embed_type": None, "addition_embed_type": None,
+    "center_input_sample": False, "act_fn": "silu", "class_embed_type": None,
     "time_embedding_type": "positional", "time_cond_proj_dim": None, "encoder_hid_dim": None,
     "encoder_hid_dim_type": None, "dual_cross_attention": False, "only_cross_attention": False,
     "conv_in_kernel": 3, "conv_out_kernel": 3, "attention_type": "default",
     "reverse_transformer_layers_per_block": None, "mid_block_only_cross_attention": None,
     "cross_attention_norm": None, "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
-    "projection_class_embeddings_input_dim": None, "timestep_post_act": None, "time_embedding_dim": None,
-    "time_embedding_act_fn": None, "addition_time_embed_dim": None, "class_embeddings_concat": False,
+    "timestep_post_act": None, "time_embedding_dim": None,
+    "time_embedding_act_fn": None, "class_embeddings_concat": False,
     "mid_block_scale_factor": 1, "addition_embed_type_num_heads": 64,
 }
 
@@ -213,8 +225,7 @@ def unet_config_from_diffusers(cfg: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- configs: autoencoder
-_VAE_FIXED = {"act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True,
-              "latents_mean": None, "latents_std": None}
+_VAE_FIXED = {"act_fn": "silu", "latents_mean": None, "latents_std": None}
 
 
 def autoencoder_config_from_diffusers(cfg: dict) -> dict:
@@ -252,6 +263,8 @@ def autoencoder_config_from_diffusers(cfg: dict) -> dict:
         "scaling_factor": float(cfg.get("scaling_factor") or 0.18215),
         "shift_factor": float(cfg.get("shift_factor") or 0.0),
         "sample_size": size,
+        "use_quant_conv": bool(cfg.get("use_quant_conv", True)),
+        "use_post_quant_conv": bool(cfg.get("use_post_quant_conv", True)),
     }
 
 
@@ -462,17 +475,30 @@ def parts_to_model(parts: DiffusersParts, device=None, dtype: torch.dtype | None
     except ValueError as exc:
         raise UserError(f"VAE config: {exc}") from None
     in_ch, latent = unet_config.in_channels, ae_config.latent_channels
-    concat = {latent: None, 2 * latent + 1: "inpaint"}.get(in_ch, "unsupported")
+    if parts.upscaler is not None:  # x4 upscaler: latents + the low-res RGB image, noise level as class label
+        from ldmkit.io.diffusers_upscaler import upscaler_defaults
+
+        concat = "upscale" if in_ch == latent + 3 else "unsupported"
+        up_defaults = upscaler_defaults(parts.upscaler, unet_config.num_class_embeds, "x4 upscaler model_index.json")
+    else:
+        concat = {latent: None, 2 * latent + 1: "inpaint"}.get(in_ch, "unsupported")
     if concat == "unsupported":
         raise ValueError(f"UNet with {in_ch} input channels for {latent}-channel latents is not a text-to-image "
-                         f"({latent}) or inpainting ({2 * latent + 1}) Stable Diffusion model")
+                         f"({latent}) or inpainting ({2 * latent + 1}) Stable Diffusion model"
+                         + (f" (an x4 upscaler's takes {latent + 3})" if parts.upscaler is not None else ""))
     schedule, sampler, notes = schedule_from_diffusers(parts.scheduler_config)
     upcast = bool(parts.vae_config.get("force_upcast", True)) if upcast_vae is None else bool(upcast_vae)
     dtype = dtype or torch.float32
     ae_dtype = torch.float32 if (upcast and dtype == torch.float16) else dtype
     unet = _build_on_meta(lambda: UNet(unet_config), parts.unet_state, "UNet (denoiser)", dtype)
     ae = _build_on_meta(lambda: Autoencoder(ae_config), parts.vae_state, "VAE (autoencoder)", ae_dtype)
-    text = build_text_conditioner(parts, max_length=max_length, clip_skip=clip_skip).to(dtype=dtype)
+    if parts.sdxl is not None:
+        from ldmkit.io.sdxl_format import build_sdxl_conditioner
+
+        text = build_sdxl_conditioner(parts.sdxl["texts"], parts.sdxl["options"], max_length, clip_skip)
+    else:
+        text = build_text_conditioner(parts, max_length=max_length, clip_skip=clip_skip)
+    text = text.to(dtype=dtype)
     if device is not None:
         for m in (unet, ae, text):
             m.to(device=device)
@@ -482,10 +508,12 @@ def parts_to_model(parts: DiffusersParts, device=None, dtype: torch.dtype | None
         "format": "ldmkit", "format_version": 1,
         "schedule": schedule, "objective": schedule["prediction_type"], "conditioning": "text", "concat": concat,
         "latent_size": [size, size],
-        "defaults": {**sampler, "steps": 50, "guidance": 7.5, "upcast_vae": upcast},
+        "defaults": {**sampler, "steps": 50, "guidance": 5.0 if parts.sdxl is not None else 7.5, "upcast_vae": upcast},
         "components": ["autoencoder", "conditioner", "denoiser"],
     }
     index["notes"] = list(parts.notes) + notes
+    if parts.upscaler is not None:
+        index["defaults"].update(up_defaults)
     return index, {"autoencoder": ae, "denoiser": unet, "conditioner": text}
 
 

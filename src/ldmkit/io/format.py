@@ -60,12 +60,22 @@ def _dit(cfg: dict, folder: Path):
     return DiT(config_from_dict(DiTConfig, cfg))
 
 
+def _mmdit(cfg: dict, folder: Path):
+    from ldmkit.denoisers.mmdit import MMDiT, MMDiTConfig
+
+    return MMDiT(MMDiTConfig.from_dict(cfg))
+
+
 def _conditioner(kind: str) -> Callable[[dict, Path], torch.nn.Module]:
     def build(cfg: dict, folder: Path):
         from ldmkit import conditioning as c
 
+        from ldmkit.conditioning.sd3 import SD3TextEncoder
+        from ldmkit.conditioning.sdxl import SDXLTextEncoder
+
         classes = {"text-transformer": c.TransformerTextEncoder, "text-bert": c.BertTextEncoder,
-                   "text-clip": c.CLIPTextEncoder, "class": c.ClassConditioner, "spatial": c.SpatialConditioner}
+                   "text-clip": c.CLIPTextEncoder, "text-sdxl": SDXLTextEncoder, "text-sd3": SD3TextEncoder,
+                   "class": c.ClassConditioner, "spatial": c.SpatialConditioner}
         return classes[kind].from_component(cfg, folder)
 
     return build
@@ -76,7 +86,9 @@ COMPONENT_TYPES: dict[str, Callable[[dict, Path], torch.nn.Module]] = {
     "unet": _unet,
     "unet-extended": _extended_unet,
     "dit": _dit,
-    **{k: _conditioner(k) for k in ("text-transformer", "text-bert", "text-clip", "class", "spatial")},
+    "mmdit": _mmdit,
+    **{k: _conditioner(k) for k in ("text-transformer", "text-bert", "text-clip", "text-sdxl", "text-sd3", "class",
+                                    "spatial")},
 }
 
 
@@ -217,7 +229,7 @@ def check_model_index(index: dict, where: str) -> None:
         options = defaults.get("sampler_options")
         if options is not None and not isinstance(options, dict):
             raise UserError(f"defaults.sampler_options must be a JSON object, got {json_kind(options)}")
-        for key in ("steps", "height", "width", "batch_size", "noise_level"):
+        for key in ("steps", "height", "width", "batch_size", "noise_level", "max_noise_level"):
             value = defaults.get(key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise UserError(f"defaults.{key}={defaults[key]!r} must be an integer")
@@ -233,6 +245,9 @@ def check_model_index(index: dict, where: str) -> None:
         raise UserError(f"{where}: {exc}") from None
     if index.get("schedule") is not None:
         check_schedule_dict(index["schedule"], where)
+    low_res = (index.get("defaults") or {}).get("low_res_schedule")  # an x4 upscaler's noise augmentation
+    if low_res is not None:
+        check_schedule_dict(low_res, f"{where} (defaults.low_res_schedule)")
 
 
 def load_model(folder: str | os.PathLike, device: str | torch.device | None = None,

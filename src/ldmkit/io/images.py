@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -80,41 +81,74 @@ def make_grid(images: torch.Tensor | Sequence[Image.Image], nrow: int | None = N
     return grid
 
 
-def a1111_parameters(meta: dict) -> str:
-    """The one-string summary other image tools read from the `parameters` chunk."""
-    lines = [str(meta.get("prompt", ""))]
-    if meta.get("negative_prompt"):
-        lines.append(f"Negative prompt: {meta['negative_prompt']}")
-    names = [("steps", "Steps"), ("sampler", "Sampler"), ("guidance", "CFG scale"), ("seed", "Seed"),
-             ("size", "Size"), ("model_hash", "Model hash"), ("model", "Model"), ("strength", "Denoising strength"),
-             ("version", "Version")]
-    fields = [f"{label}: {meta[key]}" for key, label in names if meta.get(key) not in (None, "")]
-    fields += [f'{label}: "{meta[key]}"' for key, label in (("lora_hashes", "Lora hashes"), ("ti_hashes", "TI hashes"))
-               if meta.get(key)]
-    lines.append(", ".join(fields))
-    return "\n".join(lines)
-
-
-def save_png(img: Image.Image, path: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """Write a PNG whose text chunks hold `metadata`: one chunk per key, a JSON chunk
-    `ldmkit` with everything, and an A1111-style `parameters` chunk. Written atomically."""
-    from ldmkit.io.files import atomic_write
+def png_bytes(img: Image.Image, metadata: dict | None = None) -> bytes:
+    """The PNG file of `img` whose text chunks hold `metadata`: `ldmkit` with all of it as JSON, and
+    A1111's `parameters` (`io.infotext`), which other image tools read."""
+    from ldmkit.io.infotext import infotext
 
     info = PngImagePlugin.PngInfo()
     if metadata:
-        for key, value in metadata.items():
-            info.add_text(str(key), value if isinstance(value, str) else json.dumps(value))
         info.add_text("ldmkit", json.dumps(metadata, sort_keys=True))
-        info.add_text("parameters", a1111_parameters(metadata))
+        text = infotext(metadata)
+        if text:
+            info.add_text("parameters", text)
     buf = io.BytesIO()
     img.save(buf, format="PNG", pnginfo=info)
-    data = buf.getvalue()
+    return buf.getvalue()
+
+
+def save_png(img: Image.Image, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write `png_bytes(img, metadata)` to `path`, atomically."""
+    from ldmkit.io.files import atomic_write
+
+    data = png_bytes(img, metadata)
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
 
     return atomic_write(path, write)
+
+
+_NUMBERED = re.compile(r"(?:grid-)?(\d{5,})-?")  # NNNNN-SEED.png, grid-NNNNN.png
+
+
+def reserve_numbered(folder: str | os.PathLike, seeds: Sequence[int], grid: bool = False) -> tuple[list[Path], Path | None]:
+    """Names for new images in `folder`: NNNNN-SEED.png numbered after the files already there (as
+    AUTOMATIC1111 numbers them), and grid-NNNNN.png when `grid`. Each name is created empty at once
+    (O_EXCL), so no other writer -- a second command, a server -- can take it; the images then
+    replace these placeholders. Nothing is ever overwritten."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    numbers = [int(m.group(1)) for f in folder.iterdir() if (m := _NUMBERED.match(f.name))]
+    n = max(numbers, default=-1) + 1
+    paths = []
+    for name in [f"{{:05d}}-{seed}.png" for seed in seeds] + (["grid-{:05d}.png"] if grid else []):
+        while True:
+            path = folder / name.format(n)
+            n += 1
+            try:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                break
+            except FileExistsError:
+                continue
+        paths.append(path)
+    return (paths[:-1], paths[-1]) if grid else (paths, None)
+
+
+def read_png_text(path: str | os.PathLike, what: str = "image") -> dict:
+    """The text chunks of an image file ({} for a format without them), with one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} " + ("is not a file" if path.exists() else "does not exist"))
+    try:
+        with Image.open(path) as img:
+            img.load()  # chunks after the image data are read with it
+            return {str(k): str(v) for k, v in (getattr(img, "text", None) or {}).items()}
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"cannot read {what} {path}: image too large ({exc})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"cannot read {what} {path}: {exc}") from None
 
 
 def read_png_metadata(path: str | os.PathLike) -> dict:

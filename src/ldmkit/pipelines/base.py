@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ldmkit.conditioning.base import trim_padding
+from ldmkit.conditioning.prompt_syntax import encode_prompts, same_length
 from ldmkit.diffusion import (Denoiser, cfg, get_sampler, img2img_start, noise_to, plan, prediction_name,
                               sampler_names, split_options)
 from ldmkit.pipelines import vae_decode
@@ -68,6 +69,7 @@ class Settings:
     vae_tile: int | None = None    # latent tile side for tiled decode; None = auto, 0 = never
     progress: bool = True
     sampler_options: dict = field(default_factory=dict)  # e.g. DDIM's set_alpha_to_one, clip_x0, eta
+    micro: dict = field(default_factory=dict)  # SDXL micro-conditioning (conditioning.sdxl.MICRO); {} = defaults
 
 
 def denoiser_weights_file(path: Path) -> Path | None:
@@ -153,6 +155,8 @@ class PipelineCore:
         self.adapters: list[dict] = []  # LoRAs and embeddings loaded into this pipeline (PNG metadata)
         self.controlnets: list = []  # pipelines.control.Attached, in the order their images are given
         self.ip_adapter = None  # pipelines.image_prompt.Attached: an IP-Adapter with its image encoder
+        self.refiner = None  # (PipelineCore, start fraction): SDXL's ensemble of experts (`Pipeline.load_refiner`)
+        self.step_hook = None  # f(step, steps, x0) after every sampler step; an exception it raises stops sampling
         extra = cfg.in_channels - self.latent_channels
         want = {None: 0, "inpaint": self.latent_channels + 1, "upscale": None, "semantic": None}[concat]
         if concat is None and extra != 0:
@@ -229,7 +233,7 @@ class PipelineCore:
     # ------------------------------------------------------------------ settings
     def settings(self, *, sampler=None, steps=None, guidance=None, guidance_rescale=None, height=None,
                  width=None, batch_size=None, max_model_batch=None, decode_batch=1, vae_tile=None,
-                 progress=True, sampler_options=None) -> Settings:
+                 progress=True, sampler_options=None, micro=None) -> Settings:
         """Fill unset values from model_index.json "defaults" (then built-in ones) and check them all."""
         d = self.defaults
         flow = getattr(self.schedule, "kind", "discrete") == "flow"
@@ -271,7 +275,23 @@ class PipelineCore:
         if sampler_options is None:  # the model's options belong to its default sampler (e.g. from diffusers)
             sampler_options = dict(d.get("sampler_options") or {}) if sampler == d.get("sampler") else {}
         return Settings(sampler, steps, guidance, rescale, height, width, batch_size, max_model_batch,
-                        decode_batch, vae_tile, progress, dict(sampler_options))
+                        decode_batch, vae_tile, progress, dict(sampler_options), self._micro(micro))
+
+    def _micro(self, micro: dict | None) -> dict:
+        """SDXL's micro-conditioning settings, checked (other models take none)."""
+        micro = {k: v for k, v in (micro or {}).items() if v is not None}
+        if not micro:
+            return {}
+        if getattr(self.denoiser.config, "addition_embed_type", None) != "text_time":
+            raise ValueError(f"{', '.join(sorted(micro))}: micro-conditioning is for SDXL models; this model takes none")
+        from ldmkit.conditioning.sdxl import check_micro
+
+        scores = [k for k in micro if k.endswith("aesthetic_score")]
+        readers = [self.conditioner] + ([self.refiner[0].conditioner] if self.refiner is not None else [])
+        if scores and not any(getattr(getattr(c, "config", None), "requires_aesthetics_score", False) for c in readers):
+            raise ValueError(f"{', '.join(scores)}: only an SDXL refiner reads an aesthetic score (load one with "
+                             "--refiner, or use the refiner model)")
+        return check_micro(micro)
 
     # ------------------------------------------------------------------ conditioning
     def conditions(self, prompt, class_label, count: int) -> list:
@@ -298,12 +318,25 @@ class PipelineCore:
         """(cond, uncond) for a batch; uncond is the negative prompt's encoding or the null condition."""
         if self.conditioning == "none":
             return None, None
-        cond = self.conditioner.encode(list(conditions))
-        if negatives is not None and self.conditioning == "text":
-            uncond = self.conditioner.encode(list(negatives))
+        text = self.conditioning == "text"  # prompts in A1111's syntax: weights, BREAK, chunks
+        cond = encode_prompts(self.conditioner, list(conditions)) if text else self.conditioner.encode(list(conditions))
+        if negatives is not None and text:
+            uncond = encode_prompts(self.conditioner, list(negatives))
         else:
             uncond = self.conditioner.null(len(conditions))
-        return trim_padding(cond, uncond)  # masked trailing padding costs attention time, changes nothing
+        # masked trailing padding costs attention time, changes nothing
+        return trim_padding(*same_length(cond, uncond))
+
+    def _with_time_ids(self, cond, uncond, s: Settings) -> tuple:
+        """SDXL: (cond, uncond) with their micro-conditioning ids (sizes, crop, aesthetic score)."""
+        if cond is None or getattr(self.denoiser.config, "addition_embed_type", None) != "text_time":
+            return cond, uncond
+        from ldmkit.conditioning.sdxl import time_ids
+
+        aesthetic = getattr(getattr(self.conditioner, "config", None), "requires_aesthetics_score", False)
+        ids = [time_ids(s.height, s.width, s.micro, k == 1, aesthetic).to(self.device) for k in (0, 1)]
+        return (cond.replace(time_ids=ids[0].expand(cond.batch_size, -1)),
+                uncond.replace(time_ids=ids[1].expand(uncond.batch_size, -1)))
 
     # ------------------------------------------------------------------ the sampling loop
     @staticmethod
@@ -345,6 +378,10 @@ class PipelineCore:
                     kw["context"] = ctx.to(dtype) if ctx is not None else None
                     kw["context_mask"] = getattr(c, "mask", None)
                     kw["class_labels"] = getattr(c, "class_labels", None)
+                    if getattr(c, "time_ids", None) is not None:  # SDXL: pooled text + micro-conditioning
+                        kw["pooled"], kw["time_ids"] = c.pooled.to(dtype), c.time_ids
+                    elif getattr(den, "takes_pooled", False):  # SD3's MM-DiT
+                        kw["pooled"] = c.pooled.to(dtype)
                 if extra_labels is not None:
                     kw["class_labels"] = extra_labels[lo:hi]
                 tt = t[lo:hi] if isinstance(t, torch.Tensor) and t.dim() > 0 else t
@@ -362,34 +399,47 @@ class PipelineCore:
     @torch.no_grad()
     def sample_latents(self, s: Settings, conditions: list, negatives: list | None, seeds: Sequence[int], *,
                        z0: torch.Tensor | None = None, strength: float = 1.0, mask: torch.Tensor | None = None,
-                       concat: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                       concat: torch.Tensor | Callable | None = None, labels: torch.Tensor | None = None,
                        control: list | None = None, guess_mode: bool = False,
-                       image_tokens: tuple | None = None, desc: str = "sampling") -> torch.Tensor:
+                       image_tokens: tuple | None = None, stop: int | None = None,
+                       resume: tuple | None = None, desc: str = "sampling") -> torch.Tensor:
         """Denoise one batch. `z0` (scaled latents) with `strength` < 1 starts part way (img2img);
         `mask` (latent, 1 = generate) re-imposes z0 outside it after every step (inpainting by blending);
         `control`: one control image per loaded ControlNet (`pipelines.control.prepare`); `image_tokens`: an
-        image prompt's (tokens, unconditional tokens) for the IP-Adapter (`pipelines.image_prompt.prepare`)."""
+        image prompt's (tokens, unconditional tokens) for the IP-Adapter (`pipelines.image_prompt.prepare`);
+        `concat` may be f(generators), called before the starting noise (x4 upscaler: diffusers' order).
+        An ensemble of experts: `stop` ends the run before step `stop` (the latents at that noise level come
+        back); `resume=(k, x)` starts at step k from the latents x, adding no noise."""
         h, w = s.height // self.factor, s.width // self.factor
         gens = self.generators(seeds)
+        concat = concat(gens) if callable(concat) else concat
+        z0 = z0(gens) if callable(z0) else z0  # img2img's posterior sample: before the noise (diffusers' order)
         noise = self.noise(gens, (self.latent_channels, h, w))
         sampler = get_sampler(s.sampler)
         fn_opts, grid_opts, den_opts = split_options(s.sampler, s.sampler_options)
         p = plan(s.sampler, self.schedule, s.steps, **grid_opts)
         start = img2img_start(s.steps, strength) if z0 is not None else 0
+        if resume is not None:
+            start = max(start, resume[0])
+        end = len(p.timesteps) if stop is None else min(max(stop, start), len(p.timesteps))
         if z0 is not None:
             z0 = z0.to(self.device, torch.float32)
-        if start >= len(p.timesteps):  # strength 0: nothing to denoise
+        if start >= len(p.timesteps) and resume is None:  # strength 0: nothing to denoise
             return z0.clone()
         sigma0 = p.sigmas[start]
-        if z0 is None or start == 0:
+        if resume is not None:
+            x = resume[1].to(self.device, torch.float32)
+        elif z0 is None or start == 0:
             x = noise  # full strength starts from pure noise, exactly as text-to-image
         else:
             x = noise_to(z0, noise, sigma0).float()
         if mask is not None:
             mask = mask.to(self.device, torch.float32)
             x = mask * x + (1 - mask) * noise_to(z0, noise, sigma0).float()
+        if start >= end:  # an expert with no steps to run
+            return x
 
-        cond, uncond = self._encode(conditions, negatives)
+        cond, uncond = self._with_time_ids(*self._encode(conditions, negatives), s)
         if image_tokens is not None:  # cfg pairs them as it pairs the text: [uncond; cond]
             cond, uncond = cond.replace(image_tokens=image_tokens[0]), uncond.replace(image_tokens=image_tokens[1])
         run = None
@@ -405,10 +455,12 @@ class PipelineCore:
             network = cfg(fn, cond, uncond, s.guidance, s.guidance_rescale)
         denoise = Denoiser(network, self.schedule, self.prediction, p, clip=den_opts.get("clip_x0"))
 
-        bar = progress(total=len(p.timesteps) - start, desc=desc, leave=False, disable=not s.progress)
+        bar = progress(total=end - start, desc=desc, leave=False, disable=not s.progress)
 
         def callback(i, sigma, x, x0_pred):
             bar.update(1)
+            if self.step_hook is not None:  # progress, previews, interrupting (ldm serve)
+                self.step_hook(i, end - start, x0_pred)
             if run is not None:
                 run.step = i + 1
             if mask is None:
@@ -417,14 +469,20 @@ class PipelineCore:
             return mask * x + (1 - mask) * known
 
         try:
-            out = sampler.fn(denoise, x, p.sigmas[start:], generator=gens, callback=callback, **fn_opts)
+            out = sampler.fn(denoise, x, p.sigmas[start:end + 1], generator=gens, callback=callback, **fn_opts)
         finally:
             bar.close()
             if self.ip_adapter is not None:
                 self.ip_adapter.adapter.use(None)
-        if mask is not None:  # the final level may not be exactly clean (e.g. DDIM without alpha_to_one)
+        if mask is not None and end == len(p.timesteps):  # the final level may not be exactly clean (DDIM)
             out = mask * out + (1 - mask) * z0
         return out
+
+    def handover(self, s: Settings) -> int:
+        """The step index at which the loaded refiner takes over (`handover_step`)."""
+        _, grid_opts, _ = split_options(s.sampler, s.sampler_options)
+        p = plan(s.sampler, self.schedule, s.steps, **grid_opts)
+        return handover_step(p.timesteps, self.schedule.num_train_timesteps, self.refiner[1])
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, s: Settings) -> torch.Tensor:
@@ -437,10 +495,14 @@ class PipelineCore:
         return x.float().clamp(-1, 1)
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images [B,3,H,W] in [-1,1] -> scaled latents (posterior mode: deterministic)."""
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images [B,3,H,W] in [-1,1] -> scaled latents: the posterior mode (deterministic), or a sample
+        drawn with `generator`."""
         ae_dtype = next(self.autoencoder.parameters()).dtype
-        return self.autoencoder.encode_latents(images.to(self.device, ae_dtype), sample=False).float()
+        x = images.to(self.device, ae_dtype)
+        if generator is None:
+            return self.autoencoder.encode_latents(x, sample=False).float()
+        return self.autoencoder.encode_latents(x, generator=generator).float()
 
     def metadata(self, task: str, s: Settings, condition, negative, seed: int, **extra) -> dict:
         from ldmkit import __version__
@@ -468,6 +530,11 @@ class PipelineCore:
             meta["ti_hashes"] = ", ".join(f"{a['name']}: {a['hash']}" for a in embeddings)
         if self.model_name:
             meta["model"] = self.model_name
+        for k, v in s.micro.items():  # SDXL micro-conditioning given by the user
+            meta[k] = ", ".join(map(str, v)) if isinstance(v, tuple) else v
+        if self.refiner is not None:
+            refiner, start = self.refiner
+            meta.update(refiner=refiner.model_name or "refiner", refiner_start=start, refiner_hash=refiner.model_hash)
         meta["version"] = f"ldmkit {__version__}"
         return meta
 
@@ -489,15 +556,28 @@ class PipelineCore:
             idx = list(range(lo, min(lo + s.batch_size, n)))
             seeds = [seed + i for i in idx]
             inputs = batch_inputs(idx)
-            z = self.sample_latents(s, [conditions[i] for i in idx],
-                                    [negatives[i] for i in idx] if negatives else None, seeds,
-                                    desc=f"{task} {lo + 1}-{idx[-1] + 1}/{n}", **inputs)
-            images = self.decode(z, s)
+            conds, negs = [conditions[i] for i in idx], [negatives[i] for i in idx] if negatives else None
+            desc = f"{task} {lo + 1}-{idx[-1] + 1}/{n}"
+            if self.refiner is None:
+                images = self.decode(self.sample_latents(s, conds, negs, seeds, desc=desc, **inputs), s)
+            else:  # SDXL's ensemble of experts: the base's first steps, the refiner's last, in latent space
+                refiner, k = self.refiner[0], self.handover(s)
+                z = self.sample_latents(s, conds, negs, seeds, desc=desc, stop=k, **inputs)
+                kept = {name: v for name, v in inputs.items() if name in ("z0", "strength", "mask")}
+                z = refiner.sample_latents(s, conds, negs, seeds, desc=desc + " (refiner)", resume=(k, z), **kept)
+                images = refiner.decode(z, s)
             for j, i in enumerate(idx):
                 meta = self.metadata(task, s, conditions[i], negatives[i] if negatives else None, seed + i,
                                      **(meta_extra or {}), **(meta_of(i) if meta_of else {}))
                 results.append(Result(tensor_to_pil(images[j]), meta))
         return results
+
+
+def handover_step(timesteps, num_train_timesteps: int, start: float) -> int:
+    """The step where the refiner takes over: the base runs the timesteps >= round(T - start * T)
+    (diffusers' `denoising_end` / `denoising_start`)."""
+    cutoff = int(round(num_train_timesteps - start * num_train_timesteps))
+    return int((torch.as_tensor(timesteps) >= cutoff).sum())
 
 
 def image_count(prompt, num: int | None) -> int:

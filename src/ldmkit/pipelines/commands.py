@@ -33,6 +33,8 @@ def _common(p, sizes: bool = True) -> None:
     p.add_argument("--seed", type=int, default=-1, help="image k of the run uses seed + k; -1 draws a random seed "
                    "(printed and stored in the PNGs)")
     p.add_argument("--num", type=int, default=1, help="images per prompt")
+    p.add_argument("--from-png", default=None, metavar="FILE", help="run again with a PNG's settings (its ldmkit "
+                   "chunk, or an AUTOMATIC1111 `parameters` chunk); flags given here win")
     if sizes:
         p.add_argument("--height", type=int, default=None, help="image height in pixels")
         p.add_argument("--width", type=int, default=None, help="image width in pixels")
@@ -81,6 +83,10 @@ def _common(p, sizes: bool = True) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: float16 on CUDA)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if sizes:
+        from ldmkit.pipelines import sdxl_cli
+
+        sdxl_cli.add_flags(p)
     single = p.add_argument_group("original single-file checkpoints (.safetensors / .ckpt)")
     single.add_argument("--prediction-type", choices=("eps", "v"), default=None,
                         help="what the UNet predicts (SD 2.x 768 models: v); not stored in the weights")
@@ -97,14 +103,17 @@ def register(sub, argv: list[str] | None = None) -> None:
     p = sub.add_parser("img2img", help="image-to-image: noise an image to --strength and denoise with a prompt")
     _common(p)
     p.add_argument("--image", required=True, help="input image")
-    p.add_argument("--strength", type=float, default=0.75, help="0 = keep the input, 1 = ignore it")
+    p.add_argument("--strength", type=float, default=None, help="0 = keep the input, 1 = ignore it (default 0.75)")
+    p.add_argument("--posterior", choices=("mode", "sample"), default="mode", help="encode the input with the "
+                   "autoencoder's posterior mode, or a sample from each image's seed (diffusers' and A1111's way)")
     p.set_defaults(func=run)
 
     p = sub.add_parser("inpaint", help="regenerate the white part of --mask")
     _common(p)
     p.add_argument("--image", required=True, help="input image")
     p.add_argument("--mask", required=True, help="mask image of the same size: white = repaint, black = keep")
-    p.add_argument("--strength", type=float, default=1.0, help="how much of the masked region to change")
+    p.add_argument("--strength", type=float, default=None, help="how much of the masked region to change "
+                   "(default 1)")
     p.add_argument("--blend", dest="blend", action="store_true", default=None,
                    help="re-impose the known latents every step (default for models without a concat input)")
     p.add_argument("--no-blend", dest="blend", action="store_false")
@@ -398,40 +407,57 @@ def _check_memory(args, task: str, pipe, n: int) -> None:
                          f"{pipe.device}; lower --width/--height or --batch-size")
 
 
-def _out_paths(out: str, n: int, seeds: list[int], overwrite: bool) -> tuple[list[Path], Path]:
+def _out_paths(out: str, n: int, seeds: list[int], overwrite: bool, grid: bool = False,
+               reserve: bool = True) -> tuple[list[Path], Path | None]:
     """Where the images go. A folder: NNNNN-SEED.png numbered after the files already there (as
-    AUTOMATIC1111 does), grid-NNNNN.png -- nothing is ever replaced. A .png name: that file (NAME-KKKK.png
-    for several images), refused when it exists unless `overwrite`."""
-    import re
+    AUTOMATIC1111 does), grid-NNNNN.png -- names taken at once, nothing is ever replaced
+    (`io.images.reserve_numbered`; `reserve=False` only checks). A .png name: that file
+    (NAME-KKKK.png for several images), refused when it exists unless `overwrite`."""
+    from ldmkit.io.images import reserve_numbered
 
     o = Path(out)
     if o.suffix.lower() == ".png":
         paths = [o] if n == 1 else [o.with_name(f"{o.stem}-{k:04d}.png") for k in range(n)]
-        grid = o.with_name(o.stem + "-grid.png")
-        taken = [str(p) for p in paths + [grid] if p.exists()]
+        grid_path = o.with_name(o.stem + "-grid.png")
+        taken = [str(p) for p in paths + [grid_path] if p.exists()]
         if taken and not overwrite:
             raise ValueError(f"--out {out}: {taken[0]} exists; pass --overwrite to replace it, or give a folder "
                              "(new files are numbered there)")
-        return paths, grid
-    numbers = [int(m.group(1)) for f in (o.iterdir() if o.is_dir() else ())
-               if (m := re.match(r"(?:grid-)?(\d{5,})-?", f.name))]
-    first = max(numbers, default=-1) + 1
-    return [o / f"{first + k:05d}-{seed}.png" for k, seed in enumerate(seeds)], o / f"grid-{first + n:05d}.png"
+        return paths, grid_path
+    return reserve_numbered(o, seeds, grid) if reserve else ([], None)
 
 
-def run(args) -> int:
-    task = TASKS[args.command]
+STRENGTH = {"img2img": 0.75, "inpaint": 1.0}  # --strength when neither the flag nor --from-png gives one
+
+
+def _fill_settings(args, task: str) -> dict:
+    """--from-png's settings into the unset flags, the default --strength, a random seed for --seed -1;
+    returns the PNG's settings ({} without --from-png)."""
+    png = {}
+    if args.from_png:
+        from ldmkit.pipelines.from_png import apply_png_settings
+
+        png = apply_png_settings(args)
+    if task in STRENGTH and args.strength is None:
+        args.strength = STRENGTH[task]
     if args.seed == -1:  # a random seed, recorded in every image's settings
         import secrets
 
         args.seed = secrets.randbelow(2**32)
         args.random_seed = True
+    return png
+
+
+def run(args) -> int:
+    task = TASKS[args.command]
+    png = _fill_settings(args, task)
     _check_args(args)
     loras, embeddings = adapter_specs(args)
     controlnets = control_specs(args, task)
     check_ip_args(args, task)
     prompts = _prompts(args)
-    _out_paths(args.out, args.num * (len(prompts) if prompts else 1), [args.seed], args.overwrite)  # fail early
+    _out_paths(args.out, args.num * (len(prompts) if prompts else 1), [args.seed], args.overwrite,
+               reserve=False)  # fail early
 
     from ldmkit.io.images import make_grid, save_png
     from ldmkit.pipelines import load
@@ -440,13 +466,20 @@ def run(args) -> int:
                                            ("original_config", args.original_config),
                                            ("tokenizer", args.tokenizer)) if v is not None}
     pipe = load(args.model, device=args.device, dtype=args.dtype, **importer_options)
+    if args.from_png:  # what needs the model: A1111's "Euler" on a flow model, another model's hash
+        from ldmkit.pipelines.from_png import after_load
+
+        after_load(args, pipe, png)
     common = dict(negative_prompt=args.negative_prompt, class_label=args.class_label, seed=args.seed,
                   sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                   guidance_rescale=args.guidance_rescale, batch_size=args.batch_size,
                   max_model_batch=args.max_model_batch, decode_batch=args.decode_batch, vae_tile=args.vae_tile,
                   progress=not args.no_progress)
     if task not in ("upscale", "semantic2img"):
-        common.update(height=args.height, width=args.width)
+        from ldmkit.pipelines import sdxl_cli
+
+        common.update(height=args.height, width=args.width, micro=sdxl_cli.micro_of(args))
+        sdxl_cli.attach_refiner(pipe, args, **importer_options)
     prompt = None
     if prompts is not None:
         prompt = [p for p in prompts for _ in range(args.num)]  # --num images per prompt, in order
@@ -461,7 +494,8 @@ def run(args) -> int:
         if task == "text2img":
             results = pipe.text2img(prompt, num=n, **common)
         elif task == "img2img":
-            results = pipe.img2img(args.image, prompt, num=n, strength=args.strength, **common)
+            results = pipe.img2img(args.image, prompt, num=n, strength=args.strength, posterior=args.posterior,
+                                   **common)
         elif task == "inpaint":
             results = pipe.inpaint(args.image, args.mask, prompt, num=n, strength=args.strength,
                                    blend=args.blend, **common)
@@ -474,7 +508,8 @@ def run(args) -> int:
                                  and not issubclass(w.category, (DeprecationWarning, FutureWarning))):
         print(f"ldm {args.command}: warning: {message}", file=sys.stderr)
 
-    paths, grid_path = _out_paths(args.out, len(results), [r.metadata["seed"] for r in results], args.overwrite)
+    paths, grid_path = _out_paths(args.out, len(results), [r.metadata["seed"] for r in results], args.overwrite,
+                                  args.grid)
     records = []
     for r, path in zip(results, paths):
         save_png(r.image, path, r.metadata)

@@ -4,8 +4,9 @@ strength s in [0, 1] skips the first steps - int(steps * s) sampler steps: the i
 are put at the noise level of the first step that runs (`noise_to`) and the rest of the
 schedule runs as usual. s = 0 runs no step and returns the input's autoencoder
 reconstruction; s = 1 ignores the input and starts from pure noise, exactly as text-to-image
-with the same seed. The input is encoded with the posterior mode (deterministic) and resized
-to the requested height/width (default: its own size rounded down to the size multiple).
+with the same seed. The input is encoded with the posterior mode (deterministic; `posterior=
+"sample"` draws from the posterior as diffusers and A1111 do) and resized to the requested
+height/width (default: its own size rounded down to the size multiple).
 """
 from __future__ import annotations
 
@@ -53,23 +54,35 @@ def image_tensor(pipe: PipelineCore, image, height: int | None, width: int | Non
 def img2img(pipe: PipelineCore, image, prompt=None, *, strength: float = 0.75, negative_prompt=None,
             class_label=None, num: int | None = None, seed: int = 0, height: int | None = None,
             width: int | None = None, control_image=None, guess_mode: bool = False, control_fit: str = "stretch",
-            image_prompt=None, **settings) -> list[Result]:
+            image_prompt=None, posterior: str = "mode", **settings) -> list[Result]:
+    """`posterior`: "mode" encodes the image deterministically; "sample" draws the latents from the
+    autoencoder's posterior with each image's generator before its starting noise -- what diffusers'
+    and AUTOMATIC1111's img2img do, so the same seed gives their image."""
     pipe.require_task("img2img")
     strength = check_strength(strength)
+    if posterior not in ("mode", "sample"):
+        raise ValueError(f"posterior={posterior!r} must be 'mode' or 'sample'")
     x, h, w = image_tensor(pipe, image, height, width)
     n = image_count(prompt, num)
     s = pipe.settings(height=h, width=w, **settings)
     conditions = pipe.conditions(prompt, class_label, n)
     z0 = pipe.encode(x)
+    if posterior == "sample":  # drawn in sample_latents from the images' generators, before their noise
+        def z0_of(idx):
+            return lambda gens: torch.cat([pipe.encode(x, generator=g) for g in gens])
+    else:
+        def z0_of(idx):
+            return z0.expand(len(idx), -1, -1, -1)
 
     images, meta = control.prepare(pipe, control_image, h, w, guess_mode, control_fit)
     tokens, ip_meta = ip.prepare(pipe, image_prompt)
     meta.update(ip_meta)
 
     def inputs(idx):
-        out = {"z0": z0.expand(len(idx), -1, -1, -1), "strength": strength}
+        out = {"z0": z0_of(idx), "strength": strength}
         if tokens:
             out["image_tokens"] = tokens
         return {**out, "control": images, "guess_mode": guess_mode} if images else out
 
-    return pipe.generate("img2img", s, conditions, negative_prompt, int(seed), inputs, {"strength": strength, **meta})
+    extra = {"strength": strength, **({"posterior": "sample"} if posterior == "sample" else {}), **meta}
+    return pipe.generate("img2img", s, conditions, negative_prompt, int(seed), inputs, extra)

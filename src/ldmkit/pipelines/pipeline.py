@@ -92,6 +92,27 @@ class Pipeline(PipelineCore):
                                          file_sha256(weights[0])[:10] if weights else ""))
         return net
 
+    def load_refiner(self, path, start: float = 0.8, **options) -> "Pipeline":
+        """SDXL's ensemble of experts: from fraction `start` of the noise levels on (diffusers'
+        `denoising_end` / `denoising_start`), the refiner `path` (an SDXL refiner, or any model with this
+        one's schedule and latents) denoises the base's latents. Returns the refiner's pipeline."""
+        from ldmkit.errors import UserError
+
+        if not 0.0 < float(start) < 1.0:
+            raise UserError(f"--refiner-start {start}: the refiner takes over at a fraction of the noise levels in "
+                            "(0, 1)")
+        refiner = load(path, device=self.device, dtype=self.dtype, **options)
+        if refiner.schedule.to_dict() != self.schedule.to_dict():
+            raise UserError(f"--refiner {path}: its noise schedule differs from the base model's; the refiner must "
+                            "continue the base's noise levels")
+        if (refiner.latent_channels, refiner.factor) != (self.latent_channels, self.factor) or \
+                "text2img" not in refiner.tasks or refiner.conditioning != self.conditioning:
+            raise UserError(f"--refiner {path}: a refiner continues the base's latents; it must take "
+                            f"{self.latent_channels}-channel latents at factor {self.factor} and "
+                            f"{self.conditioning} conditioning, as the base does")
+        self.refiner = (refiner, float(start))
+        return refiner
+
     def load_ip_adapter(self, path, scale: float = 1.0, image_encoder=None):
         """Attach an IP-Adapter (h94's single file, .safetensors or .bin: the basic one or Plus) at `scale`,
         with its CLIP image encoder: `image_encoder` (a CLIPVisionModelWithProjection folder), else

@@ -22,6 +22,11 @@ def text2img(pipe: PipelineCore, prompt=None, *, negative_prompt=None, class_lab
     the output takes the first control image's size. `image_prompt`: an image (or several) for the loaded
     IP-Adapter (`Pipeline.load_ip_adapter`)."""
     pipe.require_task("text2img")
+    if getattr(getattr(pipe.conditioner, "config", None), "requires_aesthetics_score", False):
+        from ldmkit.errors import UserError
+
+        raise UserError("this is an SDXL refiner: it refines images (ldm img2img) or continues a base model's "
+                        "latents (--refiner on the base); text-to-image needs the base model")
     n = image_count(prompt, num)
     if control_image is not None:
         control_image = control.open_images(control_image)  # read once: for the size and the control

@@ -5,10 +5,22 @@ The denoiser's input is [noisy latents, low-resolution image]: the low-resolutio
 size and the output is the input's size times the autoencoder's factor f (x4 for an f=4
 autoencoder). Models whose denoiser has a class embedding and no class conditioning take the
 low-resolution image's noise-augmentation level as that label (SD x4 upscaler: `noise_level`,
-default from model_index.json "defaults", else 20); the image is then noised to that level of a
-linear DDPM schedule, as the upscaler was trained.
+default from model_index.json "defaults", else 20); the image is then noised to that level:
+
+- diffusers' x4 upscaler (defaults "low_res_schedule", from its low_res_scheduler): as its pipeline
+  does, `low_res_scheduler.add_noise(image, noise, noise_level)` on that schedule's betas (scaled-linear
+  in the real model), at every level including 0, and levels above defaults "max_noise_level" (350)
+  are refused;
+- ldmkit's own upscalers: a linear DDPM schedule with one step per class, level 0 = unchanged, as
+  `ldm train --spatial upscale` trained them (`conditioning.spatial.augment_low_res`).
+
+Noise order, as diffusers': image i's generator (seed + i) first draws the low-res image's noise
+([3, h, w]), then the starting latents; so with one image, `seed` gives the image diffusers'
+`pipe(..., generator=torch.Generator().manual_seed(seed))` gives.
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 
@@ -50,30 +62,55 @@ def upscale(pipe: PipelineCore, image, prompt=None, *, negative_prompt=None, cla
         raise ValueError(f"num={num} must be >= 1")
     s = pipe.settings(height=h * pipe.factor, width=w * pipe.factor, **settings)
     conditions = pipe.conditions(prompt, class_label, num)
-    labels = None
     has_labels = bool(getattr(pipe.denoiser.config, "num_class_embeds", None)) and pipe.conditioning != "class"
+    labels = augment = None
     if has_labels:
-        level = int(noise_level if noise_level is not None else pipe.defaults.get("noise_level", 20))
-        limit = pipe.denoiser.config.num_class_embeds
-        if not 0 <= level < limit:
-            raise ValueError(f"noise_level={level} is outside the allowed range [0, {limit - 1}]")
-        if level > 0:
-            from ldmkit.diffusion.forward import q_sample
-            from ldmkit.diffusion.schedules import make_schedule
-
-            g = torch.Generator("cpu").manual_seed(int(seed))
-            lr = q_sample(make_schedule("linear", num_train_timesteps=limit), lr,
-                          torch.randn(lr.shape, generator=g), torch.tensor([level]))
-        labels = torch.tensor([level], device=pipe.device)
-        noise_level = level
+        noise_level, augment = _noise_augmentation(pipe, noise_level)
+        labels = torch.tensor([noise_level], device=pipe.device)
     elif noise_level is not None:
         raise ValueError("this upscaler has no noise-level input; do not pass noise_level")
-    lr = lr.to(pipe.device, torch.float32)
 
     def inputs(idx):
         k = len(idx)
-        return {"concat": lr.expand(k, -1, -1, -1),
-                "labels": labels.expand(k) if labels is not None else None}
+
+        def concat(generators):  # the low-res noise comes first from each image's generator
+            noise = torch.stack([torch.randn(tuple(lr.shape[1:]), generator=g) for g in generators])
+            low = augment(lr.expand(k, -1, -1, -1), noise) if augment is not None else lr.expand(k, -1, -1, -1)
+            return low.to(pipe.device, torch.float32)
+
+        return {"concat": concat, "labels": labels.expand(k) if labels is not None else None}
 
     return pipe.generate("upscale", s, conditions, negative_prompt, int(seed), inputs,
                          {"noise_level": noise_level, "input_size": f"{w}x{h}"})
+
+
+def _noise_augmentation(pipe: PipelineCore, noise_level) -> tuple:
+    """(the checked noise level, f(low, noise) -> the noised low-res image) of a noise-level upscaler."""
+    from ldmkit.diffusion.forward import q_sample
+    from ldmkit.diffusion.schedules import make_schedule, schedule_from_dict
+
+    d = pipe.defaults
+    raw = noise_level if noise_level is not None else d.get("noise_level", 20)
+    try:
+        level = None if isinstance(raw, bool) else operator.index(raw)  # ints, numpy ints
+    except TypeError:
+        level = None
+    if level is None:
+        raise ValueError(f"noise_level={raw!r} must be an integer")
+    limit = pipe.denoiser.config.num_class_embeds
+    if not 0 <= level < limit:
+        raise ValueError(f"noise_level={level} is outside the allowed range [0, {limit - 1}]")
+    top = d.get("max_noise_level")
+    if top is not None and level > top:
+        raise ValueError(f"noise_level={level} is above this upscaler's max_noise_level={top} "
+                         "(model_index.json), the highest level diffusers' pipeline accepts")
+    if d.get("low_res_schedule"):  # diffusers' x4 upscaler: its low_res_scheduler.add_noise, at any level
+        schedule = schedule_from_dict(d["low_res_schedule"])
+        if level >= schedule.num_train_timesteps:
+            raise ValueError(f"noise_level={level} is outside the low-res schedule's "
+                             f"[0, {schedule.num_train_timesteps - 1}]")
+        return level, lambda low, noise: q_sample(schedule, low, noise, torch.tensor([level]))
+    if level == 0:  # ldmkit's upscalers were trained with level 0 = the clean image
+        return level, None
+    schedule = make_schedule("linear", num_train_timesteps=limit)
+    return level, lambda low, noise: q_sample(schedule, low, noise, torch.tensor([level]))

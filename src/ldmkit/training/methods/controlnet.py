@@ -74,8 +74,8 @@ class ControlStage(Stage2):
         super().__init__(denoiser, conditioner)
         self.controlnet = controlnet
 
-    def forward(self, x, t, conditions=None, drop=None, control=None):
-        kw = self.condition(conditions, drop).denoiser_kwargs()
+    def forward(self, x, t, conditions=None, drop=None, control=None, time_ids=None):
+        kw = self.condition(conditions, drop, time_ids=time_ids).denoiser_kwargs()
         adapt = getattr(self.denoiser, "adapt_context", None)  # an extended UNet's context adapter
         seen = {**kw, "context": adapt(kw["context"], kw["context_mask"])} if adapt is not None else kw
         res = self.controlnet(x, t, control, **seen)
@@ -148,20 +148,22 @@ class ControlNetMethod(LDM):
         from ldmkit.training.methods.ldm_parts import encode_posterior
 
         c, dev = self.config, self.device
-        pixels, control = self.data.controls(idx, draws["aug"][rows].tolist())
+        items = self.data.items(idx, draws["aug"][rows].tolist())
+        pixels, control = torch.stack([it["image"] for it in items]), torch.stack([it["control"] for it in items])
         mean, std = encode_posterior(self.autoencoder, pixels.to(dev))
         conditions = self.conditions_of(idx, rows, draws, step)
         return {"z0": mean + std * draws["post"][rows].to(dev) if c.sample_posterior else mean,
                 "noise": draws["noise"][rows].to(dev), "t": draws["t"][rows], "conditions": conditions,
                 "drop": draws["drop"][rows].to(dev) if conditions is not None and c.cond_drop > 0 else None,
-                "control": control.to(dev)}
+                "control": control.to(dev), "time_ids": self.time_ids(items, len(idx)).to(dev) if self.text_time
+                else None}
 
     def loss(self, model, batch, phase, step):
         from ldmkit.diffusion import model_timestep, q_sample, training_loss
 
         z_t = q_sample(self.schedule, batch["z0"], batch["noise"], batch["t"])
         t = model_timestep(self.schedule, batch["t"]).to(self.device, torch.float32)
-        out = model(z_t, t, batch["conditions"], batch["drop"], batch["control"])
+        out = model(z_t, t, batch["conditions"], batch["drop"], batch["control"], batch["time_ids"])
         loss = training_loss(self.schedule, self.objective, out, batch["z0"], batch["noise"], batch["t"],
                              weighting=self.config.loss_weighting).mean()
         return loss, {"loss": loss.detach()}

@@ -336,10 +336,10 @@ def lora_metadata(method: FineTune, lora) -> dict[str, str]:
 
 
 def _base_version(method: FineTune) -> str:
-    """kohya's ss_base_model_version of the fine-tuned model (SD 1.x: 768-wide context; SD 2.x: 1024)."""
+    """kohya's ss_base_model_version of the fine-tuned model (SD 1.x: 768-wide context; SD 2.x: 1024; SDXL: 2048)."""
     width = getattr(method.model.denoiser.config, "cross_attention_dim", None)
     v = method.objective == "v"
-    return {768: "sd_v1", 1024: "sd_v2_768_v" if v else "sd_v2_512"}.get(width, "ldmkit")
+    return {768: "sd_v1", 1024: "sd_v2_768_v" if v else "sd_v2_512", 2048: "sdxl_base_v1-0"}.get(width, "ldmkit")
 
 
 @torch.no_grad()

@@ -63,8 +63,9 @@ class LDMConfig(TrainConfig):
                                          "(SD 2.x 768 models: v; default eps)", choices=(None, "eps", "v"))
     autoencoder: str = option("", "the frozen autoencoder (a component folder; the cache's, with --latents); "
                               "with --init-from MODEL the model's own")
-    denoiser: str = option("unet", "network: unet (SD-compatible) or dit", choices=DENOISERS)
-    preset: str = option("tiny", "denoiser preset (ldmkit.denoisers.unet / dit PRESETS)")
+    denoiser: str = option("unet", "network: unet (SD-compatible), dit, or mmdit (SD3's joint-attention transformer; "
+                           "text only)", choices=DENOISERS)
+    preset: str = option("tiny", "denoiser preset (ldmkit.denoisers.unet / dit / mmdit PRESETS)")
     conditioning: str = option("text", "text (captions), class (labels) or none", choices=CONDITIONINGS)
     text_encoder: str = option("tiny", "text encoder trained with the model: a word-level transformer (tiny, small, "
                                "base), a CLIP text transformer with CLIP's BPE tokenizer (clip-tiny, clip-small, "
@@ -198,6 +199,7 @@ class LDM(Method):
             if run.init:
                 parts.load_weights(model, (run.init.get("ema") or {}).get("weights") or run.init["model"],
                                    c.init_from)
+        self.text_time = getattr(model.denoiser.config, "addition_embed_type", None) == "text_time"  # SDXL-shaped
         self.model = self.adapt(model)
         return self.model
 
@@ -304,11 +306,12 @@ class LDM(Method):
     def micro_batch(self, idx: list[int], rows: torch.Tensor, draws: dict, step: int) -> dict:
         c, dev, data = self.config, self.device, self.data
         ix = torch.as_tensor(idx, dtype=torch.long)
-        pixels = None
+        pixels, items = None, None
         if isinstance(data, LatentData):
             mean, std = data.mean[ix].to(dev), data.std[ix].to(dev)
         else:
-            pixels = data.pixels(idx, draws["aug"][rows].tolist())
+            items = data.items(idx, draws["aug"][rows].tolist())
+            pixels = torch.stack([it["image"] for it in items])
             mean, std = parts.encode_posterior(self.autoencoder, pixels.to(dev))
         z0 = mean + std * draws["post"][rows].to(dev) if c.sample_posterior else mean
         conditions = self.conditions_of(idx, rows, draws, step)
@@ -317,7 +320,21 @@ class LDM(Method):
                  "concat": None, "labels": None, "weight": self.row_weights(idx)}
         if self.spatial is not None:
             batch["concat"], batch["labels"] = self.spatial_input(ix, draws, rows, pixels)
+        if self.text_time:
+            batch["time_ids"] = self.time_ids(items, len(idx)).to(dev)
         return batch
+
+    def time_ids(self, items: list | None, n: int) -> torch.Tensor:
+        """SDXL's micro-conditioning of a micro-batch, as its paper trains it: each image's true size and
+        crop corner, and the training size (a latent cache keeps no sizes: its own, uncropped); a
+        refiner's aesthetic score is its sampling default, 6."""
+        size = self._image_size()
+        aesthetic = getattr(getattr(self.model.conditioner, "config", None), "requires_aesthetics_score", False)
+        rows = []
+        for k in range(n):
+            original, crop = (items[k]["original_size"], items[k]["crop_top_left"]) if items else (size, (0, 0))
+            rows.append(list(original) + list(crop) + ([6.0] if aesthetic else list(size)))
+        return torch.tensor(rows, dtype=torch.float32)
 
     def conditions_of(self, idx: list[int], rows: torch.Tensor, draws: dict, step: int) -> list | None:
         """The captions / labels of a micro-batch's items (after the caption transform)."""
@@ -357,7 +374,7 @@ class LDM(Method):
     def loss(self, model, batch, phase, step):
         z_t = q_sample(self.schedule, batch["z0"], batch["noise"], batch["t"])
         t = model_timestep(self.schedule, batch["t"]).to(self.device, torch.float32)
-        out = model(z_t, t, batch["conditions"], batch["drop"], batch["concat"], batch["labels"])
+        out = model(z_t, t, batch["conditions"], batch["drop"], batch["concat"], batch["labels"], batch.get("time_ids"))
         rows = training_loss(self.schedule, self.objective, out, batch["z0"], batch["noise"], batch["t"],
                              weighting=self.config.loss_weighting)
         weight = batch.get("weight")

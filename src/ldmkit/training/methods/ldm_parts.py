@@ -15,7 +15,7 @@ from ldmkit.data.latents import LatentData
 from ldmkit.diffusion import DiscreteSchedule, FlowSchedule
 from ldmkit.errors import UserError
 
-DENOISERS = ("unet", "dit")
+DENOISERS = ("unet", "dit", "mmdit")
 CONDITIONINGS = ("text", "class", "none")
 TEXT_ENCODERS = {"tiny": dict(depth=1, heads=2), "small": dict(depth=2, heads=4), "base": dict(depth=4, heads=8)}
 FROZEN_TEXT_ENCODERS = ("minilm",)  # weights from an installed package; the denoiser reads their width
@@ -23,9 +23,10 @@ FROZEN_TEXT_ENCODERS = ("minilm",)  # weights from an installed package; the den
 
 def preset_table(denoiser: str, preset: str):
     from ldmkit.denoisers.dit import PRESETS as DIT
+    from ldmkit.denoisers.mmdit import PRESETS as MMDIT
     from ldmkit.denoisers.unet import PRESETS as UNET
 
-    table = UNET if denoiser == "unet" else DIT
+    table = {"unet": UNET, "dit": DIT, "mmdit": MMDIT}[denoiser]
     if preset not in table:
         raise UserError(f"{denoiser} preset {preset!r} is not one of {sorted(table)}")
     return table[preset]
@@ -38,13 +39,13 @@ class Stage2(nn.Module):
         super().__init__()
         self.denoiser, self.conditioner = denoiser, conditioner
 
-    def forward(self, x, t, conditions=None, drop=None, concat=None, labels=None):
-        """`drop` [B] nulls the text / class condition of those rows; `concat` [B, C, h, w] (spatial input)
-        and `labels` [B] (upscale noise levels) stay as they are."""
-        cond = self.condition(conditions, drop, concat, labels)
-        return self.denoiser(cond.denoiser_input(x), t, **cond.denoiser_kwargs())
+    def forward(self, x, t, conditions=None, drop=None, concat=None, labels=None, time_ids=None):
+        """`drop` [B] nulls the text / class condition of those rows; `concat` [B, C, h, w] (spatial input),
+        `labels` [B] (upscale noise levels) and `time_ids` [B, k] (SDXL's micro-conditioning) stay as they are."""
+        cond = self.condition(conditions, drop, concat, labels, time_ids)
+        return self.denoiser(cond.denoiser_input(x), t, **cond.kwargs_for(self.denoiser))
 
-    def condition(self, conditions=None, drop=None, concat=None, labels=None) -> Conditioning:
+    def condition(self, conditions=None, drop=None, concat=None, labels=None, time_ids=None) -> Conditioning:
         cond = Conditioning()
         if self.conditioner is not None:
             cond = self.conditioner.encode(list(conditions))
@@ -53,7 +54,7 @@ class Stage2(nn.Module):
             cond = trim_padding(cond)[0]
         if concat is not None or labels is not None:
             cond = cond.merge(Conditioning(concat=concat, class_labels=labels))
-        return cond
+        return cond if time_ids is None else cond.replace(time_ids=time_ids.to(cond.pooled))
 
 
 def spatial_grid(method, pipe, settings: dict, n: int = 4) -> tuple[list, list]:
@@ -188,7 +189,15 @@ def _cross_dim(c, conditioner=None) -> int:
     if c.conditioning == "text" and getattr(conditioner, "model", None) is not None:  # a transformers encoder
         return conditioner.model.config.hidden_size
     cfg = preset_table(c.denoiser, c.preset)
+    if c.denoiser == "mmdit":
+        return cfg.joint_attention_dim
     return cfg.cross_attention_dim if c.denoiser == "unet" else (cfg.cross_attention_dim or cfg.hidden_size)
+
+
+def _pooled_dim(conditioner, context_dim: int) -> int:
+    """Width of a conditioner's pooled vector: a transformers CLIP's projection, else the context's."""
+    model = getattr(conditioner, "model", None)
+    return int(getattr(getattr(model, "config", None), "hidden_size", context_dim)) if model is not None else context_dim
 
 
 def build_denoiser(c, data: LatentData, conditioner, spatial) -> nn.Module:
@@ -197,6 +206,19 @@ def build_denoiser(c, data: LatentData, conditioner, spatial) -> nn.Module:
     ch, h, _ = data.latent_shape
     extra = spatial.channels if spatial is not None else 0
     torch.manual_seed(c.seed)
+    if c.denoiser == "mmdit":  # SD3's joint-attention transformer: text tokens and the pooled text
+        from ldmkit.denoisers.mmdit import MMDiT
+
+        if c.conditioning != "text" or spatial is not None:
+            raise UserError(f"denoiser 'mmdit' is text-conditioned (joint attention over text tokens, pooled text); "
+                            f"got conditioning {c.conditioning!r}" + (" with a spatial input" if spatial else ""))
+        if h % cfg.patch_size or data.latent_shape[2] % cfg.patch_size:
+            raise UserError(f"latents {h}x{data.latent_shape[2]} are not a multiple of the MM-DiT patch size "
+                            f"{cfg.patch_size}")
+        width = _cross_dim(c, conditioner)
+        return MMDiT(dataclasses.replace(cfg, in_channels=ch, out_channels=ch, sample_size=h, joint_attention_dim=width,
+                                         pooled_projection_dim=_pooled_dim(conditioner, width),
+                                         pos_embed_max_size=max(cfg.pos_embed_max_size, h // cfg.patch_size)))
     if c.denoiser == "dit":
         from ldmkit.denoisers.dit import DiT
 
@@ -209,6 +231,12 @@ def build_denoiser(c, data: LatentData, conditioner, spatial) -> nn.Module:
     changes = dict(in_channels=ch + extra, out_channels=ch, sample_size=h)
     if c.conditioning == "text":
         changes["cross_attention_dim"] = _cross_dim(c, conditioner)
+    if cfg.addition_embed_type == "text_time":  # SDXL-shaped: the pooled text and 6 size / crop ids
+        if c.conditioning != "text":
+            raise UserError(f"preset {c.preset!r} is SDXL-shaped (pooled text + size ids); it needs conditioning "
+                            f"'text', got {c.conditioning!r}")
+        changes["projection_class_embeddings_input_dim"] = _pooled_dim(conditioner, changes["cross_attention_dim"]) \
+            + 6 * cfg.addition_time_embed_dim
     if c.conditioning == "class":
         changes["num_class_embeds"] = data.num_classes + 1
     elif uses_noise_labels(c):  # the x4 upscaler's noise level enters as a class label
