@@ -701,7 +701,7 @@ NUM_FLAGS = {  # flag -> bad values, for every generation command
     "--vae-tile": ("-1", "2"),
     "--device": ("tpu:x", "cuda:99", "", "cpu:-1"),
     "--dtype": ("float8", ""),
-    "--sampler": ("plms", ""),
+    "--sampler": ("dpm_fast", ""),  # ("plms" is A1111's PLMS: pndm)
     "--prediction-type": ("x",),
 }
 SIZE_VALUES = ("0", "-8", "30", "1000000000", str(2 ** 31), "40000")

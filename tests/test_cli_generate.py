@@ -94,6 +94,20 @@ def test_sample_writes_pngs_with_metadata_json_and_grid(models, tmp_path, capsys
         assert np.array_equal(np.asarray(Image.open(r["file"])), np.asarray(Image.open(path)))
 
 
+def test_a1111_sampler_names_and_sigmas(models, tmp_path, capsys):
+    """--sampler takes AUTOMATIC1111's names; --sigmas puts a sigma-based sampler on other levels; the PNGs
+    record the sampler (its A1111 label and schedule type in the parameters chunk)."""
+    runs = [(["--sampler", "DPM++ 2M Karras"], "dpmpp_2m_karras"), (["--sampler", "euler a"], "euler_a"),
+            (["--sampler", "UniPC", "--sigmas", "exponential"], "unipc_exponential"),
+            (["--sampler", "PLMS"], "pndm"), (["--sampler", "dpmpp_sde", "--sigmas", "karras"], "dpmpp_sde_karras")]
+    for k, (flags, name) in enumerate(runs):
+        rc, out, err = ldm(capsys, "sample", "--model", models / "text", "--prompt", "a red square", "--seed", 1,
+                           "--out", tmp_path / f"r{k}", "--json", "--no-progress", *flags)
+        assert rc == 0, err
+        record = json.loads(out)[0]
+        assert record["sampler"] == name and read_png_metadata(record["file"])["sampler"] == name
+
+
 def test_outputs_are_never_overwritten_and_seed_minus_one_is_random(models, tmp_path, capsys):
     """A folder gets new numbers after the files already there; an existing .png name is refused unless
     --overwrite; the default --seed -1 draws a seed, stored in the PNG (the old `ldm sample` wrote
@@ -196,8 +210,12 @@ ERRORS = [
      "--strength=1.5 is outside the allowed range [0, 1]"),
     (["inpaint", "--model", "{m}/text", "--image", "{m}/in.png", "--mask", "{m}/mask.png", "--strength", "-0.1"],
      "outside the allowed range [0, 1]"),
-    (["sample", "--model", "{m}/text", "--sampler", "plms"],
-     "unknown sampler 'plms'; valid samplers: ddpm, ddim, euler, euler_a, heun, dpmpp_2m"),
+    (["sample", "--model", "{m}/text", "--sampler", "dpm_fast"],
+     "unknown sampler 'dpm_fast'; expected one of ddpm, ddim, pndm, euler, euler_a, heun, lms, dpmpp_2m"),
+    (["sample", "--model", "{m}/text", "--sigmas", "karras"], "sampler 'ddim' takes no sigmas 'karras'"),
+    (["sample", "--model", "{m}/text", "--sampler", "LCM", "--sigmas", "beta"], "sampler 'lcm' takes no sigmas"),
+    (["sample", "--model", "{m}/text", "--sampler", "DPM++ 2M Karras", "--sigmas", "beta"],
+     "already runs on karras sigmas"),
     (["sample", "--model", "{m}/text", "--sampler", "flow_euler"], "valid samplers: ddpm, ddim"),
     (["img2img", "--model", "{m}/text", "--image", "{m}/corrupt.png"], "cannot read image"),
     (["img2img", "--model", "{m}/text", "--image", "{m}/missing.png"], "does not exist"),

@@ -5,6 +5,7 @@ Models are tiny and random, built locally by tests/interop_models.py (no downloa
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -186,6 +187,68 @@ def test_text2img_matches_diffusers_pipeline(models, style, source, sampler):
     rel = float((latents - ref_latents).abs().max() / ref_latents.abs().max())
     print(f"{style}/{source}/{sampler}: latents max relative difference {rel:.1e}")
     assert rel <= 1e-4
+
+
+# a diffusers folder's own scheduler (issue 23): the default sampler runs it, or `ldm sample` says what runs
+FOLDER_SCHEDULERS = [  # (diffusers class, its options, the sampler ldmkit runs it with)
+    ("PNDMScheduler", {"skip_prk_steps": True, "set_alpha_to_one": False}, "pndm"),  # SD 1.5's own
+    ("LMSDiscreteScheduler", {}, "lms"),
+    ("EulerDiscreteScheduler", {"use_karras_sigmas": True}, "euler_karras"),
+    ("UniPCMultistepScheduler", {}, "unipc"),
+    ("DEISMultistepScheduler", {}, "deis"),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "dpmpp_2m_sde"),
+    ("LCMScheduler", {}, "lcm"),
+]
+
+
+def _folder_with(models, tmp_path, style, scheduler, options):
+    import shutil
+
+    import diffusers
+
+    m = models[style]
+    original = json.loads((m["folder"] / "scheduler" / "scheduler_config.json").read_text())
+    m["pipe"].scheduler = getattr(diffusers, scheduler).from_config(original, **options)
+    folder = tmp_path / f"{style}-{scheduler}"
+    shutil.copytree(m["folder"], folder)
+    m["pipe"].scheduler.save_pretrained(folder / "scheduler")
+    return folder
+
+
+@pytest.mark.parametrize("style", STYLES)  # sd1: eps prediction, sd2: v
+@pytest.mark.parametrize("scheduler,options,sampler", FOLDER_SCHEDULERS, ids=[f[0] for f in FOLDER_SCHEDULERS])
+def test_a_folder_runs_its_own_scheduler(models, tmp_path, scheduler, options, sampler, style):
+    """SD 1.5 ships PNDM: its folder used to run as DDIM (6 % latent difference); each scheduler ldmkit has
+    now runs as diffusers' pipeline runs it, stochastic ones included (same seed, same generator order)."""
+    from ldmkit.pipelines import load
+
+    folder = _folder_with(models, tmp_path, style, scheduler, options)
+    seed, steps, kw = 3, 8, dict(height=16, width=16, num_inference_steps=8, guidance_scale=7.5)
+    ref = models[style]["pipe"](PROMPT, generator=torch.Generator().manual_seed(seed), output_type="latent",
+                                **kw).images
+    ours = load(folder, device="cpu", dtype=torch.float32)
+    assert ours.defaults["sampler"] == sampler
+    s = ours.settings(steps=steps, guidance=7.5, height=16, width=16, progress=False)
+    latents = ours.sample_latents(s, [PROMPT], None, [seed])
+    rel = float((latents - ref).abs().max() / ref.abs().max())
+    print(f"{style}/{scheduler}: latents max relative difference {rel:.1e}")
+    assert rel <= 1e-4, f"{scheduler} as {sampler}: {rel:.2e}"
+
+
+def test_ldm_sample_says_once_what_runs_instead_of_the_folders_scheduler(models, tmp_path, capsys):
+    from ldmkit.cli import main
+
+    folder = _folder_with(models, tmp_path, "sd1", "DPMSolverMultistepScheduler",
+                          {"algorithm_type": "sde-dpmsolver++", "solver_order": 3})
+    argv = ["sample", "--model", str(folder), "--prompt", PROMPT, "--steps", "2", "--height", "16", "--width", "16",
+            "--no-progress", "--out", str(tmp_path / "o")]
+    assert main(argv) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+    assert len(notes) == 1, notes
+    assert notes[0].startswith("ldm sample: note: scheduler DPMSolverMultistepScheduler runs as dpmpp_3m_sde: "
+                               "diffusers' third-order SDE update carries its D2 term with the wrong sign")
+    assert main(argv[:-1] + [str(tmp_path / "p"), "--sampler", "DPM++ 2M Karras"]) == 0  # not the folder's: silent
+    assert "note:" not in capsys.readouterr().err
 
 
 def _single_pipeline(models, style):

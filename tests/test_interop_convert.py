@@ -234,14 +234,78 @@ def test_scheduler_configs_map_to_schedule_and_sampler():
     assert schedule_from_diffusers(back)[0] == schedule
 
     s2, d2, notes2 = schedule_from_diffusers({"_class_name": "PNDMScheduler", **base, "steps_offset": 1,
-                                              "skip_prk_steps": True})
-    assert d2["sampler"] == "ddim" and any("PNDMScheduler" in n for n in notes2) and s2["steps_offset"] == 1
-    assert d2["sampler_options"] == {"set_alpha_to_one": False}  # PNDM's default, as in SD 1.5's config
+                                              "skip_prk_steps": True})  # SD 1.5's: now run as it is, no note
+    assert d2["sampler"] == "pndm" and not notes2 and s2["steps_offset"] == 1
+    assert d2["sampler_options"] == {"set_alpha_to_one": False, "skip_prk_steps": True}  # PNDM's defaults
     _, d3, _ = schedule_from_diffusers({"_class_name": "DDIMScheduler", **base, "clip_sample": False,
                                         "set_alpha_to_one": False})
     assert d3["sampler_options"] == {"set_alpha_to_one": False}
     with pytest.raises(ValueError, match="KarrasVeScheduler"):
         schedule_from_diffusers({"_class_name": "KarrasVeScheduler"})
+    with pytest.raises(ValueError, match="at most one of use_karras_sigmas"):
+        schedule_from_diffusers({"_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": True,
+                                 "use_beta_sigmas": True})
+    with pytest.raises(ValueError, match="solver_order"):
+        schedule_from_diffusers({"_class_name": "UniPCMultistepScheduler", "solver_order": 5})
+
+
+# (scheduler config, the sampler and options ldmkit runs it with, a note when not exactly diffusers')
+SCHEDULERS = [
+    ({"_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": True}, "euler_karras", {}, None),
+    ({"_class_name": "HeunDiscreteScheduler", "use_beta_sigmas": True}, "heun_beta", {}, None),
+    ({"_class_name": "LMSDiscreteScheduler", "use_exponential_sigmas": True}, "lms_exponential", {}, None),
+    ({"_class_name": "EulerAncestralDiscreteScheduler"}, "euler_a", {}, None),
+    ({"_class_name": "UniPCMultistepScheduler", "solver_order": 3, "solver_type": "bh1"}, "unipc",
+     {"solver_order": 3, "solver_type": "bh1", "lower_order_final": True}, None),
+    ({"_class_name": "UniPCMultistepScheduler", "use_exponential_sigmas": True}, "unipc_exponential",
+     {"solver_order": 2, "solver_type": "bh2", "lower_order_final": True}, "T - 1"),
+    ({"_class_name": "DEISMultistepScheduler", "use_karras_sigmas": True}, "deis_karras",
+     {"solver_order": 2, "lower_order_final": True}, None),
+    ({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++"}, "dpmpp_2m_sde",
+     {"solver_type": "midpoint"}, None),
+    ({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++", "solver_order": 3},
+     "dpmpp_3m_sde", {}, "wrong sign"),
+    ({"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3}, "dpmpp_2m", {}, "solver_order 3"),
+    ({"_class_name": "DPMSolverSDEScheduler", "use_karras_sigmas": True}, "dpmpp_sde_karras", {}, None),
+    ({"_class_name": "LCMScheduler"}, "lcm", {"original_inference_steps": 50}, None),
+    ({"_class_name": "PNDMScheduler"}, "pndm", {"set_alpha_to_one": False, "skip_prk_steps": False}, None),
+    ({"_class_name": "PNDMScheduler", "skip_prk_steps": True, "prediction_type": "v_prediction"}, "pndm",
+     {"set_alpha_to_one": False, "skip_prk_steps": True, "variable": "v"}, None),
+    ({"_class_name": "DDIMScheduler", "timestep_spacing": "linspace"}, "ddim",
+     {"clip_x0": 1.0, "set_alpha_to_one": True}, "t - T // steps"),
+    ({"_class_name": "KDPM2AncestralDiscreteScheduler"}, "euler_a", {}, "DPM2 ancestral"),
+]
+
+
+@pytest.mark.parametrize("cfg,sampler,options,note", SCHEDULERS,
+                         ids=[f"{c['_class_name']}-{s}" for c, s, *_ in SCHEDULERS])
+def test_every_scheduler_ldmkit_runs_maps_exactly_or_says_why(cfg, sampler, options, note):
+    schedule, d, notes = schedule_from_diffusers(cfg)
+    assert (d["sampler"], d["sampler_options"]) == (sampler, options)
+    assert bool(notes) == bool(note) and all(note in n and f"runs as {sampler}" in n for n in notes), notes
+    back = schedule_to_diffusers(schedule, d["sampler"], d["sampler_options"])  # ldm convert --format diffusers
+    assert schedule_from_diffusers(back)[:2] == (schedule, d)
+    diffusers = pytest.importorskip("diffusers")  # and diffusers reads the written config as written
+    ref = getattr(diffusers.schedulers, back["_class_name"]).from_config(back)
+    for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "solver_order", "algorithm_type",
+                "skip_prk_steps", "timestep_spacing"):
+        if key in back:
+            assert ref.config[key] == back[key], key
+
+
+def test_scheduler_defaults_are_diffusers_defaults():
+    """A config without a field means that class's default in diffusers (Euler's spacing is linspace, Heun's
+    betas SD's ...): the table ldmkit reads them from matches diffusers' signatures."""
+    import inspect
+
+    from ldmkit.io.diffusers_schedulers import CLASSES
+
+    diffusers = pytest.importorskip("diffusers")
+    for cls, (_, defaults, _, _) in CLASSES.items():
+        params = inspect.signature(getattr(diffusers.schedulers, cls).__init__).parameters
+        for key, value in defaults.items():
+            if key in params:
+                assert params[key].default == value, f"{cls}.{key}"
     with pytest.raises(ValueError, match="trained_betas"):
         schedule_from_diffusers({"_class_name": "DDIMScheduler", "trained_betas": [0.1, 0.2]})
 

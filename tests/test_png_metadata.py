@@ -71,7 +71,8 @@ def test_infotext_round_trip():
     ("DPM++ 2M", "Automatic", False, "dpmpp_2m_karras"), ("DPM++ 2M", None, False, "dpmpp_2m"),
     ("DPM++ 2M", "Uniform", False, "dpmpp_2m"), ("Euler a", None, False, "euler_a"), ("euler", None, False, "euler"),
     ("Euler", "Automatic", True, "flow_euler"), ("Heun", None, True, "flow_heun"), ("DDIM", None, False, "ddim"),
-    ("UniPC", None, False, None), ("DPM++ 2M", "Exponential", False, None), ("Euler a", None, True, None)])
+    ("UniPC", None, False, "unipc"), ("DPM2", None, False, None), ("DPM++ 2M", "Exponential", False, "dpmpp_2m_exponential"),
+    ("Euler a", None, True, None)])
 def test_sampler_names_both_ways(label, schedule, flow, name):
     assert ldmkit_sampler(label, schedule, flow) == name
     if name is not None and (schedule or "Automatic") != "Automatic" and " Karras" not in label:
@@ -143,10 +144,10 @@ def test_random_seed_batches_and_from_png(tmp_path, capsys, one_thread):
         ("a blue square", "a red circle", 77, "dpmpp_2m_karras", 2.5, 2)
     assert "was made with model" in err  # another model's hash: a warning
     bad = PngImagePlugin.PngInfo()
-    bad.add_text("parameters", "x\nSteps: 4, Sampler: UniPC, CFG scale: 7, Seed: 1, Size: 32x32")
-    Image.new("RGB", (32, 32)).save(tmp_path / "unipc.png", pnginfo=bad)
+    bad.add_text("parameters", "x\nSteps: 4, Sampler: DPM2, CFG scale: 7, Seed: 1, Size: 32x32")
+    Image.new("RGB", (32, 32)).save(tmp_path / "dpm2.png", pnginfo=bad)
     Image.new("RGB", (32, 32)).save(tmp_path / "none.png")
-    for name, message in (("unipc.png", "sampler 'UniPC' has no ldmkit equivalent"),
+    for name, message in (("dpm2.png", "sampler 'DPM2' has no ldmkit equivalent"),
                           ("none.png", "no ldmkit or A1111 `parameters` chunk"), ("missing.png", "does not exist")):
         rc, _, err = _ldm(capsys, "sample", "--model", "demo-shapes", "--from-png", tmp_path / name, "--out",
                           tmp_path / "c")

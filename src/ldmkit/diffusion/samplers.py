@@ -13,89 +13,36 @@
   known region in that way).
 * Noise: ``generator`` is one ``torch.Generator`` or a list with one per image; row k of every draw
   comes from generator k, so an image depends on its own generator only (a seed gives the same image
-  alone or inside a batch). Stochastic samplers draw once per step, in diffusers' order.
+  alone or inside a batch). Stochastic samplers draw at every step, in diffusers' order (DPM++ SDE twice).
 
 Each sampler integrates in the variable its method is written in (the Euler family in k-diffusion's
 ``x0 + sigma eps``, DPM-Solver++ and DDIM in the VP state, the flow samplers in the flow interpolant
-``(1 - s) x0 + s eps``) and reports states in the VP variable. ``SAMPLERS`` registers each once: its
-function, its grid (``plan``: where diffusers' matching scheduler evaluates the network) and whether
-it draws noise.
+``(1 - s) x0 + s eps``) and reports states in the VP variable. This module holds the one-step families
+(DDPM, DDIM, Euler, Heun, DPM-Solver++(2M), flow); ``samplers_multistep`` (LMS, PNDM, DEIS, UniPC) and
+``samplers_sde`` (DPM++ 2M / 3M SDE, DPM++ SDE, LCM) the others; ``grids`` the plans.
+
+``SAMPLERS`` registers each once: its function, its grid (``plan``: where diffusers' matching scheduler
+evaluates the network), whether it draws noise and its AUTOMATIC1111 name. A sampler on a sigma-based
+grid also comes as ``NAME_karras``, ``NAME_exponential`` and ``NAME_beta`` (``with_sigmas``), labelled as
+A1111's older names were ("DPM++ 2M Karras"); ``resolve_sampler`` reads those labels back.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
 from .denoiser import Denoiser
-from .schedules import (SPACINGS, DiscreteSchedule, FlowSchedule, check_steps, sigma_of_flow_time,
-                        spaced_timesteps)
+from .grids import GRIDS, SIGMA_GRIDS, SIGMA_KINDS, Plan, karras_sigmas  # noqa: F401 (re-exported)
+from .sampler_parts import _ab, _done, _finite, _flow_c, _levels, _randn, _s, _ve
+from .samplers_multistep import sample_deis, sample_lms, sample_pndm, sample_unipc
+from .samplers_sde import sample_dpmpp_2m_sde, sample_dpmpp_3m_sde, sample_dpmpp_sde, sample_lcm
+from .schedules import SPACINGS, DiscreteSchedule, FlowSchedule, check_steps
 
 Denoise = Callable[[torch.Tensor, float], torch.Tensor]
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def _ab(sigma: float) -> tuple[float, float]:
-    """(alpha, sigma_vp) of the VP state at k-sigma ``sigma``: x = alpha x0 + sigma_vp eps."""
-    if math.isinf(sigma):
-        return 0.0, 1.0
-    a = 1.0 / math.sqrt(1.0 + sigma * sigma)
-    return a, sigma * a
-
-
-def _ve(sigma: float) -> float:
-    """x0 + sigma eps = x_vp * sqrt(1 + sigma^2) (finite sigma)."""
-    return math.sqrt(1.0 + sigma * sigma)
-
-
-def _flow_c(sigma: float) -> float:
-    """x_flow = x_vp * c at level sigma: c = sqrt((1 - s)^2 + s^2) with s = sigma / (1 + sigma)."""
-    s = 1.0 if math.isinf(sigma) else sigma / (1.0 + sigma)
-    return math.sqrt((1 - s) ** 2 + s * s)
-
-
-def _s(sigma: float) -> float:
-    return 1.0 if math.isinf(sigma) else sigma / (1.0 + sigma)
-
-
-def _randn(x: torch.Tensor, generator) -> torch.Tensor:
-    """Standard normal noise like x; row k from generator[k] when a list is given."""
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != x.shape[0]:
-            raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}: give one per image")
-        return torch.cat([_randn(x[k:k + 1], g) for k, g in enumerate(generator)])
-    device = generator.device if generator is not None else x.device  # a CPU generator: same numbers on CUDA
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
-
-
-def _done(callback, i: int, sigma: float, x: torch.Tensor, x0: torch.Tensor, to_vp: float = 1.0) -> torch.Tensor:
-    """Report the VP state (``x * to_vp``) after step i; a returned replacement comes back in x's variable."""
-    if callback is None:
-        return x
-    ret = callback(i, float(sigma), x * to_vp if to_vp != 1.0 else x, x0)
-    if ret is None:
-        return x
-    if ret.shape != x.shape:
-        raise ValueError(f"callback returned shape {tuple(ret.shape)}, expected {tuple(x.shape)}")
-    return ret / to_vp if to_vp != 1.0 else ret
-
-
-def _levels(sigmas) -> list[float]:
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
-    if sigmas.dim() != 1 or len(sigmas) < 1:
-        raise ValueError(f"sigmas must be a 1-D tensor of noise levels, got shape {tuple(sigmas.shape)}")
-    return sigmas.tolist()
-
-
-def _finite(levels: list[float], name: str) -> None:
-    if math.isinf(levels[0]):
-        raise ValueError(f"sampler {name!r} integrates in x0 + sigma eps and cannot start at sigma = inf; "
-                         "use ddim, dpmpp_2m or a flow sampler for this schedule")
 
 
 # ---------------------------------------------------------------- DDPM / DDIM (VP state)
@@ -240,62 +187,6 @@ def sample_flow_heun(denoise, x, sigmas, *, generator=None, callback=None):
     return x / _flow_c(lv[-1])
 
 
-# ---------------------------------------------------------------- grids
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Where a sampler evaluates the network: ``sigmas`` [n + 1] (the level before each step, then the
-    final level) and ``timesteps`` [n] (the network timestep diffusers' scheduler uses at each level)."""
-
-    sigmas: torch.Tensor
-    timesteps: torch.Tensor
-
-
-def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> torch.Tensor:
-    """Karras et al. 2022 eq. 5: n levels from sigma_max to sigma_min, even in sigma^(1/rho)."""
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (hi + ramp * (lo - hi)) ** rho
-
-
-def _grid_ddpm(schedule, steps, spacing, set_alpha_to_one=True):
-    """The integer grid of DDPM/DDIM, at the table's exact levels (inf where the SNR is zero); DDIM's
-    ``set_alpha_to_one=False`` (SD's configs) ends at t = 0's level instead of clean."""
-    ts = spaced_timesteps(schedule.num_train_timesteps, steps, spacing, schedule.steps_offset)
-    final = schedule.sigmas[:1] if not set_alpha_to_one else torch.zeros(1, dtype=torch.float64)
-    return Plan(torch.cat([schedule.sigmas[ts.long()], final]), ts)
-
-
-def _grid_euler(schedule, steps, spacing):
-    """Unrounded timesteps (fractional for "linspace"), sigma interpolated linearly, then 0."""
-    ts = spaced_timesteps(schedule.num_train_timesteps, steps, spacing, schedule.steps_offset, rounded=False)
-    return Plan(torch.cat([schedule.sigma_at(ts), torch.zeros(1, dtype=torch.float64)]), ts)
-
-
-def _grid_dpmpp(schedule, steps, spacing):
-    """steps + 1 rounded timesteps without the cleanest (the last step lands on sigma 0)."""
-    ts = spaced_timesteps(schedule.num_train_timesteps, steps, spacing, schedule.steps_offset, drop_zero=True)
-    return Plan(torch.cat([schedule.sigma_at(ts), torch.zeros(1, dtype=torch.float64)]), ts)
-
-
-def _grid_karras(schedule, steps, spacing):
-    """Karras sigmas between the schedule's extremes; the network runs at the rounded t of each."""
-    sig = schedule._finite_log_sigmas.exp()
-    sigmas = karras_sigmas(float(sig[0]), float(sig[-1]), steps)
-    return Plan(torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)]), schedule.t_at(sigmas).round())
-
-
-def _grid_flow(schedule, steps, spacing):
-    """s = shift(linspace(1, shift(1/T), steps)) then 0, as diffusers' flow-matching schedulers."""
-    T = schedule.num_train_timesteps
-    s = schedule.shift_sigma(torch.linspace(1.0, float(schedule.shift_sigma(1.0 / T)), steps, dtype=torch.float64))
-    return Plan(torch.cat([sigma_of_flow_time(s), torch.zeros(1, dtype=torch.float64)]), s * T)
-
-
-GRIDS = {"ddpm": _grid_ddpm, "euler": _grid_euler, "dpmpp": _grid_dpmpp, "karras": _grid_karras, "flow": _grid_flow}
-
-
 # ---------------------------------------------------------------- the registry
 
 
@@ -304,41 +195,108 @@ class Sampler:
     fn: Callable  # fn(denoise, x, sigmas, *, generator, callback, **options)
     grid: str  # a key of GRIDS
     stochastic: bool  # draws noise at every step (ddim only with eta > 0)
-    label: str  # the name AUTOMATIC1111 shows
+    label: str  # the name AUTOMATIC1111 shows (its older form for a sigma kind: "DPM++ 2M Karras")
     options: tuple = ()  # keyword options of fn
     grid_options: tuple = ()  # keyword options of the grid
+    sigmas: str | None = None  # the grid's sigma kind (a key of grids.SIGMA_KINDS), None for its own levels
 
     @property
     def flow(self) -> bool:
         return self.grid == "flow"
 
+    @property
+    def a1111(self) -> str:
+        """AUTOMATIC1111's sampler name without the schedule type ("DPM++ 2M")."""
+        return self.label[: -len(self.schedule_type) - 1] if self.schedule_type else self.label
 
-SAMPLERS: dict[str, Sampler] = {
+    @property
+    def schedule_type(self) -> str | None:
+        """AUTOMATIC1111's "Schedule type" of the grid's sigma kind ("Karras"), None for the plain grid."""
+        return SIGMA_KINDS[self.sigmas] if self.sigmas else None
+
+
+_REGISTERED: dict[str, Sampler] = {  # each sampler once; the sigma kinds are added below
     "ddpm": Sampler(sample_ddpm, "ddpm", True, "DDPM"),
     "ddim": Sampler(sample_ddim, "ddpm", False, "DDIM", ("eta",), ("set_alpha_to_one",)),
+    "pndm": Sampler(sample_pndm, "pndm", False, "PLMS", ("skip_prk_steps", "variable"),
+                    ("set_alpha_to_one", "skip_prk_steps")),
     "euler": Sampler(sample_euler, "euler", False, "Euler"),
     "euler_a": Sampler(sample_euler_a, "euler", True, "Euler a", ("s_noise",)),
     "heun": Sampler(sample_heun, "euler", False, "Heun"),
+    "lms": Sampler(sample_lms, "euler", False, "LMS", ("order",)),
     "dpmpp_2m": Sampler(sample_dpmpp_2m, "dpmpp", False, "DPM++ 2M"),
-    "dpmpp_2m_karras": Sampler(sample_dpmpp_2m, "karras", False, "DPM++ 2M Karras"),
+    "dpmpp_2m_sde": Sampler(sample_dpmpp_2m_sde, "dpmpp", True, "DPM++ 2M SDE", ("solver_type",)),
+    "dpmpp_3m_sde": Sampler(sample_dpmpp_3m_sde, "dpmpp", True, "DPM++ 3M SDE"),
+    "dpmpp_sde": Sampler(sample_dpmpp_sde, "euler", True, "DPM++ SDE", ("s_noise",)),
+    "unipc": Sampler(sample_unipc, "unipc", False, "UniPC",
+                     ("solver_order", "solver_type", "lower_order_final", "disable_corrector")),
+    "deis": Sampler(sample_deis, "deis", False, "DEIS", ("solver_order", "lower_order_final")),
+    "lcm": Sampler(sample_lcm, "lcm", True, "LCM", (), ("original_inference_steps",)),
     "flow_euler": Sampler(sample_flow_euler, "flow", False, "Euler"),
     "flow_heun": Sampler(sample_flow_heun, "flow", False, "Heun"),
 }
+SAMPLERS: dict[str, Sampler] = {}
+for _name, _info in _REGISTERED.items():
+    SAMPLERS[_name] = _info
+    if _info.grid in SIGMA_GRIDS:
+        for _kind, _type in SIGMA_KINDS.items():
+            SAMPLERS[f"{_name}_{_kind}"] = replace(_info, label=f"{_info.label} {_type}", sigmas=_kind)
 DENOISER_OPTIONS = ("clip_x0",)  # sampler options that belong to the denoiser (diffusers' clip_sample)
 
 
 def get_sampler(name: str) -> Sampler:
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
+        raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(_REGISTERED)} (a sampler "
+                         f"on a sigma grid also as NAME_{'/_'.join(SIGMA_KINDS)})")
     return SAMPLERS[name]
 
 
-def sampler_names(schedule=None) -> list[str]:
-    """Valid sampler names (only those that fit the schedule's kind when one is given)."""
+def sampler_names(schedule=None, kinds: bool = True) -> list[str]:
+    """Valid sampler names (only those that fit the schedule's kind when one is given; without the
+    ``_karras`` / ``_exponential`` / ``_beta`` forms when ``kinds`` is False)."""
+    names = SAMPLERS if kinds else _REGISTERED
     if schedule is None:
-        return list(SAMPLERS)
+        return list(names)
     flow = isinstance(schedule, FlowSchedule)
-    return [n for n, s in SAMPLERS.items() if s.flow == flow]
+    return [n for n in names if SAMPLERS[n].flow == flow]
+
+
+def base_name(name: str) -> str:
+    """The registered sampler a name is a sigma kind of ("dpmpp_2m_karras" -> "dpmpp_2m")."""
+    info = get_sampler(name)
+    return name[: -len(info.sigmas) - 1] if info.sigmas else name
+
+
+def with_sigmas(name: str, kind: str | None) -> str:
+    """Sampler ``name`` on the levels of a sigma kind ("karras", "exponential", "beta"; None: unchanged)."""
+    if kind is None:
+        return name
+    if kind not in SIGMA_KINDS:
+        raise ValueError(f"unknown sigmas {kind!r}; expected one of {', '.join(SIGMA_KINDS)}")
+    info = get_sampler(name)
+    if info.sigmas not in (None, kind):
+        raise ValueError(f"sampler {name!r} already runs on {info.sigmas} sigmas; give {base_name(name)!r} "
+                         f"with sigmas {kind!r}")
+    if info.grid not in SIGMA_GRIDS:
+        fits = ", ".join(n for n, s in _REGISTERED.items() if s.grid in SIGMA_GRIDS)
+        raise ValueError(f"sampler {name!r} takes no sigmas {kind!r}: its levels are its own {info.grid!r} "
+                         f"grid's; samplers that take them: {fits}")
+    return f"{base_name(name)}_{kind}"
+
+
+def resolve_sampler(text: str, flow: bool = False) -> str:
+    """A sampler name, or an AUTOMATIC1111 display name ("DPM++ 2M Karras", "Euler a", "PLMS", "LMS"),
+    case-insensitively -> the sampler name; ``flow`` picks the flow samplers for "Euler" / "Heun"."""
+    if text in SAMPLERS:
+        return text
+    key = " ".join(str(text).split()).lower()
+    found = sorted((n for n, s in SAMPLERS.items() if key in (n, s.label.lower())),
+                   key=lambda n: SAMPLERS[n].flow != flow)
+    if not found:
+        raise ValueError(f"unknown sampler {text!r}; expected one of {', '.join(_REGISTERED)}, a sigma kind of "
+                         f"one (NAME_{'/_'.join(SIGMA_KINDS)}) or an AUTOMATIC1111 name such as "
+                         "'DPM++ 2M Karras', 'Euler a', 'UniPC'")
+    return found[0]
 
 
 def split_options(name: str, options: dict | None) -> tuple[dict, dict, dict]:
@@ -359,7 +317,7 @@ def plan(name: str, schedule, steps: int, spacing: str | None = None, **grid_opt
     check_steps(steps, schedule.num_train_timesteps)
     want = FlowSchedule if info.flow else DiscreteSchedule
     if not isinstance(schedule, want):
-        fits = ", ".join(sampler_names(schedule))
+        fits = ", ".join(sampler_names(schedule, kinds=False))
         raise ValueError(f"sampler {name!r} needs a {want.__name__}, got a {type(schedule).__name__} "
                          f"(samplers for it: {fits})")
     if spacing is not None and spacing not in SPACINGS:
@@ -368,6 +326,8 @@ def plan(name: str, schedule, steps: int, spacing: str | None = None, **grid_opt
     if unknown:
         raise ValueError(f"sampler {name!r}'s grid has no option(s) {unknown}")
     spacing = spacing or getattr(schedule, "timestep_spacing", None)
+    if info.sigmas is not None:
+        grid_options["sigmas"] = info.sigmas
     return GRIDS[info.grid](schedule, steps, spacing, **grid_options)
 
 

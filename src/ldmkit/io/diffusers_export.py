@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from ldmkit.errors import UserError
-from ldmkit.io.diffusers_format import (_UNET_FIXED, _VAE_FIXED, SCHEDULER_OF_SAMPLER, TEXT_WEIGHTS, UNET_WEIGHTS,
-                                        _unet_fields)
+from ldmkit.io.diffusers_format import _UNET_FIXED, _VAE_FIXED, TEXT_WEIGHTS, UNET_WEIGHTS, _unet_fields
+from ldmkit.io.diffusers_schedulers import schedule_to_diffusers  # noqa: F401 (the scheduler config, re-exported)
 from ldmkit.io.diffusers_upscaler import FOLDER_SETTINGS, export_refusal, write_low_res_scheduler
 from ldmkit.io.files import config_to_dict, save_tensors, write_json
 
@@ -40,31 +40,6 @@ def autoencoder_config_to_diffusers(cfg: dict, force_upcast: bool = True) -> dic
         "use_quant_conv": cfg.get("use_quant_conv", True), "use_post_quant_conv": cfg.get("use_post_quant_conv", True),
     }
     out.update({k: v for k, v in _VAE_FIXED.items()})
-    return out
-
-
-def schedule_to_diffusers(schedule: dict, sampler: str = "ddim", options: dict | None = None,
-                          prediction: str | None = None) -> dict:
-    from ldmkit.diffusion.schedules import prediction_of
-
-    options = options or {}
-    cls = SCHEDULER_OF_SAMPLER.get(sampler, "DDIMScheduler")
-    pred = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[prediction or prediction_of(schedule, "eps")]
-    beta = {"cosine": "squaredcos_cap_v2"}.get(schedule["beta_schedule"], schedule["beta_schedule"])
-    out = {
-        "_class_name": cls, "num_train_timesteps": schedule["num_train_timesteps"],
-        "beta_start": schedule["beta_start"], "beta_end": schedule["beta_end"], "beta_schedule": beta,
-        "prediction_type": pred, "timestep_spacing": schedule["timestep_spacing"],
-        "steps_offset": schedule["steps_offset"], "rescale_betas_zero_snr": schedule["rescale_zero_terminal_snr"],
-        "trained_betas": None,
-    }
-    if cls in ("DDIMScheduler", "DDPMScheduler"):
-        clip = options.get("clip_x0")
-        out.update(clip_sample=clip is not None, clip_sample_range=float(clip if clip is not None else 1.0))
-    if cls == "DDIMScheduler":
-        out["set_alpha_to_one"] = bool(options.get("set_alpha_to_one", True))
-    if cls == "DPMSolverMultistepScheduler":
-        out.update(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=sampler == "dpmpp_2m_karras")
     return out
 
 

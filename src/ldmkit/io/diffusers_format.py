@@ -27,6 +27,9 @@ from pathlib import Path
 
 import torch
 
+# scheduler class <-> ldmkit sampler, and what runs instead of a class ldmkit lacks (re-exported)
+from ldmkit.io.diffusers_schedulers import (SAMPLER_OF_SCHEDULER, SCHEDULER_OF_SAMPLER,  # noqa: F401
+                                            schedule_from_diffusers)
 from ldmkit.io.files import atomic_write, read_json
 
 UNET_WEIGHTS = "diffusion_pytorch_model"
@@ -266,65 +269,6 @@ def autoencoder_config_from_diffusers(cfg: dict) -> dict:
         "use_quant_conv": bool(cfg.get("use_quant_conv", True)),
         "use_post_quant_conv": bool(cfg.get("use_post_quant_conv", True)),
     }
-
-
-# ----------------------------------------------------------------------------- configs: scheduler
-# diffusers scheduler class -> ldmkit sampler name (ldmkit.diffusion.SAMPLERS).
-SAMPLER_OF_SCHEDULER = {
-    "DDIMScheduler": "ddim",
-    "DDPMScheduler": "ddpm",
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_a",
-    "HeunDiscreteScheduler": "heun",
-    "DPMSolverMultistepScheduler": "dpmpp_2m",
-    # No PNDM/LMS/UniPC in ldmkit: their SD defaults are served by the closest deterministic sampler.
-    "PNDMScheduler": "ddim",
-    "LMSDiscreteScheduler": "euler",
-    "UniPCMultistepScheduler": "dpmpp_2m",
-    "DPMSolverSinglestepScheduler": "dpmpp_2m",
-}
-SCHEDULER_OF_SAMPLER = {
-    "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler", "heun": "HeunDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler", "dpmpp_2m_karras": "DPMSolverMultistepScheduler",
-}
-
-
-def schedule_from_diffusers(cfg: dict) -> tuple[dict, dict, list[str]]:
-    """diffusers scheduler_config.json -> (our DiscreteSchedule dict, sampler defaults, notes)."""
-    from ldmkit.diffusion.schedules import DiscreteSchedule, prediction_name
-
-    notes = []
-    if cfg.get("trained_betas") is not None:
-        raise ValueError("scheduler config with explicit trained_betas is not supported")
-    cls = cfg.get("_class_name", "DDIMScheduler")
-    if cls not in SAMPLER_OF_SCHEDULER:
-        raise ValueError(f"diffusers scheduler {cls!r} is not supported; known: {sorted(SAMPLER_OF_SCHEDULER)}")
-    sampler = SAMPLER_OF_SCHEDULER[cls]
-    if SCHEDULER_OF_SAMPLER.get(sampler) != cls:
-        notes.append(f"scheduler {cls} has no ldmkit counterpart: default sampler set to {sampler}")
-    spacing = cfg.get("timestep_spacing", "leading")
-    schedule = DiscreteSchedule(
-        beta_schedule=cfg.get("beta_schedule", "linear"),
-        num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
-        beta_start=float(cfg.get("beta_start", 0.0001)),
-        beta_end=float(cfg.get("beta_end", 0.02)),
-        rescale_zero_terminal_snr=bool(cfg.get("rescale_betas_zero_snr", False)),
-        timestep_spacing=spacing,
-        steps_offset=int(cfg.get("steps_offset", 0)),
-    ).to_dict()
-    schedule["prediction_type"] = prediction_name(cfg.get("prediction_type", "epsilon"))  # read by prediction_of
-    options = {}
-    if sampler == "ddim":  # DDIM's own default is True; PNDM (served by DDIM here) defaults to False
-        options["set_alpha_to_one"] = bool(cfg.get("set_alpha_to_one", cls == "DDIMScheduler"))
-    if cls in ("DDIMScheduler", "DDPMScheduler") and cfg.get("clip_sample", True):
-        options["clip_x0"] = float(cfg.get("clip_sample_range", 1.0))
-    if cfg.get("use_karras_sigmas"):
-        if sampler == "dpmpp_2m":
-            sampler = "dpmpp_2m_karras"
-        else:
-            notes.append(f"use_karras_sigmas is ignored for {cls} (ldmkit has Karras sigmas for DPM++ 2M only)")
-    return schedule, {"sampler": sampler, "sampler_options": options}, notes
 
 
 # ----------------------------------------------------------------------------- text encoder

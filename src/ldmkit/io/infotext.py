@@ -54,10 +54,12 @@ def _text(value) -> str:
 def a1111_sampler(name: str) -> tuple[str, str | None]:
     """ldmkit sampler -> (A1111 sampler, schedule type or None): dpmpp_2m_karras -> ("DPM++ 2M",
     "Karras"); dpmpp_2m -> ("DPM++ 2M", "Uniform"), since A1111's "Automatic" for it is Karras."""
-    label = SAMPLERS[name].label if name in SAMPLERS else name
-    if label.endswith(" " + KARRAS):
-        return label[: -len(KARRAS) - 1], KARRAS
-    return label, UNIFORM if label in AUTOMATIC_KARRAS else None
+    if name not in SAMPLERS:
+        return name, None
+    info = SAMPLERS[name]
+    if info.schedule_type:  # Karras, Exponential, Beta: A1111's "Schedule type"
+        return info.a1111, info.schedule_type
+    return info.label, UNIFORM if info.label in AUTOMATIC_KARRAS else None
 
 
 def ldmkit_sampler(label: str, schedule: str | None = None, flow: bool = False) -> str | None:
