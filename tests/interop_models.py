@@ -361,3 +361,40 @@ def build_sd3_pipeline(t5: bool = True, qk_norm: str | None = None, seed: int = 
     return StableDiffusion3Pipeline(transformer=net, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
                                     text_encoder=clips[0], tokenizer=toks[0], text_encoder_2=clips[1],
                                     tokenizer_2=toks[1], text_encoder_3=t5_model, tokenizer_3=toks[2] if t5 else None)
+
+
+# ----------------------------------------------------------------------------- FLUX.1
+def build_flux_pipeline(dev: bool = True, seed: int = 0, workdir: Path | None = None):
+    """A random tiny FluxPipeline: the transformer (2 double + 2 single blocks, 2 x 16 heads, rope (4, 6, 6);
+    with the guidance embedding: FLUX.1-dev, without: schnell), a 16-channel VAE without quant convs (FLUX's
+    scaling 0.3611 and shift 0.1159), CLIP-L (its pooled output: 24 wide), T5 (32 wide) and FlowMatchEuler
+    with FLUX's dynamic shift (dev) or shift 1 (schnell)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    net = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24,
+                                 guidance_embeds=dev, axes_dims_rope=(4, 6, 6))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        latent_channels=16, norm_num_groups=32, sample_size=16, scaling_factor=0.3611,
+                        shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    work = Path(workdir or ".")
+    toks = [make_tokenizer(work / "tok-flux-l", "sd1"), make_tokenizer(work / "tok-flux-t5", "sd2")]
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(toks[0]), hidden_size=24, intermediate_size=48,
+                                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                                        hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(toks[1]), d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4,
+                                 relative_attention_num_buckets=8, dropout_rate=0.0))
+    with torch.no_grad():
+        for module in (net, vae, clip, t5):
+            for p in module.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    for m in (net, vae, clip, t5):
+        m.eval()
+    sched = (FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                             base_image_seq_len=256, max_image_seq_len=4096) if dev
+             else FlowMatchEulerDiscreteScheduler(shift=1.0))
+    return FluxPipeline(scheduler=sched, vae=vae, text_encoder=clip, tokenizer=toks[0], text_encoder_2=t5,
+                        tokenizer_2=toks[1], transformer=net)

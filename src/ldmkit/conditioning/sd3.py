@@ -1,4 +1,5 @@
-"""Stable Diffusion 3's text conditioning: CLIP ViT-L, OpenCLIP ViT-bigG and T5-XXL, as diffusers'
+"""The text conditioning of Stable Diffusion 3 (CLIP ViT-L, OpenCLIP ViT-bigG and T5-XXL) and FLUX.1 (CLIP ViT-L's
+pooled output and T5-XXL's states: `FluxTextEncoder`). SD3's, as diffusers'
 StableDiffusion3Pipeline combines them:
 
     clip      both CLIPs' hidden states before their last layer (clip_skip k: k layers earlier), side by
@@ -144,4 +145,68 @@ def _strip(hf: dict) -> dict:
     return {k: v for k, v in hf.items() if k != "architectures"}
 
 
-__all__ = ["SD3TextConfig", "SD3TextEncoder", "T5Part"]
+
+
+
+@dataclass(frozen=True)
+class FluxTextConfig:
+    clip: dict = None  # PretrainedTextConfig fields of CLIP-L (CLIPTextModel: its pooled output)
+    t5: dict = None  # that of T5-XXL (its states are the context)
+
+    def __post_init__(self):
+        for name in ("clip", "t5"):
+            v = getattr(self, name)
+            object.__setattr__(self, name, asdict(v) if isinstance(v, PretrainedTextConfig) else dict(v or {}))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class FluxTextEncoder(Conditioner):
+    """FLUX.1's conditioning, as diffusers' FluxPipeline: context = T5's last hidden state [B, L, 4096]
+    (max_sequence_length tokens, 512 by default), pooled = CLIP-L's pooled output [B, 768]."""
+
+    component_type = "text-flux"
+    prompt_syntax = True  # CLIP reads A1111's syntax for the pooled vector; T5 the plain prompt
+
+    def __init__(self, config: FluxTextConfig, clip, t5: T5Part):
+        super().__init__()
+        self.config, self.clip, self.t5 = config, clip, t5
+
+    @classmethod
+    def build(cls, clip_model, clip_tokenizer, t5_model, t5_tokenizer, max_sequence_length: int = 512):
+        from ldmkit.conditioning.text import CLIPTextEncoder
+
+        clip = CLIPTextEncoder(PretrainedTextConfig(_hf(clip_model), 77, 0, False), clip_model, clip_tokenizer)
+        t5 = T5Part(PretrainedTextConfig(_hf(t5_model), max_sequence_length, 0, False), t5_model, t5_tokenizer)
+        return cls(FluxTextConfig(clip.config, t5.config), clip, t5)
+
+    def encode(self, prompts: list[str], **kw) -> Conditioning:
+        pooled = self.clip.encode(prompts, **kw).pooled
+        return Conditioning(context=self.t5.encode(prompts).context, pooled=pooled.to(self.t5.model.dtype))
+
+    def null(self, batch_size: int) -> Conditioning:
+        return self.encode([""] * batch_size)
+
+    def save_extra_files(self, folder) -> None:
+        self.clip.tokenizer.save_pretrained(str(Path(folder) / "tokenizer_clip"))
+        self.t5.tokenizer.save_pretrained(str(Path(folder) / "tokenizer_t5"))
+
+    @classmethod
+    def from_component(cls, config: dict, folder) -> "FluxTextEncoder":
+        from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+        from ldmkit.conditioning.text import CLIPTextEncoder, check_hf_text_config, load_hf_tokenizer
+        from ldmkit.io.files import config_from_dict
+
+        cfg = config_from_dict(FluxTextConfig, config)
+        pc, pt = config_from_dict(PretrainedTextConfig, cfg.clip), config_from_dict(PretrainedTextConfig, cfg.t5)
+        for what, c in (("CLIP", pc), ("T5", pt)):
+            check_hf_text_config(c.hf_config, f"{Path(folder) / 'config.json'} ({what})")
+        dc, dt = Path(folder) / "tokenizer_clip", Path(folder) / "tokenizer_t5"
+        clip = CLIPTextEncoder(pc, CLIPTextModel(CLIPTextConfig.from_dict(_strip(pc.hf_config))), load_hf_tokenizer(
+            lambda: CLIPTokenizer.from_pretrained(str(dc), local_files_only=True), dc))
+        t5 = T5Part(pt, T5EncoderModel(T5Config.from_dict(_strip(pt.hf_config))), load_hf_tokenizer(
+            lambda: AutoTokenizer.from_pretrained(str(dt), local_files_only=True), dt))
+        return cls(cfg, clip, t5)
+__all__ = ["FluxTextConfig", "FluxTextEncoder", "SD3TextConfig", "SD3TextEncoder", "T5Part"]

@@ -393,3 +393,35 @@ class Flux(nn.Module):
             x = run_block(block, x, c, rope, checkpoint=ckpt)
         scale, shift = self.norm_out(c)  # AdaLayerNormContinuous: scale first
         return self.proj_out(self.norm_out.norm(x[:, n_txt:]) * (1 + scale) + shift)  # [B, L_img, p^2 C_out]
+
+
+class FluxModel(Flux):
+    """FLUX.1 as a denoiser over latents, for the pipelines and the trainer: ``forward(x [B, 16, H, W], t, context,
+    pooled, guidance=None) -> velocity [B, 16, H, W]`` -- packs 2x2 patches, makes the position ids, and
+    takes the schedule's timesteps (flow time x 1000; FLUX reads flow time). The weights are `Flux`'s."""
+
+    component_type = "flux"
+    takes_pooled = True  # the CLIP pooled text enters the modulation
+    latent_multiple = 2  # latent sides are packed in 2x2 patches
+
+    @property
+    def latent_in_channels(self) -> int:
+        return self.config.in_channels // 4
+
+    @property
+    def guidance_mode(self) -> str:
+        """"distilled" (FLUX.1-dev: the guidance scale is an input, no classifier-free guidance) or "none"
+        (FLUX.1-schnell)."""
+        return "distilled" if self.config.guidance_embeds else "none"
+
+    def forward(self, x: torch.Tensor, t, context: torch.Tensor, pooled: torch.Tensor, guidance=None,
+                class_labels=None, context_mask=None) -> torch.Tensor:
+        # x: [B, C, H, W] latents (H, W even); context: [B, L, joint_attention_dim] T5 states; pooled: [B, 768]
+        B, _, H, W = x.shape
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B).to(x.dtype) / 1000
+        if guidance is not None:
+            guidance = torch.as_tensor(guidance, device=x.device).reshape(-1).expand(B).to(x.dtype)
+        tokens = super().forward(pack_latents(x), t, guidance, pooled.to(x.dtype), context.to(x.dtype),
+                                 image_ids(H // 2, W // 2, x.device, x.dtype), text_ids(context.shape[1], x.device,
+                                                                                         x.dtype))
+        return unpack_latents(tokens, H, W)

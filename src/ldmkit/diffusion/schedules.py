@@ -199,6 +199,16 @@ class DiscreteSchedule:
 class FlowSchedule:
     num_train_timesteps: int = 1000
     shift: float = 1.0
+    # FLUX's resolution-dependent shift (diffusers' use_dynamic_shifting): the sampling grid is
+    # linspace(1, 1/n, n) moved by mu = linear in the image's token count, from base_shift at
+    # base_image_seq_len tokens to max_shift at max_image_seq_len (`dynamic_mu`)
+    use_dynamic_shifting: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    grid: str = "scheduler"  # the sampling grid: the scheduler's own, or "flux" (FluxPipeline's linspace(1, 1/n, n))
+    mu: float | None = None  # a dynamic shift's value for one image size (`for_tokens`); not saved
     kind: str = field(default="flow", init=False)
 
     def __post_init__(self):
@@ -206,6 +216,28 @@ class FlowSchedule:
             raise ValueError(f"num_train_timesteps={self.num_train_timesteps!r} must be an integer >= 2")
         if not self.shift > 0:
             raise ValueError(f"shift={self.shift} must be > 0")
+        if not isinstance(self.use_dynamic_shifting, bool):
+            raise ValueError(f"use_dynamic_shifting={self.use_dynamic_shifting!r} must be true or false")
+        if not (isinstance(self.base_image_seq_len, int) and isinstance(self.max_image_seq_len, int)
+                and 0 < self.base_image_seq_len < self.max_image_seq_len):
+            raise ValueError(f"base_image_seq_len={self.base_image_seq_len!r} and max_image_seq_len="
+                             f"{self.max_image_seq_len!r} must be integers with 0 < base < max")
+        for name in ("base_shift", "max_shift"):
+            if not -100 < getattr(self, name) < 100:
+                raise ValueError(f"{name}={getattr(self, name)!r} is outside (-100, 100)")
+        if self.grid not in ("scheduler", "flux"):
+            raise ValueError(f"grid={self.grid!r} must be 'scheduler' or 'flux'")
+
+    def for_tokens(self, seq_len: int) -> "FlowSchedule":
+        """This schedule for an image of `seq_len` denoiser tokens (its dynamic shift's mu set)."""
+        import dataclasses
+
+        return dataclasses.replace(self, mu=self.dynamic_mu(seq_len)) if self.use_dynamic_shifting else self
+
+    def dynamic_mu(self, seq_len: int) -> float:
+        """mu of an image of `seq_len` tokens (diffusers' calculate_shift)."""
+        m = (self.max_shift - self.base_shift) / (self.max_image_seq_len - self.base_image_seq_len)
+        return seq_len * m + (self.base_shift - m * self.base_image_seq_len)
 
     def shift_sigma(self, s) -> torch.Tensor:
         s = torch.as_tensor(s, dtype=torch.float64)
@@ -221,6 +253,7 @@ class FlowSchedule:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d.pop("mu")  # per image size, not part of the model
         d["kind"] = "flow"
         return d
 

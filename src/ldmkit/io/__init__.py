@@ -56,10 +56,13 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
         return load_ldmkit_model(p, device=device, dtype=dtype)
     if kind == "diffusers":
         from ldmkit.io.diffusers_format import load_diffusers
+        from ldmkit.io.flux_format import is_flux, load_flux
         from ldmkit.io.sd3_format import is_sd3, load_sd3
 
         if is_sd3(p):
             return load_sd3(p, device=device, dtype=dtype, **options)
+        if is_flux(p):
+            return load_flux(p, device=device, dtype=dtype, **options)
 
         return load_diffusers(p, device=device, dtype=dtype, **options)
     from ldmkit.io.single_file import load_single_file

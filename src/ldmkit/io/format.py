@@ -66,15 +66,22 @@ def _mmdit(cfg: dict, folder: Path):
     return MMDiT(MMDiTConfig.from_dict(cfg))
 
 
+def _flux(cfg: dict, folder: Path):
+    from ldmkit.denoisers.flux import FluxConfig, FluxModel
+
+    return FluxModel(FluxConfig.from_dict(cfg))
+
+
 def _conditioner(kind: str) -> Callable[[dict, Path], torch.nn.Module]:
     def build(cfg: dict, folder: Path):
         from ldmkit import conditioning as c
 
-        from ldmkit.conditioning.sd3 import SD3TextEncoder
+        from ldmkit.conditioning.sd3 import FluxTextEncoder, SD3TextEncoder
         from ldmkit.conditioning.sdxl import SDXLTextEncoder
 
         classes = {"text-transformer": c.TransformerTextEncoder, "text-bert": c.BertTextEncoder,
                    "text-clip": c.CLIPTextEncoder, "text-sdxl": SDXLTextEncoder, "text-sd3": SD3TextEncoder,
+                   "text-flux": FluxTextEncoder,
                    "class": c.ClassConditioner, "spatial": c.SpatialConditioner}
         return classes[kind].from_component(cfg, folder)
 
@@ -87,8 +94,9 @@ COMPONENT_TYPES: dict[str, Callable[[dict, Path], torch.nn.Module]] = {
     "unet-extended": _extended_unet,
     "dit": _dit,
     "mmdit": _mmdit,
-    **{k: _conditioner(k) for k in ("text-transformer", "text-bert", "text-clip", "text-sdxl", "text-sd3", "class",
-                                    "spatial")},
+    "flux": _flux,
+    **{k: _conditioner(k) for k in ("text-transformer", "text-bert", "text-clip", "text-sdxl", "text-sd3",
+                                    "text-flux", "class", "spatial")},
 }
 
 

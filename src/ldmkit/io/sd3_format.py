@@ -25,8 +25,7 @@ def is_sd3(path: Path) -> bool:
 
 
 def flow_schedule_from_diffusers(cfg: dict, where: str) -> tuple[dict, str]:
-    """A FlowMatch scheduler config -> (FlowSchedule dict, default sampler); dynamic shifting refused here
-    (it needs the image size: FLUX)."""
+    """A FlowMatch scheduler config -> (FlowSchedule dict, default sampler), static or dynamic shift (FLUX)."""
     from ldmkit.errors import UserError, check_int, check_number
 
     kind = cfg.get("_class_name")
@@ -37,13 +36,16 @@ def flow_schedule_from_diffusers(cfg: dict, where: str) -> tuple[dict, str]:
         check_number("shift", cfg.get("shift", 1.0), 0.0, 1000.0, lo_open=True)
     except UserError as exc:
         raise UserError(f"{where}: {exc}") from None
-    for key, ok in (("use_dynamic_shifting", False), ("invert_sigmas", False), ("shift_terminal", None),
+    for key, ok in (("invert_sigmas", False), ("shift_terminal", None),
                     ("use_karras_sigmas", False), ("use_exponential_sigmas", False), ("use_beta_sigmas", False),
                     ("stochastic_sampling", False)):
         if cfg.get(key, ok) != ok:
             raise UserError(f"{where}: {key}={cfg[key]!r} is not supported (ldmkit runs {ok!r})")
     sched = {"kind": "flow", "num_train_timesteps": int(cfg.get("num_train_timesteps", 1000)),
              "shift": float(cfg.get("shift", 1.0))}
+    if cfg.get("use_dynamic_shifting"):
+        sched.update(use_dynamic_shifting=True, **{k: cfg[k] for k in ("base_shift", "max_shift", "base_image_seq_len",
+                                                                       "max_image_seq_len") if cfg.get(k) is not None})
     return sched, "flow_heun" if kind == "FlowMatchHeunDiscreteScheduler" else "flow_euler"
 
 

@@ -72,18 +72,6 @@ class Settings:
     micro: dict = field(default_factory=dict)  # SDXL micro-conditioning (conditioning.sdxl.MICRO); {} = defaults
 
 
-def denoiser_weights_file(path: Path) -> Path | None:
-    """The file holding the denoiser's weights in any of the model formats we load."""
-    if path.is_file():
-        return path
-    for cand in [path / "denoiser" / "model.safetensors", path / "unet" / "diffusion_pytorch_model.safetensors",
-                 *sorted((path / "unet").glob("*.safetensors")),
-                 *sorted((path / "unet").glob("*.bin")), *sorted((path / "transformer").glob("*.safetensors"))]:
-        if cand.is_file():
-            return cand
-    return None
-
-
 def _slice_cond(cond: Any, lo: int, hi: int, batch: int) -> Any:
     """Rows lo:hi of every batch-sized tensor inside a conditioning (dataclass/dict/list/tensor)."""
     if cond is None:
@@ -157,7 +145,7 @@ class PipelineCore:
         self.ip_adapter = None  # pipelines.image_prompt.Attached: an IP-Adapter with its image encoder
         self.refiner = None  # (PipelineCore, start fraction): SDXL's ensemble of experts (`Pipeline.load_refiner`)
         self.step_hook = None  # f(step, steps, x0) after every sampler step; an exception it raises stops sampling
-        extra = cfg.in_channels - self.latent_channels
+        extra = getattr(denoiser, "latent_in_channels", cfg.in_channels) - self.latent_channels  # FLUX: unpacked
         want = {None: 0, "inpaint": self.latent_channels + 1, "upscale": None, "semantic": None}[concat]
         if concat is None and extra != 0:
             raise ValueError(f"denoiser takes {cfg.in_channels} input channels but the autoencoder makes "
@@ -196,7 +184,8 @@ class PipelineCore:
     @property
     def size_multiple(self) -> int:
         """Height and width must be multiples of this: the autoencoder factor (x patch size for DiT)."""
-        return self.factor * (self.denoiser.config.patch_size if self.is_dit else 1)
+        patch = getattr(self.denoiser, "latent_multiple", None)  # FLUX packs 2x2 latent patches
+        return self.factor * (patch or (self.denoiser.config.patch_size if self.is_dit else 1))
 
     @property
     def model_hash(self) -> str:
@@ -248,7 +237,7 @@ class PipelineCore:
             raise ValueError(f"steps={steps} must be in [1, {T}]")
         cond = self.conditioning != "none"
         guidance = float(guidance if guidance is not None else d.get("guidance", 7.5 if cond else 1.0))
-        if not cond:
+        if not cond or getattr(self.denoiser, "guidance_mode", "cfg") == "none":  # FLUX.1-schnell: none
             guidance = 1.0
         if not (guidance >= 0 and math.isfinite(guidance)):
             raise ValueError(f"guidance={guidance} must be a finite number >= 0")
@@ -320,6 +309,14 @@ class PipelineCore:
             return None, None
         text = self.conditioning == "text"  # prompts in A1111's syntax: weights, BREAK, chunks
         cond = encode_prompts(self.conditioner, list(conditions)) if text else self.conditioner.encode(list(conditions))
+        mode = getattr(self.denoiser, "guidance_mode", "cfg")
+        if mode != "cfg":  # FLUX.1: no classifier-free guidance, so no unconditional side
+            if negatives is not None:
+                from ldmkit.errors import UserError
+
+                raise UserError(f"this model runs with {'distilled' if mode == 'distilled' else 'no'} guidance, not "
+                                "classifier-free guidance: a negative prompt has nothing to act on")
+            return cond, None
         if negatives is not None and text:
             uncond = encode_prompts(self.conditioner, list(negatives))
         else:
@@ -350,11 +347,11 @@ class PipelineCore:
                             for g in generators]).to(self.device)
 
     def model_fn(self, concat: torch.Tensor | None, labels: torch.Tensor | None,
-                 max_batch: int | None, control=None) -> Callable:
+                 max_batch: int | None, control=None, guidance: float | None = None) -> Callable:
         """`model_fn(x, t, cond)` for `diffusion.cfg`: concatenates the spatial inputs, runs the denoiser
         in chunks of at most `max_batch` rows (CFG batch chunking) and returns float32; `control` (a
         `pipelines.control.ControlRun`) adds its ControlNets' residuals; an IP-Adapter gets each chunk's
-        image tokens (`Conditioning.image_tokens`)."""
+        image tokens (`Conditioning.image_tokens`); `guidance` is a distilled-guidance model's input (FLUX.1-dev)."""
         den, dtype, latent_c, ip = self.denoiser, self.dtype, self.latent_channels, self.ip_adapter
 
         def fn(x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
@@ -380,8 +377,10 @@ class PipelineCore:
                     kw["class_labels"] = getattr(c, "class_labels", None)
                     if getattr(c, "time_ids", None) is not None:  # SDXL: pooled text + micro-conditioning
                         kw["pooled"], kw["time_ids"] = c.pooled.to(dtype), c.time_ids
-                    elif getattr(den, "takes_pooled", False):  # SD3's MM-DiT
+                    elif getattr(den, "takes_pooled", False):  # SD3's MM-DiT, FLUX
                         kw["pooled"] = c.pooled.to(dtype)
+                if guidance is not None:
+                    kw["guidance"] = guidance
                 if extra_labels is not None:
                     kw["class_labels"] = extra_labels[lo:hi]
                 tt = t[lo:hi] if isinstance(t, torch.Tensor) and t.dim() > 0 else t
@@ -415,9 +414,7 @@ class PipelineCore:
         concat = concat(gens) if callable(concat) else concat
         z0 = z0(gens) if callable(z0) else z0  # img2img's posterior sample: before the noise (diffusers' order)
         noise = self.noise(gens, (self.latent_channels, h, w))
-        sampler = get_sampler(s.sampler)
-        fn_opts, grid_opts, den_opts = split_options(s.sampler, s.sampler_options)
-        p = plan(s.sampler, self.schedule, s.steps, **grid_opts)
+        sampler, fn_opts, den_opts, p = self._plan(s, h, w)
         start = img2img_start(s.steps, strength) if z0 is not None else 0
         if resume is not None:
             start = max(start, resume[0])
@@ -447,10 +444,11 @@ class PipelineCore:
             guess = guess_mode or any(u.net.config.global_pool_conditions for u in self.controlnets)
             run = ControlRun(self.controlnets, control, guess, len(p.timesteps) - start, rows=len(seeds),
                              adapt_context=getattr(self.denoiser, "adapt_context", None))
-        fn = self.model_fn(concat, labels, s.max_model_batch, run)
-        if cond is None:
+        mode = getattr(self.denoiser, "guidance_mode", "cfg")  # FLUX.1: "distilled" (dev) or "none" (schnell)
+        fn = self.model_fn(concat, labels, s.max_model_batch, run, s.guidance if mode == "distilled" else None)
+        if cond is None or mode != "cfg":
             def network(x, t):
-                return fn(x, t, None)
+                return fn(x, t, cond)
         else:
             network = cfg(fn, cond, uncond, s.guidance, s.guidance_rescale)
         denoise = Denoiser(network, self.schedule, self.prediction, p, clip=den_opts.get("clip_x0"))
@@ -478,10 +476,21 @@ class PipelineCore:
             out = mask * out + (1 - mask) * z0
         return out
 
+    def _plan(self, s: Settings, h: int, w: int) -> tuple:
+        """(sampler, its options, the denoiser's options, the plan) of a run on h x w latents; a dynamically
+        shifted flow schedule (FLUX) is shifted for the image's token count."""
+        fn_opts, grid_opts, den_opts = split_options(s.sampler, s.sampler_options)
+        schedule = self.schedule
+        if getattr(schedule, "use_dynamic_shifting", False):
+            patch = getattr(self.denoiser, "latent_multiple", None) or getattr(self.denoiser.config, "patch_size", 1)
+            schedule = schedule.for_tokens((h // patch) * (w // patch))
+        return get_sampler(s.sampler), fn_opts, den_opts, plan(s.sampler, schedule, s.steps, **grid_opts)
+
     def handover(self, s: Settings) -> int:
         """The step index at which the loaded refiner takes over (`handover_step`)."""
-        _, grid_opts, _ = split_options(s.sampler, s.sampler_options)
-        p = plan(s.sampler, self.schedule, s.steps, **grid_opts)
+        p = self._plan(s, s.height // self.factor, s.width // self.factor)[3]
+        from ldmkit.diffusion.grids import handover_step
+
         return handover_step(p.timesteps, self.schedule.num_train_timesteps, self.refiner[1])
 
     @torch.no_grad()
@@ -571,13 +580,6 @@ class PipelineCore:
                                      **(meta_extra or {}), **(meta_of(i) if meta_of else {}))
                 results.append(Result(tensor_to_pil(images[j]), meta))
         return results
-
-
-def handover_step(timesteps, num_train_timesteps: int, start: float) -> int:
-    """The step where the refiner takes over: the base runs the timesteps >= round(T - start * T)
-    (diffusers' `denoising_end` / `denoising_start`)."""
-    cutoff = int(round(num_train_timesteps - start * num_train_timesteps))
-    return int((torch.as_tensor(timesteps) >= cutoff).sum())
 
 
 def image_count(prompt, num: int | None) -> int:

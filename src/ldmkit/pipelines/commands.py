@@ -26,8 +26,12 @@ def _common(p, sizes: bool = True) -> None:
                    help="class name or index (class-conditional models)")
     p.add_argument("--prompts-file", default=None, help="one prompt per line (blank lines skipped); --num images each")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
-    p.add_argument("--sampler", default=None, help="ddpm, ddim, euler, euler_a, heun, dpmpp_2m, dpmpp_2m_karras, "
-                   "flow_euler, flow_heun (default: the model's)")
+    p.add_argument("--sampler", default=None, help="ddpm, ddim, pndm, euler, euler_a, heun, lms, dpmpp_2m, "
+                   "dpmpp_2m_sde, dpmpp_3m_sde, dpmpp_sde, unipc, deis, lcm, flow_euler, flow_heun, or an "
+                   "AUTOMATIC1111 name (\"DPM++ 2M Karras\", \"Euler a\", \"PLMS\"); default: the model's")
+    p.add_argument("--sigmas", choices=("karras", "exponential", "beta"), default=None,
+                   help="the noise levels of a sigma-based sampler (euler, euler_a, heun, lms, dpmpp_*, unipc, "
+                   "deis): Karras et al.'s, log-uniform or Beta(0.6, 0.6) instead of the schedule's spacing")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--guidance-rescale", type=float, default=None, help="CFG rescale in [0, 1] (Lin et al. 2023)")
     p.add_argument("--seed", type=int, default=-1, help="image k of the run uses seed + k; -1 draws a random seed "
@@ -294,14 +298,14 @@ def control_specs(args, task: str) -> list[tuple[str, float]]:
 
 def _check_args(args) -> None:
     """Checks that need no model, so bad input fails before a slow load."""
-    from ldmkit.diffusion.samplers import sampler_names
+    from ldmkit.diffusion.samplers import resolve_sampler, with_sigmas
 
     import math
 
     from ldmkit.errors import check_text
 
-    if args.sampler is not None and args.sampler not in sampler_names():
-        raise ValueError(f"unknown sampler {args.sampler!r}; valid samplers: {', '.join(sampler_names())}")
+    if args.sampler is not None:  # a name or an A1111 label (the model's schedule picks flow ones later)
+        with_sigmas(resolve_sampler(args.sampler), getattr(args, "sigmas", None))
     if args.num < 1:
         raise ValueError(f"--num={args.num} must be >= 1")
     if args.num > MAX_IMAGES:
@@ -448,6 +452,28 @@ def _fill_settings(args, task: str) -> dict:
     return png
 
 
+def _pick_sampler(args, pipe) -> dict:
+    """--sampler as a sampler name (AUTOMATIC1111's labels read for this model's schedule kind) on --sigmas'
+    levels; returns the model's sampler options when --sigmas only re-grids its own sampler ({} else). When
+    the model's own sampler runs, a diffusers folder's note on its scheduler (what runs instead, and why) is
+    printed once to stderr."""
+    from ldmkit.diffusion.samplers import SAMPLERS, base_name, resolve_sampler, with_sigmas
+    from ldmkit.io.diffusers_schedulers import scheduler_notes
+
+    flow = getattr(pipe.schedule, "kind", "discrete") == "flow"
+    if args.sampler is None:
+        for note in scheduler_notes(getattr(pipe, "model_path", None) or args.model):
+            print(f"ldm {args.command}: note: {note}", file=sys.stderr)
+    else:
+        args.sampler = resolve_sampler(args.sampler, flow)
+    if getattr(args, "sigmas", None) is None:
+        return {}
+    own = pipe.defaults.get("sampler") or ("flow_euler" if flow else "dpmpp_2m")
+    args.sampler = with_sigmas(args.sampler or own, args.sigmas)
+    same = own in SAMPLERS and base_name(args.sampler) == base_name(own)
+    return {"sampler_options": dict(pipe.defaults.get("sampler_options") or {})} if same else {}
+
+
 def run(args) -> int:
     task = TASKS[args.command]
     png = _fill_settings(args, task)
@@ -470,11 +496,12 @@ def run(args) -> int:
         from ldmkit.pipelines.from_png import after_load
 
         after_load(args, pipe, png)
+    picked = _pick_sampler(args, pipe)  # --sampler / --sigmas (A1111 names read), the folder's scheduler note
     common = dict(negative_prompt=args.negative_prompt, class_label=args.class_label, seed=args.seed,
                   sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                   guidance_rescale=args.guidance_rescale, batch_size=args.batch_size,
                   max_model_batch=args.max_model_batch, decode_batch=args.decode_batch, vae_tile=args.vae_tile,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, **picked)
     if task not in ("upscale", "semantic2img"):
         from ldmkit.pipelines import sdxl_cli
 

@@ -15,7 +15,7 @@ import torch
 
 from ldmkit.io import load_model, resolve_model_path, sampling_settings
 from ldmkit.io.diffusers_format import controlnet_folders
-from ldmkit.pipelines.base import PipelineCore, Result, denoiser_weights_file
+from ldmkit.pipelines.base import PipelineCore, Result
 from ldmkit.pipelines.img2img import img2img
 from ldmkit.pipelines.inpaint import inpaint
 from ldmkit.pipelines.semantic import semantic2img
@@ -148,6 +148,18 @@ class Pipeline(PipelineCore):
         if self.ip_adapter is not None:
             detach(getattr(self.denoiser, "unet", self.denoiser))
             self.ip_adapter = None
+
+
+def denoiser_weights_file(path: Path) -> Path | None:
+    """The file holding the denoiser's weights in any of the model formats we load."""
+    if path.is_file():
+        return path
+    for cand in [path / "denoiser" / "model.safetensors", path / "unet" / "diffusion_pytorch_model.safetensors",
+                 *sorted((path / "unet").glob("*.safetensors")),
+                 *sorted((path / "unet").glob("*.bin")), *sorted((path / "transformer").glob("*.safetensors"))]:
+        if cand.is_file():
+            return cand
+    return None
 
 
 def load(path, device=None, dtype=None, **options) -> Pipeline:
