@@ -88,7 +88,7 @@ def resolve_sampler(req: Txt2ImgRequest, pipe) -> str | None:
         labels = sorted({SAMPLERS[n].label for n in sampler_names(pipe.schedule)})
         raise FieldError("sampler_name", f"sampler {name!r}" + (f" with schedule {req.scheduler!r}" if req.scheduler
                                                                  else "") + f" is not available; samplers: "
-                         f"{', '.join(labels)} (schedule types Automatic, Uniform, Karras)")
+                         f"{', '.join(labels)} (schedule types Automatic, Uniform, Karras, Exponential, Beta)")
     return found
 
 

@@ -8,7 +8,8 @@ from fastapi import FastAPI
 from ldmkit.serve.generate import MODULES, decode_base64, decode_image
 from ldmkit.serve.requests import OptionsRequest, PngInfoRequest
 
-SCHEDULERS = (("automatic", "Automatic"), ("uniform", "Uniform"), ("karras", "Karras"))
+SCHEDULERS = (("automatic", "Automatic"), ("uniform", "Uniform"), ("karras", "Karras"), ("exponential", "Exponential"),
+              ("beta", "Beta"))
 
 
 def samplers(pipe) -> list[dict]:

@@ -48,7 +48,7 @@ class Txt2ImgRequest(BaseModel):
     sampler_name: str | None = Field(None, description="A1111 name (\"DPM++ 2M\", \"Euler a\") or ldmkit's "
                                      "(\"dpmpp_2m_karras\")")
     sampler_index: str | None = Field(None, description="older name of sampler_name")
-    scheduler: str | None = Field(None, description="schedule type: Automatic, Uniform, Karras")
+    scheduler: str | None = Field(None, description="schedule type: Automatic, Uniform, Karras, Exponential, Beta")
     batch_size: int = Field(1, ge=1, description="images per sampler run")
     n_iter: int = Field(1, ge=1, description="sampler runs")
     steps: int | None = Field(None, ge=1)
