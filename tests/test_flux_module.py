@@ -106,7 +106,7 @@ def test_tiny_presets_and_config_round_trip():
     assert d["out_channels"] == 64
     assert FluxConfig.from_dict({**d, "axes_dims_rope": list(d["axes_dims_rope"])}) == cfg  # JSON lists
     assert FluxConfig.from_dict({**d, "_class_name": "FluxTransformer2DModel", "_diffusers_version": "0.42.1"}) == cfg
-    with pytest.raises(ValueError, match="unknown FluxConfig fields"):
+    with pytest.raises(ValueError, match="FluxConfig: unknown config keys"):
         FluxConfig.from_dict({**d, "sample_size": 64})
 
 

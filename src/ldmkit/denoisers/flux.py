@@ -17,7 +17,7 @@ Parameter names are diffusers' FluxTransformer2DModel's, so its weights load wit
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -88,11 +88,9 @@ class FluxConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "FluxConfig":
         """Our config.json or a diffusers transformer/config.json (its `_class_name` etc. are ignored)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known - _DIFFUSERS_META)
-        if unknown:
-            raise ValueError(f"unknown FluxConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        from ldmkit.io.files import config_from_dict
+
+        return config_from_dict(cls, {k: v for k, v in d.items() if k not in _DIFFUSERS_META})
 
 
 _TINY = dict(num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,

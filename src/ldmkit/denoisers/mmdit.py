@@ -71,11 +71,10 @@ class MMDiTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MMDiTConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names - {"_class_name", "_diffusers_version", "_name_or_path"})
-        if unknown:
-            raise ValueError(f"unknown MM-DiT config fields {unknown}")
-        return cls(**{k: v for k, v in d.items() if k in names})
+        """Our config.json or a diffusers transformer/config.json (its `_class_name` etc. are ignored)."""
+        from ldmkit.io.files import config_from_dict
+
+        return config_from_dict(cls, {k: v for k, v in d.items() if not k.startswith("_")})
 
 
 PRESETS: dict[str, MMDiTConfig] = {
