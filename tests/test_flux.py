@@ -68,3 +68,22 @@ def test_flux_guidance_rules(models):
     assert schnell.settings(guidance=7.0).guidance == 1.0  # no guidance of any kind
     with pytest.raises(ValueError, match="multiple of"):
         schnell.settings(height=34, width=32)  # 2x2 packing: sides in multiples of 2 latent pixels (4 px here)
+
+
+def test_img2img_matches_flux_img2img_pipeline(models):
+    from diffusers import FluxImg2ImgPipeline
+    from PIL import Image
+
+    from ldmkit.pipelines import load
+
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    ref = FluxImg2ImgPipeline.from_pretrained(models / "dev")
+    ref.set_progress_bar_config(disable=True)
+    want = ref(PROMPT, image=init, strength=0.6, num_inference_steps=5, guidance_scale=3.5, max_sequence_length=32,
+               generator=torch.Generator().manual_seed(3), output_type="np", **SIZE).images[0]
+    pipe = load(models / "dev", device="cpu", dtype=torch.float32, max_sequence_length=32)
+    got = pipe.img2img(init, PROMPT, strength=0.6, seed=3, steps=5, guidance=3.5, posterior="sample",
+                       progress=False)[0].image
+    p = psnr(got, (want * 255).round().astype(np.uint8))
+    print(f"FLUX img2img: PSNR {p:.1f} dB")
+    assert p >= 40, p
