@@ -87,3 +87,21 @@ def test_img2img_matches_flux_img2img_pipeline(models):
     p = psnr(got, (want * 255).round().astype(np.uint8))
     print(f"FLUX img2img: PSNR {p:.1f} dB")
     assert p >= 40, p
+
+
+def test_ldm_convert_writes_a_folder_flux_pipeline_runs(models, tmp_path):
+    from diffusers import FluxPipeline
+
+    from ldmkit.cli import main
+    from ldmkit.pipelines import load
+
+    assert main(["convert", "--from", str(models / "dev"), "--to", str(tmp_path / "ours")]) == 0
+    assert main(["convert", "--from", str(tmp_path / "ours"), "--to", str(tmp_path / "back"), "--format",
+                 "diffusers"]) == 0
+    ref = FluxPipeline.from_pretrained(tmp_path / "back")
+    ref.set_progress_bar_config(disable=True)
+    want = ref(PROMPT, generator=torch.Generator().manual_seed(3), output_type="np", guidance_scale=3.5,
+               max_sequence_length=32, num_inference_steps=3, **SIZE).images[0]
+    got = load(models / "dev", device="cpu", dtype=torch.float32, max_sequence_length=32).text2img(
+        PROMPT, seed=3, steps=3, guidance=3.5, progress=False, **SIZE)[0].image
+    assert psnr(got, (want * 255).round().astype(np.uint8)) >= 40

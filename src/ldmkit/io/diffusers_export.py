@@ -56,7 +56,12 @@ def diffusers_pipeline_of(index: dict, components: dict) -> str:
     conditioning, concat = index.get("conditioning") or ("none" if text is None else "text"), index.get("concat")
     schedule = index.get("schedule") or {}
     why = None
-    if type(den).__name__ == "ExtendedUNet":
+    kinds = {("MMDiT", "SD3TextEncoder"): "sd3", ("FluxModel", "FluxTextEncoder"): "flux"}
+    if (type(den).__name__, type(text).__name__) in kinds:
+        if isinstance(ae, Autoencoder) and ae.config.kind == "kl" and schedule.get("kind") == "flow":
+            return kinds[(type(den).__name__, type(text).__name__)]
+        why = "an SD3 / FLUX transformer needs a KL autoencoder and a flow schedule to run as diffusers' pipeline"
+    elif type(den).__name__ == "ExtendedUNet":
         why = ("its denoiser is an ExtendedUNet: ldmkit's extensions (context adapter / position features) have no "
                "counterpart in diffusers' UNet2DConditionModel; train without them to export")
     elif not isinstance(ae, Autoencoder) or ae.config.kind != "kl":
@@ -110,12 +115,20 @@ def save_diffusers(folder, index: dict, components: dict) -> Path:
     write_json(root / ae_folder / "config.json",
                autoencoder_config_to_diffusers(config_to_dict(ae.config), bool(defaults.get("upcast_vae", True))))
     _weights(root, ae.state_dict(), ae_folder, UNET_WEIGHTS)
-    sched = schedule_to_diffusers(index["schedule"], defaults.get("sampler", "ddim"), defaults.get("sampler_options"),
-                                  index.get("objective"))
+    if kind in ("sd3", "flux"):
+        from ldmkit.io.transformer_export import flow_scheduler_config
+
+        sched = flow_scheduler_config(index["schedule"])
+    else:
+        sched = schedule_to_diffusers(index["schedule"], defaults.get("sampler", "ddim"),
+                                      defaults.get("sampler_options"), index.get("objective"))
     write_json(root / "scheduler" / "scheduler_config.json", sched)
     model_index = {"_diffusers_version": "0.30.0", "scheduler": ["diffusers", sched["_class_name"]],
                    "_ldmkit": {"defaults": defaults, "latent_size": index.get("latent_size")}}
-    write = {"sd": _write_sd, "sdxl": _write_sdxl, "ldm": _write_ldm, "dit": _write_dit}[kind]
+    from ldmkit.io.transformer_export import write_flux, write_sd3
+
+    write = {"sd": _write_sd, "sdxl": _write_sdxl, "ldm": _write_ldm, "dit": _write_dit, "sd3": write_sd3,
+             "flux": write_flux}[kind]
     model_index.update(write(root, index, components))
     write_json(root / "model_index.json", dict(sorted(model_index.items())))
     return root
