@@ -17,7 +17,7 @@ text-to-image rules (`SDXLTextEncoder.time_ids`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -124,10 +124,6 @@ class SDXLTextEncoder(Conditioner):
     @property
     def max_length(self) -> int:
         return self.encoders[-1].max_length
-
-    @property
-    def num_time_ids(self) -> int:
-        return 5 if self.config.requires_aesthetics_score else 6
 
     @classmethod
     def build(cls, models: list[nn.Module], tokenizers: list, max_length: int | None = None, clip_skip: int = 0,
