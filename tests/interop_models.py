@@ -326,19 +326,35 @@ def to_original_sdxl(pipe, refiner: bool = False) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- SD3
-def build_sd3_pipeline(t5: bool = True, qk_norm: str | None = None, seed: int = 0, workdir: Path | None = None):
+def build_sd3_pipeline(t5: bool = True, qk_norm: str | None = None, seed: int = 0, workdir: Path | None = None,
+                       single_file: bool = False, dual_attention_layers: tuple = ()):
     """A random tiny StableDiffusion3Pipeline: MM-DiT (2 joint blocks of 2 x 16 heads), a 16-channel VAE
     without quant convs (scaling 1.5305, shift 0.0609), CLIP "L" (16 wide) and "G" (24 wide) with
     projections (16 each: pooled 32), T5 (64 wide: the joint width; the CLIPs' 40 are zero-padded to it)
-    and FlowMatchEuler with shift 3. The T5 tokenizer is a CLIP BPE one (any tokenizer serves)."""
+    and FlowMatchEuler with shift 3. The T5 tokenizer is a CLIP BPE one (any tokenizer serves).
+
+    `single_file`: the shapes an SD3 single file describes without a config -- 64-wide heads (CLIP "L" 64
+    wide, "G" 128 wide with a projection to 32; the MM-DiT 64 wide, one head, or 4 x 16 with q / k norms, whose
+    weights give their width), CLIP-L's projection the identity (SD3 pools CLIP-L unprojected), T5 v1.1's
+    gated GELU, 192 wide (the CLIPs' 64 + 128)."""
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                            StableDiffusion3Pipeline)
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    net = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=16,
-                                num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32,
-                                pooled_projection_dim=32, out_channels=16, pos_embed_max_size=16, qk_norm=qk_norm)
+    if single_file:
+        widths, heads, proj, joint = (64, 128), (1, 2), (64, 32), 192
+        mm = dict(attention_head_dim=16, num_attention_heads=4) if qk_norm else dict(attention_head_dim=64,
+                                                                                       num_attention_heads=1)
+        mm.update(caption_projection_dim=64, pooled_projection_dim=96)
+        t5_cfg = dict(d_model=192, d_ff=96, d_kv=16, num_heads=4, feed_forward_proj="gated-gelu")
+    else:
+        widths, heads, proj, joint = (16, 24), (2, 2), (16, 16), 64
+        mm = dict(attention_head_dim=16, num_attention_heads=2, caption_projection_dim=32, pooled_projection_dim=32)
+        t5_cfg = dict(d_model=64, d_ff=96, d_kv=16, num_heads=4)
+    net = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=2, joint_attention_dim=joint,
+                                out_channels=16, pos_embed_max_size=16, qk_norm=qk_norm,
+                                dual_attention_layers=dual_attention_layers, **mm)
     vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         latent_channels=16, norm_num_groups=32, sample_size=16, scaling_factor=1.5305,
@@ -347,15 +363,18 @@ def build_sd3_pipeline(t5: bool = True, qk_norm: str | None = None, seed: int = 
     toks = [make_tokenizer(work / "tok-sd3-l", "sd1"), make_tokenizer(work / "tok-sd3-g", "sd2"),
             make_tokenizer(work / "tok-sd3-t5", "sd2")]
     clips = [CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=len(toks[0]), hidden_size=w, intermediate_size=2 * w, num_hidden_layers=3, num_attention_heads=2,
-        max_position_embeddings=77, projection_dim=16, hidden_act="quick_gelu" if k == 0 else "gelu",
-        bos_token_id=0, eos_token_id=2, pad_token_id=1)) for k, w in enumerate((16, 24))]
-    t5_model = T5EncoderModel(T5Config(vocab_size=len(toks[2]), d_model=64, d_ff=96, d_kv=16, num_layers=2,
-                                       num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0)) if t5 else None
+        vocab_size=len(toks[0]), hidden_size=w, intermediate_size=2 * w, num_hidden_layers=3,
+        num_attention_heads=heads[k], max_position_embeddings=77, projection_dim=proj[k],
+        hidden_act="quick_gelu" if k == 0 else "gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1))
+        for k, w in enumerate(widths)]
+    t5_model = T5EncoderModel(T5Config(vocab_size=len(toks[2]), num_layers=2, relative_attention_num_buckets=8,
+                                       dropout_rate=0.0, **t5_cfg)) if t5 else None
     with torch.no_grad():
         for module in (net, vae, *clips, *([t5_model] if t5 else [])):
             for p in module.parameters():
                 p.add_(torch.randn_like(p) * 0.02)
+        if single_file:
+            clips[0].text_projection.weight.copy_(torch.eye(widths[0]))
     for m in (net, vae, *clips, *([t5_model] if t5 else [])):
         m.eval()
     return StableDiffusion3Pipeline(transformer=net, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
@@ -398,3 +417,130 @@ def build_flux_pipeline(dev: bool = True, seed: int = 0, workdir: Path | None = 
              else FlowMatchEulerDiscreteScheduler(shift=1.0))
     return FluxPipeline(scheduler=sched, vae=vae, text_encoder=clip, tokenizer=toks[0], text_encoder_2=t5,
                         tokenizer_2=toks[1], transformer=net)
+
+
+# ----------------------------------------------------------------------------- SD3 / FLUX.1 single files
+# Written from the original code's module names (Stability's `mmditx.py`: MMDiTX, JointBlock, DismantledBlock;
+# BFL's `flux/model.py`: DoubleStreamBlock, SingleStreamBlock, LastLayer), not from ldmkit's converters; the
+# tests check these tables against diffusers' own original->diffusers converters.
+SD3_TOP = [("pos_embed.proj", "x_embedder.proj"), ("time_text_embed.timestep_embedder.linear_1", "t_embedder.mlp.0"),
+           ("time_text_embed.timestep_embedder.linear_2", "t_embedder.mlp.2"),
+           ("time_text_embed.text_embedder.linear_1", "y_embedder.mlp.0"),
+           ("time_text_embed.text_embedder.linear_2", "y_embedder.mlp.2"), ("context_embedder", "context_embedder"),
+           ("proj_out", "final_layer.linear")]
+# DismantledBlock layers: (diffusers name in the image stream, in the text stream, original name)
+SD3_BLOCK = [("norm1.linear", "norm1_context.linear", "adaLN_modulation.1"),
+             ("attn.to_out.0", "attn.to_add_out", "attn.proj"),
+             ("attn.norm_q", "attn.norm_added_q", "attn.ln_q"), ("attn.norm_k", "attn.norm_added_k", "attn.ln_k"),
+             ("ff.net.0.proj", "ff_context.net.0.proj", "mlp.fc1"), ("ff.net.2", "ff_context.net.2", "mlp.fc2"),
+             ("attn2.to_out.0", None, "attn2.proj"), ("attn2.norm_q", None, "attn2.ln_q"),
+             ("attn2.norm_k", None, "attn2.ln_k")]
+SD3_QKV = [(("attn.to_q", "attn.to_k", "attn.to_v"), ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+            "attn.qkv"),
+           (("attn2.to_q", "attn2.to_k", "attn2.to_v"), None, "attn2.qkv")]
+
+
+def _shift_scale(t: torch.Tensor) -> torch.Tensor:
+    """diffusers' AdaLayerNormContinuous rows (scale, shift) -> the original LastLayer's (shift, scale)."""
+    scale, shift = t.chunk(2, dim=0)
+    return torch.cat([shift, scale], dim=0)
+
+
+def to_original_mmdit(state: dict) -> dict:
+    """An SD3Transformer2DModel state dict -> the original MM-DiT names (no prefix)."""
+    src, out = dict(state), {}
+    layers = 1 + max(int(k.split(".")[1]) for k in src if k.startswith("transformer_blocks."))
+
+    def take(new, old, f=lambda t: t):
+        for kind in ("weight", "bias"):
+            if f"{old}.{kind}" in src:
+                out[f"{new}.{kind}"] = f(src.pop(f"{old}.{kind}"))
+
+    out["pos_embed"] = src.pop("pos_embed.pos_embed")
+    for hf, orig in SD3_TOP:
+        take(orig, hf)
+    take("final_layer.adaLN_modulation.1", "norm_out.linear", _shift_scale)
+    for i in range(layers):
+        for k, stream in enumerate(("x_block", "context_block")):
+            pre, dst = f"transformer_blocks.{i}.", f"joint_blocks.{i}.{stream}."
+            for row in SD3_BLOCK:
+                if row[k] is not None:
+                    last = stream == "context_block" and i == layers - 1 and row[2] == "adaLN_modulation.1"
+                    take(dst + row[2], pre + row[k], _shift_scale if last else (lambda t: t))
+            for row in SD3_QKV:
+                if row[k] is not None and f"{pre}{row[k][0]}.weight" in src:
+                    for kind in ("weight", "bias"):
+                        out[f"{dst}{row[2]}.{kind}"] = torch.cat([src.pop(f"{pre}{n}.{kind}") for n in row[k]], 0)
+    assert not src, f"no original name for {sorted(src)[:5]}"
+    return out
+
+
+def to_original_sd3(pipe, t5: bool = True, clips: bool = True) -> dict[str, torch.Tensor]:
+    """A StableDiffusion3Pipeline's weights in Stability's single-file layout (`sd3_medium_incl_clips_t5xxlfp16`:
+    the MM-DiT, the VAE in CompVis names; CLIP-L without its (identity) projection, as Stability's files)."""
+    sd = {"model.diffusion_model." + k: v for k, v in to_original_mmdit(pipe.transformer.state_dict()).items()}
+    for k, v in pipe.vae.state_dict().items():
+        new = _rename(k, ldm_vae_table(pipe.vae.config), _vae_rest)
+        sd["first_stage_model." + new] = v[:, :, None, None] if ".mid.attn_1." in new and v.ndim == 2 else v
+    if clips:
+        for name, enc in (("clip_l", pipe.text_encoder), ("clip_g", pipe.text_encoder_2)):
+            for k, v in enc.state_dict().items():
+                if k.endswith("position_ids") or (name == "clip_l" and k.startswith("text_projection")):
+                    continue
+                key = k if k.startswith("text_projection") else "text_model." + k.removeprefix("text_model.")
+                sd[f"text_encoders.{name}.transformer.{key}"] = v
+    if t5 and pipe.text_encoder_3 is not None:
+        for k, v in pipe.text_encoder_3.state_dict().items():
+            if k != "encoder.embed_tokens.weight":  # tied to shared.weight
+                sd["text_encoders.t5xxl.transformer." + k] = v
+    return {k: v.clone().contiguous() for k, v in sd.items()}
+
+
+FLUX_TOP = [("x_embedder", "img_in"), ("context_embedder", "txt_in"), ("proj_out", "final_layer.linear"),
+            ("time_text_embed.timestep_embedder.linear_1", "time_in.in_layer"),
+            ("time_text_embed.timestep_embedder.linear_2", "time_in.out_layer"),
+            ("time_text_embed.text_embedder.linear_1", "vector_in.in_layer"),
+            ("time_text_embed.text_embedder.linear_2", "vector_in.out_layer"),
+            ("time_text_embed.guidance_embedder.linear_1", "guidance_in.in_layer"),
+            ("time_text_embed.guidance_embedder.linear_2", "guidance_in.out_layer")]
+FLUX_DOUBLE = [("norm1.linear", "img_mod.lin"), ("norm1_context.linear", "txt_mod.lin"),
+               ("attn.to_out.0", "img_attn.proj"), ("attn.to_add_out", "txt_attn.proj"),
+               ("ff.net.0.proj", "img_mlp.0"), ("ff.net.2", "img_mlp.2"), ("ff_context.net.0.proj", "txt_mlp.0"),
+               ("ff_context.net.2", "txt_mlp.2")]
+FLUX_NORMS = [("attn.norm_q", "img_attn.norm.query_norm"), ("attn.norm_k", "img_attn.norm.key_norm"),
+              ("attn.norm_added_q", "txt_attn.norm.query_norm"), ("attn.norm_added_k", "txt_attn.norm.key_norm")]
+
+
+def to_original_flux(state: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    """A FluxTransformer2DModel state dict -> Black Forest Labs' names (`flux1-dev.safetensors`)."""
+    src, out = dict(state), {}
+
+    def take(new, old, f=lambda t: t):
+        for kind in ("weight", "bias"):
+            if f"{old}.{kind}" in src:
+                out[f"{new}.{kind}"] = f(src.pop(f"{old}.{kind}"))
+
+    for hf, orig in FLUX_TOP:
+        take(orig, hf)
+    take("final_layer.adaLN_modulation.1", "norm_out.linear", _shift_scale)
+    for i in sorted({int(k.split(".")[1]) for k in state if k.startswith("transformer_blocks.")}):
+        pre, dst = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        for hf, orig in FLUX_DOUBLE:
+            take(dst + orig, pre + hf)
+        for hf, orig in FLUX_NORMS:  # QKNorm's RMSNorms keep a `scale`
+            out[f"{dst}{orig}.scale"] = src.pop(f"{pre}{hf}.weight")
+        for names, orig in ((("to_q", "to_k", "to_v"), "img_attn.qkv"),
+                            (("add_q_proj", "add_k_proj", "add_v_proj"), "txt_attn.qkv")):
+            for kind in ("weight", "bias"):
+                out[f"{dst}{orig}.{kind}"] = torch.cat([src.pop(f"{pre}attn.{n}.{kind}") for n in names], 0)
+    for i in sorted({int(k.split(".")[1]) for k in state if k.startswith("single_transformer_blocks.")}):
+        pre, dst = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        take(dst + "modulation.lin", pre + "norm.linear")
+        take(dst + "linear2", pre + "proj_out")
+        out[dst + "norm.query_norm.scale"] = src.pop(pre + "attn.norm_q.weight")
+        out[dst + "norm.key_norm.scale"] = src.pop(pre + "attn.norm_k.weight")
+        for kind in ("weight", "bias"):  # SingleStreamBlock.linear1: q, k, v and the MLP's input in one
+            out[f"{dst}linear1.{kind}"] = torch.cat([src.pop(f"{pre}{n}.{kind}") for n in
+                                                     ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")], 0)
+    assert not src, f"no original name for {sorted(src)[:5]}"
+    return {prefix + k: v.clone().contiguous() for k, v in out.items()}

@@ -142,6 +142,16 @@ def _build_world(root: Path) -> Path:
     save_file({f"{q}.lora_down.weight": torch.randn(2, 128), f"{q}.lora_up.weight": torch.randn(128, 2),
                f"{q}.alpha": torch.tensor(2.0)}, str(root / "lora-xl.safetensors"))
     ControlNetModel.from_unet(xl.unet, conditioning_embedding_out_channels=(16, 32)).save_pretrained(root / "cn-xl")
+    # a tiny SD3 and FLUX.1-schnell as diffusers folders and original single files (SD3: also without CLIP-G)
+    sd3 = im.build_sd3_pipeline(single_file=True, workdir=root / "work-sd3")
+    sd3.save_pretrained(root / "sd3")
+    sd3_file = im.to_original_sd3(sd3)
+    save_file(sd3_file, str(root / "sd3.safetensors"))
+    save_file({k: v for k, v in sd3_file.items() if ".clip_g." not in k}, str(root / "sd3-no-clip-g.safetensors"))
+    flux = im.build_flux_pipeline(dev=False, workdir=root / "work-sd3")
+    flux.save_pretrained(root / "flux")
+    save_file(im.to_original_flux(flux.transformer.state_dict()), str(root / "flux1.safetensors"))
+    shutil.rmtree(root / "work-sd3")
     # control data for `ldm train --method controlnet`: 4 captioned images and their control images
     for i in range(4):
         for sub in ("images", "conditioning"):
@@ -1222,6 +1232,35 @@ def sdxl_cases() -> list[Case]:
     return out
 
 
+def transformer_single_file_cases() -> list[Case]:
+    """SD3 / FLUX.1 single files: what the file lacks (text encoders, tokenizers, the rest of FLUX), --base
+    of the wrong family or on a folder, SD-only flags, damaged files."""
+    sd3, flux = f"{W}/sd3.safetensors", f"{W}/flux1.safetensors"
+
+    def gen(model, *extra):
+        return _gen("sample", model, *extra, prompt=True)
+
+    out = [Case("sd3-file-t5-without-tokenizer", gen(sd3)),
+           Case("sd3-file-no-clip-g", gen(f"{W}/sd3-no-clip-g.safetensors")),
+           Case("sd3-file-base-missing", gen(sd3, "--base", f"{T}/none")),
+           Case("sd3-file-base-is-flux", gen(sd3, "--base", f"{W}/flux")),
+           Case("sd3-file-tokenizer-flag", gen(sd3, "--base", f"{W}/sd3", "--tokenizer", f"{W}/sd3/tokenizer")),
+           Case("sd3-file-prediction-type", gen(sd3, "--base", f"{W}/sd3", "--prediction-type", "v")),
+           Case("sd3-folder-with-base", gen(f"{W}/sd3", "--base", f"{W}/sd3")),
+           Case("sd1-file-with-base", gen(f"{W}/sd1.safetensors", "--base", f"{W}/sd3")),
+           Case("flux-file-without-base", gen(flux)),
+           Case("flux-file-base-is-sd3", gen(flux, "--base", f"{W}/sd3")),
+           Case("flux-file-base-without-vae", gen(flux, "--base", f"{T}/x"), (_copy("flux", "x"),
+                _step(shutil.rmtree, "x/vae"))),
+           Case("convert-flux-file-without-base", ("convert", "--from", flux, "--to", f"{T}/out"))]
+    for name, src in (("sd3", "sd3.safetensors"), ("flux", "flux1.safetensors")):
+        for how in ("truncated-half", "header-garbage"):
+            out.append(Case(f"{name}-single-file-{how}", gen(f"{T}/m.safetensors", "--base", f"{W}/{name}"),
+                            (_copy(src, "m.safetensors"),
+                             _step(functools.partial(corrupt_safetensors, how=how), "m.safetensors"))))
+    return out
+
+
 # ----------------------------------------------------------------------------- all cases
 CASES_BY_COMMAND: dict[str, Callable[[], list[Case]]] = {
     "weights files": weights_cases,
@@ -1243,6 +1282,7 @@ CASES_BY_COMMAND: dict[str, Callable[[], list[Case]]] = {
     "ControlNets": controlnet_cases,
     "IP-Adapters": ip_adapter_cases,
     "SDXL": sdxl_cases,
+    "SD3 / FLUX.1 single files": transformer_single_file_cases,
 }
 
 

@@ -52,6 +52,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     """Load a model in any supported format; see the module docstring for the result."""
     p = resolve_model_path(path)
     kind = detect_format(p)
+    if kind != "single_file" and options.pop("base", None) is not None:
+        from ldmkit.errors import UserError
+
+        raise UserError(f"base= completes SD3 / FLUX.1 single files; {p} is a {kind} model folder")
     if kind == "ldmkit":
         return load_ldmkit_model(p, device=device, dtype=dtype)
     if kind == "diffusers":

@@ -5,10 +5,12 @@
     ldm convert --from models/sd15 --to exported/sd15 --format diffusers
     ldm convert --from some-diffusers-folder --to models/x --dtype fp16
     ldm convert --from models/sd15 --lora style.safetensors:0.8 --to models/sd15-style    (LoRA merged in)
+    ldm convert --from flux1-dev.safetensors --base FLUX.1-dev-diffusers --to models/flux-dev
 """
 from __future__ import annotations
 
-SINGLE_FILE_OPTIONS = ("prediction_type", "tokenizer", "original_config", "ema", "num_heads", "num_head_channels")
+SINGLE_FILE_OPTIONS = ("prediction_type", "tokenizer", "original_config", "ema", "num_heads", "num_head_channels",
+                       "base")
 
 
 def register(sub, argv: list[str] | None = None) -> None:
@@ -38,6 +40,9 @@ def register(sub, argv: list[str] | None = None) -> None:
     g.add_argument("--ema", action="store_true", help="use the EMA UNet weights (model_ema.*)")
     g.add_argument("--num-heads", type=int, default=None, help="UNet attention heads (SD 1.x: 8)")
     g.add_argument("--num-head-channels", type=int, default=None, help="UNet channels per head (SD 2.x: 64)")
+    g.add_argument("--base", metavar="DIR", default=None,
+                   help="SD3 / FLUX.1 single files: a diffusers SD3 / FLUX.1 folder giving what the file lacks "
+                        "(tokenizers, scheduler; text encoders and VAE the file does not hold)")
     p.set_defaults(func=_convert)
 
 

@@ -29,36 +29,51 @@ def is_flux(path: Path) -> bool:
 def load_flux(path, device=None, dtype: torch.dtype | None = None, variant: str | None = None,
               max_sequence_length: int = 512, **unused):
     """(index, components) of a diffusers FLUX.1 folder (see the module docstring)."""
-    from transformers import CLIPTextModel, T5EncoderModel
-
-    from ldmkit.autoencoder.model import Autoencoder, AutoencoderConfig
-    from ldmkit.conditioning.sd3 import FluxTextEncoder
-    from ldmkit.denoisers.flux import FluxConfig, FluxModel
+    from ldmkit.denoisers.flux import FluxConfig
     from ldmkit.errors import UserError
-    from ldmkit.io.diffusers_format import UNET_WEIGHTS, _build_on_meta, autoencoder_config_from_diffusers
-    from ldmkit.io.files import config_from_dict
-    from ldmkit.io.sd3_format import _text, _weights, flow_schedule_from_diffusers
+    from ldmkit.io.diffusers_format import UNET_WEIGHTS
+    from ldmkit.io.sd3_format import _weights, check_folder
 
     root = Path(path)
-    for sub in ("transformer", "vae", "text_encoder", "text_encoder_2", "scheduler"):
-        if not (root / sub).is_dir():
-            raise FileNotFoundError(f"{root} is not a complete diffusers FLUX folder: {sub}/ is missing")
+    check_folder(root, "FLUX")
     try:
         cfg = FluxConfig.from_dict(read_json(root / "transformer" / "config.json"))
-        ae_cfg = config_from_dict(AutoencoderConfig, autoencoder_config_from_diffusers(read_json(root / "vae" /
-                                                                                                 "config.json")))
     except (TypeError, ValueError) as exc:
         raise UserError(f"{root}: {exc}") from None
+    parts = flux_base_parts(root, variant, dtype)
+    kind = "distilled guidance" if cfg.guidance_embeds else "no guidance"
+    notes = [f"{root.name}: diffusers FluxPipeline folder ({kind})"]
+    return flux_model(cfg, _weights(root / "transformer", UNET_WEIGHTS, variant), *parts, notes, device=device,
+                      dtype=dtype, max_sequence_length=max_sequence_length)
+
+
+def flux_base_parts(root: Path, variant: str | None, dtype: torch.dtype | None):
+    """What a FLUX.1 model holds besides its transformer, from a diffusers FLUX folder: the built autoencoder,
+    (CLIP-L, tokenizer), (T5, tokenizer) and (flow schedule, sampler)."""
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from ldmkit.io.sd3_format import _text, build_autoencoder, flow_schedule_from_diffusers, read_vae
+
+    ae = build_autoencoder(*read_vae(root, variant), str(root / "vae"), dtype or torch.float32)
+    clip = _text(root, "text_encoder", "tokenizer", CLIPTextModel, variant, "text encoder 1 (CLIP)")
+    t5 = _text(root, "text_encoder_2", "tokenizer_2", T5EncoderModel, variant, "text encoder 2 (T5)")
     schedule, sampler = flow_schedule_from_diffusers(read_json(root / "scheduler" / "scheduler_config.json"),
                                                      str(root / "scheduler" / "scheduler_config.json"))
     schedule["grid"] = "flux"  # FluxPipeline's sigmas, linspace(1, 1/n, n), shifted for the image's size
+    return ae, clip, t5, (schedule, sampler)
+
+
+def flux_model(cfg, net_state: dict, ae, clip, t5, scheduling: tuple, notes: list, device=None,
+               dtype: torch.dtype | None = None, max_sequence_length: int = 512):
+    """(index, components) of a FLUX.1 model from its parts: the transformer config (`FluxConfig`) and tensors
+    (diffusers' names), the built autoencoder, (CLIP-L, tokenizer), (T5, tokenizer), (schedule, sampler)."""
+    from ldmkit.conditioning.sd3 import FluxTextEncoder
+    from ldmkit.denoisers.flux import FluxModel
+    from ldmkit.io.diffusers_format import _build_on_meta
+
     dtype = dtype or torch.float32
-    net = _build_on_meta(lambda: FluxModel(cfg), _weights(root / "transformer", UNET_WEIGHTS, variant), "transformer",
-                         dtype)
-    ae = _build_on_meta(lambda: Autoencoder(ae_cfg), _weights(root / "vae", UNET_WEIGHTS, variant), "VAE",
-                        torch.float32 if dtype == torch.float16 else dtype)
-    clip = _text(root, "text_encoder", "tokenizer", CLIPTextModel, variant, "text encoder 1 (CLIP)")
-    t5 = _text(root, "text_encoder_2", "tokenizer_2", T5EncoderModel, variant, "text encoder 2 (T5)")
+    schedule, sampler = scheduling
+    net = _build_on_meta(lambda: FluxModel(cfg), net_state, "transformer", dtype)
     text = FluxTextEncoder.build(*clip, *t5, max_sequence_length=max_sequence_length).to(dtype=dtype)
     if device is not None:
         for m in (net, ae, text):
@@ -67,9 +82,8 @@ def load_flux(path, device=None, dtype: torch.dtype | None = None, variant: str 
     index = {"format": "ldmkit", "format_version": 1, "schedule": schedule, "objective": "flow",
              "conditioning": "text", "concat": None, "latent_size": [128, 128],
              "defaults": {"sampler": sampler, "steps": 28 if dev else 4, "guidance": 3.5 if dev else 1.0},
-             "components": ["autoencoder", "conditioner", "denoiser"],
-             "notes": [f"{root.name}: diffusers FluxPipeline folder ({'distilled guidance' if dev else 'no guidance'})"]}
+             "components": ["autoencoder", "conditioner", "denoiser"], "notes": list(notes)}
     return index, {"autoencoder": ae, "denoiser": net, "conditioner": text}
 
 
-__all__ = ["FLUX_PIPELINES", "is_flux", "load_flux"]
+__all__ = ["FLUX_PIPELINES", "flux_base_parts", "flux_model", "is_flux", "load_flux"]

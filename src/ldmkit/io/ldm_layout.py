@@ -139,8 +139,10 @@ def _unet_config(state: dict, out: dict, family: str, layout: dict, num_heads, n
 _VAE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
 
-def vae_to_diffusers(state: dict, scaling_factor: float = 0.18215):
-    """LDM KL autoencoder tensors (prefix stripped) -> (diffusers AutoencoderKL config, renamed tensors)."""
+def vae_to_diffusers(state: dict, scaling_factor: float = 0.18215, shift_factor: float | None = None):
+    """LDM KL autoencoder tensors (prefix stripped) -> (diffusers AutoencoderKL config, renamed tensors).
+    SD3's 16-channel autoencoder has no quant convs (use_quant_conv / use_post_quant_conv false) and a
+    `shift_factor`."""
     state = {k: v for k, v in state.items() if not k.startswith("loss.")}  # training losses, not the model
     n_down = len(_indices(state, "encoder.down."))
     n_up = len(_indices(state, "decoder.up."))
@@ -196,12 +198,16 @@ def vae_to_diffusers(state: dict, scaling_factor: float = 0.18215):
         "up_block_types": ["UpDecoderBlock2D"] * n_up,
         "block_out_channels": channels,
         "layers_per_block": layers,
-        "latent_channels": state["post_quant_conv.weight"].shape[0],
+        "latent_channels": state["decoder.conv_in.weight"].shape[1],
         "norm_num_groups": 32,
         "act_fn": "silu",
         "sample_size": 512,
         "scaling_factor": scaling_factor,
+        "use_quant_conv": "quant_conv.weight" in state,
+        "use_post_quant_conv": "post_quant_conv.weight" in state,
     }
+    if shift_factor is not None:
+        config["shift_factor"] = shift_factor
     return config, out
 
 

@@ -10,6 +10,9 @@ under a prefix:
     betas, alphas_cumprod, ...        the training schedule as buffers (optional)
     model_ema.*                      EMA copy of the UNet (optional, `ema=True` uses it)
 
+SD3 / SD3.5 files (`model.diffusion_model.joint_blocks.*`) and Black Forest Labs' FLUX.1 files
+(`double_blocks.*`) are recognised by their keys and read by `io.sd3_single_file` / `io.flux_single_file`.
+
 This module renames those tensors to diffusers' names (which are ldmkit's
 names: see docs/internals.md) and infers the architecture from the tensor
 shapes, producing a `DiffusersParts` that `ldmkit.io.diffusers_format` turns
@@ -234,11 +237,12 @@ PREDICTION_TYPES = {"eps": "epsilon", "epsilon": "epsilon", "v": "v_prediction",
 
 def single_file_to_parts(path, prediction_type: str | None = None, original_config=None, tokenizer=None,
                          ema: bool = False, num_heads: int | None = None, num_head_channels: int | None = None,
-                         scaling_factor: float | None = None) -> DiffusersParts:
-    """Read an original SD checkpoint and rename/infer everything into diffusers' terms."""
+                         scaling_factor: float | None = None, checkpoint: tuple | None = None) -> DiffusersParts:
+    """Read an original SD checkpoint (or take `checkpoint`, what `read_checkpoint(path)` returned) and
+    rename/infer everything into diffusers' terms."""
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type={prediction_type!r}: expected one of {sorted(PREDICTION_TYPES)}")
-    state, meta = read_checkpoint(path)
+    state, meta = checkpoint if checkpoint is not None else read_checkpoint(path)
     family = detect_family(state)
     if family == "sdxl":
         from ldmkit.io.sdxl_single_file import sdxl_to_parts
@@ -298,17 +302,49 @@ def single_file_to_parts(path, prediction_type: str | None = None, original_conf
         pad_with_eos=family == "sd1", notes=notes)
 
 
-def load_single_file(path, device="cpu", dtype=None, **opts):
-    """Load an original single-file SD checkpoint as an ldmkit model (see `ldmkit.io.load_model`).
+# the options of SD3 / FLUX.1 single files (io.sd3_single_file, io.flux_single_file); the others are SD's
+TRANSFORMER_OPTIONS = {"sd3": ("base", "without_t5", "max_sequence_length", "clip_skip", "num_heads", "variant"),
+                       "flux": ("base", "max_sequence_length", "variant")}
 
-    Options: prediction_type ('eps' | 'v'), original_config (CompVis YAML path; default: a .yaml file
-    with the checkpoint's name next to it, if any),
+
+def load_single_file(path, device="cpu", dtype=None, **opts):
+    """Load an original single-file checkpoint as an ldmkit model (see `ldmkit.io.load_model`).
+
+    SD 1.x / 2.x / SDXL options: prediction_type ('eps' | 'v'), original_config (CompVis YAML path; default:
+    a .yaml file with the checkpoint's name next to it, if any),
     tokenizer (folder with vocab.json + merges.txt, or a diffusers model folder; default: CLIP's BPE
     vocabulary from the clip-anytorch package),
     ema (use the EMA UNet weights), num_heads / num_head_channels, scaling_factor; and those of
     `parts_to_model`: upcast_vae, max_length, clip_skip.
+    SD3 / SD3.5 files (`model.diffusion_model.joint_blocks.*`, io.sd3_single_file) and Black Forest Labs'
+    FLUX.1 files (`double_blocks.*`, io.flux_single_file): `TRANSFORMER_OPTIONS`, `base` a diffusers folder of
+    the same family that gives what the file lacks.
     """
+    from ldmkit.errors import UserError
     from ldmkit.io.diffusers_format import parts_to_model
+    from ldmkit.io.flux_single_file import is_flux_file
+    from ldmkit.io.sd3_single_file import is_sd3_file
 
-    build = {k: opts.pop(k) for k in ("upcast_vae", "max_length", "clip_skip") if k in opts}
-    return parts_to_model(single_file_to_parts(path, **opts), device=device, dtype=dtype, **build)
+    checkpoint = read_checkpoint(path)
+    family = "sd3" if is_sd3_file(checkpoint[0]) else "flux" if is_flux_file(checkpoint[0]) else None
+    if family is None:
+        if opts.get("base") is not None:
+            raise UserError(f"base={opts['base']} only applies to SD3 and FLUX.1 single files; {Path(path).name} is "
+                            "neither (pass tokenizer=FOLDER for its tokenizer)")
+        opts.pop("base", None)
+        build = {k: opts.pop(k) for k in ("upcast_vae", "max_length", "clip_skip") if k in opts}
+        return parts_to_model(single_file_to_parts(path, checkpoint=checkpoint, **opts), device=device, dtype=dtype,
+                              **build)
+    given = {k: v for k, v in opts.items() if v is not None and v is not False}
+    wrong = sorted(set(given) - set(TRANSFORMER_OPTIONS[family]))
+    if wrong:
+        raise UserError(f"{', '.join(wrong)}: not {'an option' if len(wrong) == 1 else 'options'} of "
+                        f"{'SD3' if family == 'sd3' else 'FLUX.1'} single files ({Path(path).name}), which take "
+                        f"{', '.join(TRANSFORMER_OPTIONS[family])}")
+    if family == "sd3":
+        from ldmkit.io.sd3_single_file import load_sd3_single_file
+
+        return load_sd3_single_file(path, checkpoint[0], device=device, dtype=dtype, **given)
+    from ldmkit.io.flux_single_file import load_flux_single_file
+
+    return load_flux_single_file(path, checkpoint[0], device=device, dtype=dtype, **given)
