@@ -388,9 +388,11 @@ class UNetEncoder(nn.Module):
             temb = temb + self.add_embedding(torch.cat([pooled.to(x.device), fourier.to(pooled.dtype)], -1).to(temb.dtype))
         return temb
 
-    def encode(self, h: torch.Tensor, temb: torch.Tensor, context, context_mask):
+    def encode(self, h: torch.Tensor, temb: torch.Tensor, context, context_mask, depth: int | None = None):
         """h = conv_in(x) [B, c0, H, W] -> (mid-block output [B, c_last, H / 2^(n-1), W / 2^(n-1)],
-        the skips: conv_in's output, every down resnet's (+ attention's), every downsampler's)."""
+        the skips: conv_in's output, every down resnet's (+ attention's), every downsampler's). With `depth`
+        it stops once that many skips are made and returns (the last of them, the skips): the shallow
+        part a feature cache's partial step runs (`denoisers.feature_cache`)."""
         skips = [h]
         ck = self.gradient_checkpointing and self.training
 
@@ -403,9 +405,13 @@ class UNetEncoder(nn.Module):
                 if level.attentions is not None:
                     h = attend(level.attentions[j], h)
                 skips.append(h)
+                if len(skips) == depth:
+                    return h, skips
             if level.downsamplers is not None:
                 h = level.downsamplers[0](h)
                 skips.append(h)
+                if len(skips) == depth:
+                    return h, skips
 
         if self.mid_block is not None:
             h = run_block(self.mid_block.resnets[0], h, temb, checkpoint=ck)
@@ -418,7 +424,10 @@ class UNetEncoder(nn.Module):
 class UNet(UNetEncoder):
     """SD-compatible conditional UNet. ``forward(x, t, context, class_labels, context_mask)``; a
     ControlNet's residuals add to the skips and the mid-block output (``down_residuals``,
-    ``mid_residual``), as in diffusers."""
+    ``mid_residual``), as in diffusers. ``feature_cache`` (a ``denoisers.feature_cache.FeatureCache``,
+    set only while a cached sampling call runs) lets a forward reuse the deep features of an earlier one."""
+
+    feature_cache = None
 
     def __init__(self, config: UNetConfig):
         super().__init__(config)
@@ -459,23 +468,41 @@ class UNet(UNetEncoder):
         if context_mask is not None:
             context_mask = context_mask.to(device=x.device, dtype=torch.bool)
         temb = self.embed_time(x, t, class_labels, pooled, time_ids)
-        h, skips = self.encode(self.conv_in(x), temb, context, context_mask)
+        cache = self.feature_cache
+        partial = cache is not None and cache.begin(x)  # a partial step: the shallow layers only
+        h, skips = self.encode(self.conv_in(x), temb, context, context_mask, cache.depth if partial else None)
+        if partial:
+            h = cache.features()
         if down_residuals is not None:  # diffusers: added after the whole down path, the mid block unchanged
-            if len(down_residuals) != len(skips):
-                raise ValueError(f"{len(down_residuals)} residuals for {len(skips)} skip connections: a "
-                                 "ControlNet made for another UNet")
-            skips = [s + r for s, r in zip(skips, down_residuals)]
-        if mid_residual is not None:
+            if len(down_residuals) != len(self.skip_channels):
+                raise ValueError(f"{len(down_residuals)} residuals for {len(self.skip_channels)} skip connections: "
+                                 "a ControlNet made for another UNet")
+            skips = [s + r for s, r in zip(skips, down_residuals)]  # a partial step: the shallow skips' only
+        if mid_residual is not None and not partial:  # a partial step's deep features are cached, residual and all
             h = h + mid_residual
-        ck = self.gradient_checkpointing and self.training
+        h = self.decode(h, skips, temb, context, context_mask, cache)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
 
+    def decode(self, h: torch.Tensor, skips: list, temb: torch.Tensor, context, context_mask,
+               cache=None) -> torch.Tensor:
+        """The up levels: each resnet concatenates the last skip, each upsampler goes to the next skip's size
+        (odd sizes, e.g. 65 -> 33 -> 65, then line up). Given fewer skips than the down path makes (a feature
+        cache's partial step), `h` is the cached input of the layer that takes the last of them and the
+        deeper layers are skipped; `cache` records that input at a full step."""
+        ck = self.gradient_checkpointing and self.training
+        pos = len(self.skip_channels)  # the skip the next up resnet takes is skips[pos - 1]
+        ran = len(skips) == pos  # a partial step starts part way, at the cached features
         for level in self.up_blocks:
             for j, res in enumerate(level.resnets):
+                pos -= 1
+                if pos >= len(skips):
+                    continue  # a partial step: this layer's output is inside the cached features
+                if cache is not None:
+                    cache.record(pos, h)
+                ran = True
                 h = run_block(res, torch.cat([h, skips.pop()], dim=1), temb, checkpoint=ck)
                 if level.attentions is not None:
                     h = run_block(level.attentions[j], h, context, context_mask, checkpoint=ck)
-            if level.upsamplers is not None:
-                # upsample to the next skip's size: odd sizes (e.g. 65 -> 33 -> 65) then line up
+            if level.upsamplers is not None and ran:
                 h = level.upsamplers[0](h, output_size=skips[-1].shape[-2:])
-
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return h

@@ -23,7 +23,8 @@ LABELS = (("steps", "Steps"), ("sampler", "Sampler"), ("guidance", "CFG scale"),
           ("class", "Class"), ("guidance_rescale", "CFG rescale"), ("noise_level", "Noise level"),
           ("inpaint_mode", "Inpaint mode"), ("lora_hashes", "Lora hashes"), ("ti_hashes", "TI hashes"),
           ("controlnets", "ControlNets"), ("controlnet_hashes", "ControlNet hashes"), ("ip_adapter", "IP-Adapter"),
-          ("ip_adapter_hash", "IP-Adapter hash"), ("version", "Version"))
+          ("ip_adapter_hash", "IP-Adapter hash"), ("cache_interval", "Cache interval"), ("cache_branch", "Cache branch"),
+          ("version", "Version"))
 KARRAS, UNIFORM, AUTOMATIC = "Karras", "Uniform", "Automatic"
 AUTOMATIC_KARRAS = ("DPM++ 2M", "DPM++ SDE")  # A1111 samplers whose "Automatic" schedule is Karras'
 _FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # Label: value | "quoted"
@@ -126,7 +127,8 @@ def settings_from_infotext(fields: dict, flow: bool = False) -> dict:
     not have comes back as "a1111_sampler" (label, schedule type) instead of "sampler"."""
     out: dict = {"prompt": fields.get("Prompt", ""), "negative_prompt": fields.get("Negative prompt", "")}
     numbers = (("Steps", "steps", int), ("Seed", "seed", int), ("CFG scale", "guidance", float),
-               ("Denoising strength", "strength", float), ("CFG rescale", "guidance_rescale", float))
+               ("Denoising strength", "strength", float), ("CFG rescale", "guidance_rescale", float),
+               ("Cache interval", "cache_interval", int), ("Cache branch", "cache_branch", int))
     for label, key, kind in numbers:
         if label in fields:
             try:

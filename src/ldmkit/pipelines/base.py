@@ -37,7 +37,7 @@ from ldmkit.conditioning.base import trim_padding
 from ldmkit.conditioning.prompt_syntax import encode_prompts, same_length
 from ldmkit.diffusion import (Denoiser, cfg, get_sampler, img2img_start, noise_to, plan, prediction_name,
                               sampler_names, split_options)
-from ldmkit.pipelines import vae_decode
+from ldmkit.pipelines import feature_cache, vae_decode
 from ldmkit.pipelines.control import ControlRun
 from ldmkit.util import progress, weights_sha256
 
@@ -70,6 +70,8 @@ class Settings:
     progress: bool = True
     sampler_options: dict = field(default_factory=dict)  # e.g. DDIM's set_alpha_to_one, clip_x0, eta
     micro: dict = field(default_factory=dict)  # SDXL micro-conditioning (conditioning.sdxl.MICRO); {} = defaults
+    cache_interval: int = 1  # UNet feature caching: the whole UNet every N-th evaluation (pipelines.feature_cache)
+    cache_branch: int = 0  # where it cuts the UNet (denoisers.feature_cache)
 
 
 def _slice_cond(cond: Any, lo: int, hi: int, batch: int) -> Any:
@@ -222,7 +224,7 @@ class PipelineCore:
     # ------------------------------------------------------------------ settings
     def settings(self, *, sampler=None, steps=None, guidance=None, guidance_rescale=None, height=None,
                  width=None, batch_size=None, max_model_batch=None, decode_batch=1, vae_tile=None,
-                 progress=True, sampler_options=None, micro=None) -> Settings:
+                 progress=True, sampler_options=None, micro=None, cache_interval=None, cache_branch=None) -> Settings:
         """Fill unset values from model_index.json "defaults" (then built-in ones) and check them all."""
         d = self.defaults
         flow = getattr(self.schedule, "kind", "discrete") == "flow"
@@ -264,7 +266,8 @@ class PipelineCore:
         if sampler_options is None:  # the model's options belong to its default sampler (e.g. from diffusers)
             sampler_options = dict(d.get("sampler_options") or {}) if sampler == d.get("sampler") else {}
         return Settings(sampler, steps, guidance, rescale, height, width, batch_size, max_model_batch,
-                        decode_batch, vae_tile, progress, dict(sampler_options), self._micro(micro))
+                        decode_batch, vae_tile, progress, dict(sampler_options), self._micro(micro),
+                        **feature_cache.check(self.denoiser, cache_interval, cache_branch))
 
     def _micro(self, micro: dict | None) -> dict:
         """SDXL's micro-conditioning settings, checked (other models take none)."""
@@ -445,7 +448,8 @@ class PipelineCore:
             run = ControlRun(self.controlnets, control, guess, len(p.timesteps) - start, rows=len(seeds),
                              adapt_context=getattr(self.denoiser, "adapt_context", None))
         mode = getattr(self.denoiser, "guidance_mode", "cfg")  # FLUX.1: "distilled" (dev) or "none" (schnell)
-        fn = self.model_fn(concat, labels, s.max_model_batch, run, s.guidance if mode == "distilled" else None)
+        fn = feature_cache.wrap(self.denoiser, s, self.model_fn(concat, labels, s.max_model_batch, run,
+                                                                s.guidance if mode == "distilled" else None))
         if cond is None or mode != "cfg":
             def network(x, t):
                 return fn(x, t, cond)
@@ -528,6 +532,7 @@ class PipelineCore:
             if s.guidance_rescale:
                 meta["guidance_rescale"] = s.guidance_rescale
         meta["size"] = f"{s.width}x{s.height}"
+        meta.update(feature_cache.metadata(s))
         meta.update({k: v for k, v in extra.items() if v is not None})
         meta["model_hash"] = self.model_hash
         loras = [a for a in self.adapters if a["kind"] == "lora"]

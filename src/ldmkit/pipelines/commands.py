@@ -88,14 +88,22 @@ def _common(p, sizes: bool = True) -> None:
     p.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: float16 on CUDA)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     if sizes:
-        from ldmkit.pipelines import sdxl_cli
+        from ldmkit.pipelines import feature_cache, sdxl_cli
 
         sdxl_cli.add_flags(p)
+        feature_cache.add_flags(p)
+    _single_file_flags(p)
+
+
+def _single_file_flags(p) -> None:
     single = p.add_argument_group("original single-file checkpoints (.safetensors / .ckpt)")
     single.add_argument("--prediction-type", choices=("eps", "v"), default=None,
                         help="what the UNet predicts (SD 2.x 768 models: v); not stored in the weights")
     single.add_argument("--original-config", default=None, help="the checkpoint's CompVis YAML (default: NAME.yaml beside it)")
     single.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder to use with the checkpoint")
+    single.add_argument("--base", default=None, metavar="DIR",
+                        help="SD3 / FLUX.1 single files: a diffusers SD3 / FLUX.1 folder giving what the file lacks "
+                             "(tokenizers, scheduler; text encoders and VAE the file does not hold)")
 
 
 def register(sub, argv: list[str] | None = None) -> None:
@@ -338,7 +346,7 @@ def _check_args(args) -> None:
             if not parent.is_dir() and (parent != out or out.suffix.lower() != ".png"):
                 raise ValueError(f"--out {out}: {parent} is a file, not a folder")
             break
-    for name in ("max_model_batch", "decode_batch"):
+    for name in ("max_model_batch", "decode_batch", "cache_interval"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')}={v} must be >= 1")
@@ -490,7 +498,7 @@ def run(args) -> int:
 
     importer_options = {k: v for k, v in (("prediction_type", args.prediction_type),
                                            ("original_config", args.original_config),
-                                           ("tokenizer", args.tokenizer)) if v is not None}
+                                           ("tokenizer", args.tokenizer), ("base", args.base)) if v is not None}
     pipe = load(args.model, device=args.device, dtype=args.dtype, **importer_options)
     if args.from_png:  # what needs the model: A1111's "Euler" on a flow model, another model's hash
         from ldmkit.pipelines.from_png import after_load
@@ -503,9 +511,9 @@ def run(args) -> int:
                   max_model_batch=args.max_model_batch, decode_batch=args.decode_batch, vae_tile=args.vae_tile,
                   progress=not args.no_progress, **picked)
     if task not in ("upscale", "semantic2img"):
-        from ldmkit.pipelines import sdxl_cli
+        from ldmkit.pipelines import feature_cache, sdxl_cli
 
-        common.update(height=args.height, width=args.width, micro=sdxl_cli.micro_of(args))
+        common.update(height=args.height, width=args.width, micro=sdxl_cli.micro_of(args), **feature_cache.settings_of(args))
         sdxl_cli.attach_refiner(pipe, args, **importer_options)
     prompt = None
     if prompts is not None:

@@ -17,7 +17,7 @@ from ldmkit.io.images import read_png_text
 _FIELDS = (("prompt", "prompt"), ("negative_prompt", "negative_prompt"), ("class", "class_label"),
            ("steps", "steps"), ("sampler", "sampler"), ("guidance", "guidance"),
            ("guidance_rescale", "guidance_rescale"), ("height", "height"), ("width", "width"),
-           ("strength", "strength"))
+           ("strength", "strength"), ("cache_interval", "cache_interval"), ("cache_branch", "cache_branch"))
 
 
 def apply_png_settings(args) -> dict:
