@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldmkit.diffusion import (SAMPLERS, DiscreteSchedule, FlowSchedule, convert, flow_time, noise_to, plan,
+from ldmkit.diffusion import (SAMPLERS, DiscreteSchedule, FlowSchedule, convert, noise_to, plan,
                               sample, sampler_names)
 
 N, D = 4096, 4

@@ -28,15 +28,14 @@ imported or called), everything else that is not a tensor is refused.
 """
 from __future__ import annotations
 
-import re
 import warnings
 from pathlib import Path
 
 import torch
 
 from ldmkit.io.diffusers_format import DiffusersParts
-from ldmkit.io.ldm_layout import (_indices, _strip, clip_to_transformers, openclip_to_transformers,  # noqa: F401
-                                unet_to_diffusers, vae_to_diffusers)
+from ldmkit.io.ldm_layout import (_strip, clip_to_transformers, openclip_to_transformers, unet_to_diffusers,
+                                vae_to_diffusers)
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
