@@ -87,10 +87,13 @@ PRESETS: dict[str, MMDiTConfig] = {
     # SD3.5 Medium (2.5B): as SD3 Medium with q / k norms and an image-only attention in blocks 0-12.
     "sd3.5-medium": MMDiTConfig(num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
                                 pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13))),
-    # CPU-sized: trains on the shapes set's 16-channel latents in minutes.
+    # CPU-sized (`ldm train` fits channels and text widths to the data): train on the shapes set in minutes.
     "mmdit-tiny": MMDiTConfig(sample_size=8, num_layers=4, attention_head_dim=32, num_attention_heads=4,
                               joint_attention_dim=384, caption_projection_dim=128, pooled_projection_dim=384,
                               pos_embed_max_size=16),
+    "mmdit-small": MMDiTConfig(sample_size=8, num_layers=6, attention_head_dim=32, num_attention_heads=6,
+                               joint_attention_dim=384, caption_projection_dim=192, pooled_projection_dim=384,
+                               pos_embed_max_size=16),
 }
 
 
