@@ -22,7 +22,7 @@ from torch import nn
 
 from ldmkit.conditioning.base import Conditioner, Conditioning
 from ldmkit.conditioning.sdxl import SDXLTextPart
-from ldmkit.conditioning.text import PretrainedTextConfig, _FrozenHFText
+from ldmkit.conditioning.text import PretrainedTextConfig, _FrozenHFText, hf_config_fields
 
 
 class T5Part(_FrozenHFText):
@@ -119,7 +119,7 @@ class SD3TextEncoder(Conditioner):
         for k, enc in enumerate(cfg.clip):
             pc = config_from_dict(PretrainedTextConfig, enc)
             check_hf_text_config(pc.hf_config, f"{Path(folder) / 'config.json'} (CLIP {k})")
-            model = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(_strip(pc.hf_config)))
+            model = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(hf_config_fields(pc.hf_config)))
             d = Path(folder) / f"tokenizer_{k}"
             parts.append(SDXLTextPart(pc, model, load_hf_tokenizer(
                 lambda d=d: CLIPTokenizer.from_pretrained(str(d), local_files_only=True), d)))
@@ -128,21 +128,14 @@ class SD3TextEncoder(Conditioner):
             pc = config_from_dict(PretrainedTextConfig, cfg.t5)
             check_hf_text_config(pc.hf_config, f"{Path(folder) / 'config.json'} (T5)")
             d = Path(folder) / "tokenizer_t5"
-            t5 = T5Part(pc, T5EncoderModel(T5Config.from_dict(_strip(pc.hf_config))), load_hf_tokenizer(
+            t5 = T5Part(pc, T5EncoderModel(T5Config.from_dict(hf_config_fields(pc.hf_config))), load_hf_tokenizer(
                 lambda: AutoTokenizer.from_pretrained(str(d), local_files_only=True), d))
         return cls(cfg, parts, t5)
 
 
 def _hf(model) -> dict:
-    d = model.config.to_dict()
-    for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
-        d.pop(k, None)
-    d["architectures"] = [type(model).__name__]
-    return d
-
-
-def _strip(hf: dict) -> dict:
-    return {k: v for k, v in hf.items() if k != "architectures"}
+    """The config a component records: the model's fields and its class (CLIP with or without projection)."""
+    return {**hf_config_fields(model.config.to_dict()), "architectures": [type(model).__name__]}
 
 
 
@@ -204,9 +197,10 @@ class FluxTextEncoder(Conditioner):
         for what, c in (("CLIP", pc), ("T5", pt)):
             check_hf_text_config(c.hf_config, f"{Path(folder) / 'config.json'} ({what})")
         dc, dt = Path(folder) / "tokenizer_clip", Path(folder) / "tokenizer_t5"
-        clip = CLIPTextEncoder(pc, CLIPTextModel(CLIPTextConfig.from_dict(_strip(pc.hf_config))), load_hf_tokenizer(
+        clip_model = CLIPTextModel(CLIPTextConfig.from_dict(hf_config_fields(pc.hf_config)))
+        clip = CLIPTextEncoder(pc, clip_model, load_hf_tokenizer(
             lambda: CLIPTokenizer.from_pretrained(str(dc), local_files_only=True), dc))
-        t5 = T5Part(pt, T5EncoderModel(T5Config.from_dict(_strip(pt.hf_config))), load_hf_tokenizer(
+        t5 = T5Part(pt, T5EncoderModel(T5Config.from_dict(hf_config_fields(pt.hf_config))), load_hf_tokenizer(
             lambda: AutoTokenizer.from_pretrained(str(dt), local_files_only=True), dt))
         return cls(cfg, clip, t5)
 __all__ = ["FluxTextConfig", "FluxTextEncoder", "SD3TextConfig", "SD3TextEncoder", "T5Part"]

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ldmkit.conditioning.base import Conditioner, Conditioning
-from ldmkit.conditioning.text import CLIPTextEncoder, PretrainedTextConfig
+from ldmkit.conditioning.text import CLIPTextEncoder, PretrainedTextConfig, hf_config_fields
 
 # micro-conditioning settings a pipeline call may give, with what they default to
 MICRO = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
@@ -132,10 +132,7 @@ class SDXLTextEncoder(Conditioner):
         """From transformers models (CLIPTextModel and/or CLIPTextModelWithProjection) and their tokenizers."""
         parts = []
         for model, tok in zip(models, tokenizers):
-            hf = model.config.to_dict()
-            for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
-                hf.pop(k, None)
-            hf["architectures"] = [type(model).__name__]
+            hf = {**hf_config_fields(model.config.to_dict()), "architectures": [type(model).__name__]}
             length = max_length or min(int(tok.model_max_length), model.config.max_position_embeddings)
             parts.append(SDXLTextPart(PretrainedTextConfig(hf, length, clip_skip, False), model, tok))
         width = int(getattr(models[-1].config, "projection_dim", models[-1].config.hidden_size))
@@ -176,7 +173,7 @@ class SDXLTextEncoder(Conditioner):
         for k, (enc, proj) in enumerate(zip(cfg.encoders, cfg.projection)):
             pc = config_from_dict(PretrainedTextConfig, enc)
             check_hf_text_config(pc.hf_config, f"{Path(folder) / 'config.json'} (text encoder {k})")
-            hf = {key: v for key, v in pc.hf_config.items() if key != "architectures"}
+            hf = hf_config_fields(pc.hf_config)
             model = (CLIPTextModelWithProjection if proj else CLIPTextModel)(CLIPTextConfig.from_dict(hf))
             tok_dir = Path(folder) / f"tokenizer_{k}"
             tok = load_hf_tokenizer(lambda d=tok_dir: CLIPTokenizer.from_pretrained(str(d), local_files_only=True),

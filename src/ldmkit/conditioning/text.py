@@ -31,6 +31,12 @@ MAX_TOKENS = 16384  # the longest token sequence a text encoder config may ask f
 PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
 SPECIAL_TOKENS = [PAD, UNK, BOS, EOS]  # ids 0..3
 TOKENIZER_FILE = "tokenizer.json"
+HF_META_KEYS = ("_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype")
+
+
+def hf_config_fields(cfg: dict) -> dict:
+    """A transformers config dict without its bookkeeping (HF_META_KEYS): the fields that rebuild the model."""
+    return {k: v for k, v in cfg.items() if k not in HF_META_KEYS}
 
 
 @contextlib.contextmanager
@@ -433,13 +439,6 @@ class _FrozenHFText(Conditioner):
     def null(self, batch_size: int) -> Conditioning:
         return self.encode([""] * batch_size)
 
-    @staticmethod
-    def _hf_config_dict(model) -> dict:
-        d = model.config.to_dict()
-        for k in ("_name_or_path", "transformers_version", "architectures", "torch_dtype", "dtype"):
-            d.pop(k, None)
-        return d
-
 
 class BertTextEncoder(_FrozenHFText):
     """Frozen all-MiniLM-L6-v2: context = last hidden states [B, L, 384] (or those after layer
@@ -476,7 +475,7 @@ class BertTextEncoder(_FrozenHFText):
             from ldmkit.util import tensors_sha256
 
             sha = tensors_sha256(model.state_dict())
-        return cls(PretrainedTextConfig(cls._hf_config_dict(model), max_length, 0, use_mask, hidden_layer, package,
+        return cls(PretrainedTextConfig(hf_config_fields(model.config.to_dict()), max_length, 0, use_mask, hidden_layer, package,
                                         sha, normalize), model, tok)
 
     @classmethod
@@ -535,7 +534,7 @@ class CLIPTextEncoder(_FrozenHFText):
             model = CLIPTextModel.from_pretrained(str(path), local_files_only=True)
             tok = CLIPTokenizer.from_pretrained(str(tokenizer_path or path), local_files_only=True)
         max_length = max_length or min(tok.model_max_length, model.config.max_position_embeddings)
-        return cls(PretrainedTextConfig(cls._hf_config_dict(model), max_length, clip_skip, use_mask), model, tok)
+        return cls(PretrainedTextConfig(hf_config_fields(model.config.to_dict()), max_length, clip_skip, use_mask), model, tok)
 
     @classmethod
     def from_component(cls, config: dict, folder) -> "CLIPTextEncoder":

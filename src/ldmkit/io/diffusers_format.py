@@ -343,11 +343,10 @@ def _tokenizer(parts: DiffusersParts, max_positions: int):
 def build_text_conditioner(parts: DiffusersParts, max_length: int | None = None, clip_skip: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ldmkit.conditioning.text import CLIPTextEncoder, PretrainedTextConfig, check_hf_text_config
+    from ldmkit.conditioning.text import CLIPTextEncoder, PretrainedTextConfig, check_hf_text_config, hf_config_fields
 
     check_hf_text_config(parts.text_config, "text encoder config")
-    cfg = {k: v for k, v in parts.text_config.items()
-           if k not in ("_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype")}
+    cfg = hf_config_fields(parts.text_config)
     model_type = cfg.pop("model_type", "clip_text_model")
     if model_type not in ("clip_text_model", "clip"):
         raise ValueError(f"text encoder model_type {model_type!r} is not a CLIP text model")
@@ -364,10 +363,7 @@ def build_text_conditioner(parts: DiffusersParts, max_length: int | None = None,
         raise ValueError(f"the tokenizer has {len(tok)} tokens but the text encoder embeds only {hf.vocab_size}: "
                          "pass the model's own tokenizer (--tokenizer FOLDER)")
     length = max_length or min(int(tok.model_max_length), hf.max_position_embeddings)
-    hf_dict = hf.to_dict()
-    for k in ("_name_or_path", "transformers_version", "architectures", "torch_dtype", "dtype"):
-        hf_dict.pop(k, None)
-    return CLIPTextEncoder(PretrainedTextConfig(hf_dict, length, clip_skip, False), model, tok)
+    return CLIPTextEncoder(PretrainedTextConfig(hf_config_fields(hf.to_dict()), length, clip_skip, False), model, tok)
 
 
 # ----------------------------------------------------------------------------- building our model

@@ -58,10 +58,10 @@ def _weights(folder: Path, stem: str, variant: str | None) -> dict:
 def hf_text_model(cls, cfg: dict, state: dict, what: str):
     """A transformers text model (`cls`: CLIPTextModel[WithProjection], T5EncoderModel) from its config dict and
     tensors, checked: CLIP names with or without `text_model.`, buffers and T5's tied embedding filled in."""
+    from ldmkit.conditioning.text import hf_config_fields
     from ldmkit.io.files import check_state_dict
 
-    hf = {k: v for k, v in cfg.items() if k not in ("_name_or_path", "architectures", "transformers_version",
-                                                      "torch_dtype", "dtype")}
+    hf = hf_config_fields(cfg)
     model = cls(cls.config_class.from_dict(hf))
     own = model.state_dict()
     inner = any(k.startswith("text_model.") for k in own)

@@ -42,15 +42,14 @@ def build_sdxl_conditioner(texts: list[dict], options: dict, max_length: int | N
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from ldmkit.conditioning.sdxl import SDXLTextEncoder
-    from ldmkit.conditioning.text import check_hf_text_config, load_hf_tokenizer
+    from ldmkit.conditioning.text import check_hf_text_config, hf_config_fields, load_hf_tokenizer
     from ldmkit.io.files import check_state_dict
 
     models, tokenizers = [], []
     for k, part in enumerate(texts):
         what = f"text encoder {k + 1}"
         check_hf_text_config(part["config"], f"{what} config")
-        cfg = {key: v for key, v in part["config"].items()
-               if key not in ("_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype")}
+        cfg = hf_config_fields(part["config"])
         if cfg.pop("model_type", "clip_text_model") not in ("clip_text_model", "clip"):
             raise ValueError(f"{what}: model_type is not a CLIP text model")
         hf = CLIPTextConfig.from_dict(cfg)

@@ -300,7 +300,7 @@ def new_clip_text_encoder(width: int, depth: int, heads: int, max_length: int, n
     diffusers StableDiffusionPipeline can run, so such a model exports."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from ldmkit.conditioning.text import CLIPTextEncoder, PretrainedTextConfig
+    from ldmkit.conditioning.text import CLIPTextEncoder, PretrainedTextConfig, hf_config_fields
     from ldmkit.io.diffusers_format import clip_bpe_files
 
     folder = clip_bpe_files()
@@ -312,7 +312,7 @@ def new_clip_text_encoder(width: int, depth: int, heads: int, max_length: int, n
     hf = CLIPTextConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=4 * width, num_hidden_layers=depth,
                         num_attention_heads=heads, max_position_embeddings=max_length, hidden_act="quick_gelu",
                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    enc = CLIPTextEncoder(PretrainedTextConfig(CLIPTextEncoder._hf_config_dict(CLIPTextModel(hf)), max_length,
+    enc = CLIPTextEncoder(PretrainedTextConfig(hf_config_fields(hf.to_dict()), max_length,
                                                normalize=normalize), CLIPTextModel(hf), tok)
     enc.model.requires_grad_(True)  # trained with the denoiser
     return enc
