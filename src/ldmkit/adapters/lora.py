@@ -11,6 +11,7 @@ are ldmkit's). Layers of a Conv2d carry conv factors (LoCon): down [r, in, kh, k
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -114,6 +115,22 @@ def extract(module: nn.Module) -> dict[str, LoRALayer]:
                                   m.lora_B["default"].weight.detach().float().cpu().clone(),
                                   float(m.lora_alpha["default"]))
     return out
+
+
+@contextlib.contextmanager
+def disabled(module: nn.Module):
+    """`module` computes without its peft LoRA layers inside the block (LCM-LoRA's teacher is the base model);
+    the layers' parameters keep their requires_grad (peft's own switch would freeze them)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in module.modules() if isinstance(m, LoraLayer)]
+    for m in layers:
+        m._disable_adapters = True  # what peft's LoRA forward reads (`disable_adapters`)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m._disable_adapters = False
 
 
 # --------------------------------------------------------------------------------------- merging

@@ -120,10 +120,16 @@ class ExtendedUNet(nn.Module):
             context_mask = context_mask.to(device=context.device, dtype=torch.bool)
         return self.context_adapter(context, context_mask)
 
+    @property
+    def guidance_mode(self) -> str:
+        return self.unet.guidance_mode
+
     def forward(self, x: torch.Tensor, t, context: torch.Tensor | None = None, class_labels: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None, down_residuals=None, mid_residual=None) -> torch.Tensor:
+                context_mask: torch.Tensor | None = None, down_residuals=None, mid_residual=None,
+                guidance=None) -> torch.Tensor:
         return self.unet(x, t, context=self.adapt_context(context, context_mask), class_labels=class_labels,
-                         context_mask=context_mask, down_residuals=down_residuals, mid_residual=mid_residual)
+                         context_mask=context_mask, down_residuals=down_residuals, mid_residual=mid_residual,
+                         guidance=guidance)
 
 
 LEGACY_FIELDS = ("position_features", "context_adapter_layers", "context_adapter_width", "context_adapter_heads")

@@ -28,7 +28,7 @@ same field names and the same meaning so diffusers configs copy over as is.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Sequence
 
 import torch
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldmkit.nn.blocks import Downsample2D, ResnetBlock2D, Upsample2D, run_block
-from ldmkit.nn.embeddings import TimestepEmbedding, timestep_embedding
+from ldmkit.nn.embeddings import TimestepEmbedding, guidance_embedding, timestep_embedding
 from ldmkit.nn.transformer import Transformer2D
 
 DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -78,6 +78,8 @@ class UNetConfig:
     addition_embed_type: str | None = None
     addition_time_embed_dim: int | None = None  # sinusoid width per time id (SDXL: 256)
     projection_class_embeddings_input_dim: int | None = None  # pooled width + n_ids * addition_time_embed_dim
+    # LCM's guidance-distilled students: sinusoids of (guidance - 1) -> Linear -> added to the time features
+    time_cond_proj_dim: int | None = None
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
     downsample_padding: int = 1
@@ -157,6 +159,7 @@ class UNetConfig:
             raise ValueError(f"only_cross_attention={v!r} must be true/false or one per level")
         check_int("num_class_embeds", self.num_class_embeds, 1, 1 << 24, optional=True)
         check_int("addition_time_embed_dim", self.addition_time_embed_dim, 2, big, optional=True)
+        check_int("time_cond_proj_dim", self.time_cond_proj_dim, 2, big, optional=True)
         check_int("projection_class_embeddings_input_dim", self.projection_class_embeddings_input_dim, 1, 1 << 20,
                   optional=True)
         check_int("freq_shift", self.freq_shift, 0, 1 << 16)
@@ -287,7 +290,7 @@ class UNetEncoder(nn.Module):
         only_cross = _per_level(c.only_cross_attention, n, "only_cross_attention")
 
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(ch[0], temb_dim)
+        self.time_embedding = TimestepEmbedding(ch[0], temb_dim, cond_proj_dim=c.time_cond_proj_dim)
         self.class_embedding = nn.Embedding(c.num_class_embeds, temb_dim) if c.num_class_embeds else None
         # SDXL: pooled text + Fourier features of the size / crop (/ aesthetic score) ids -> temb
         self.add_embedding = (TimestepEmbedding(c.projection_class_embeddings_input_dim, temb_dim)
@@ -371,14 +374,19 @@ class UNetEncoder(nn.Module):
                 raise ValueError(f"class_labels range [{lo}, {hi}] is outside [0, {c.num_class_embeds - 1}]")
 
     # -- the first half of forward ------------------------------------------------------------
-    def embed_time(self, x: torch.Tensor, t, class_labels, pooled=None, time_ids=None) -> torch.Tensor:
+    def embed_time(self, x: torch.Tensor, t, class_labels, pooled=None, time_ids=None, guidance=None) -> torch.Tensor:
         """t (scalar or [B]) -> temb [B, 4 * block_out_channels[0]] (+ the class embedding, + SDXL's
-        embedding of the pooled text and the time ids)."""
+        embedding of the pooled text and the time ids; an LCM student's `guidance`, scalar or [B], enters
+        the time features as sinusoids of guidance - 1; without it nothing is added, as in diffusers)."""
         c = self.arch
         t = self._timesteps(t, x)
         temb = timestep_embedding(t, c.block_out_channels[0], flip_sin_to_cos=c.flip_sin_to_cos,
                                   downscale_freq_shift=c.freq_shift).to(x.dtype)
-        temb = self.time_embedding(temb)
+        w = None
+        if guidance is not None and c.time_cond_proj_dim:
+            scale = torch.as_tensor(guidance, dtype=torch.float32, device=x.device).reshape(-1)
+            w = guidance_embedding(scale.expand(x.shape[0]) - 1, c.time_cond_proj_dim)
+        temb = self.time_embedding(temb, w)
         if self.class_embedding is not None:
             temb = temb + self.class_embedding(class_labels.to(x.device)).to(temb.dtype)
         if self.add_embedding is not None:
@@ -429,6 +437,21 @@ class UNet(UNetEncoder):
 
     feature_cache = None
 
+    @property
+    def guidance_mode(self) -> str:
+        """"distilled": an LCM student reads the guidance scale as an input (no CFG pair); else "cfg"."""
+        return "distilled" if self.arch.time_cond_proj_dim else "cfg"
+
+    def add_guidance_input(self, dim: int) -> None:
+        """Make this UNet an LCM student: a guidance input `dim` wide (diffusers' time_cond_proj_dim) whose
+        projection is zero, so the UNet still computes what it computed before, for every guidance."""
+        if self.config.time_cond_proj_dim:
+            raise ValueError(f"this UNet already has a guidance input ({self.config.time_cond_proj_dim} wide)")
+        emb = self.time_embedding
+        emb.cond_proj = nn.Linear(dim, emb.linear_1.in_features, bias=False).to(emb.linear_1.weight)
+        nn.init.zeros_(emb.cond_proj.weight)  # zero: the student starts as its teacher
+        self.config = self.arch = replace(self.config, time_cond_proj_dim=dim)
+
     def __init__(self, config: UNetConfig):
         super().__init__(config)
         self.config = c = config
@@ -462,12 +485,12 @@ class UNet(UNetEncoder):
                 class_labels: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
                 down_residuals: Sequence[torch.Tensor] | None = None,
                 mid_residual: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
-                time_ids: torch.Tensor | None = None) -> torch.Tensor:
+                time_ids: torch.Tensor | None = None, guidance=None) -> torch.Tensor:
         # x: [B, in_channels, h, w]; context: [B, L, cross_attention_dim]; SDXL: pooled [B, P], time_ids [B, k]
         self._check(x, context, class_labels, context_mask, pooled, time_ids)
         if context_mask is not None:
             context_mask = context_mask.to(device=x.device, dtype=torch.bool)
-        temb = self.embed_time(x, t, class_labels, pooled, time_ids)
+        temb = self.embed_time(x, t, class_labels, pooled, time_ids, guidance)
         cache = self.feature_cache
         partial = cache is not None and cache.begin(x)  # a partial step: the shallow layers only
         h, skips = self.encode(self.conv_in(x), temb, context, context_mask, cache.depth if partial else None)

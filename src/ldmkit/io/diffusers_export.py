@@ -153,7 +153,9 @@ def _write_sd(root: Path, index: dict, components: dict) -> dict:
         shutil.rmtree(tok_dir)
     text.tokenizer.save_pretrained(str(tok_dir))
     inpaint = index.get("concat") == "inpaint"
-    out = {"_class_name": "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline",
+    lcm = bool(getattr(unet.config, "time_cond_proj_dim", None))  # an LCM student reads the guidance scale
+    out = {"_class_name": "StableDiffusionInpaintPipeline" if inpaint else (
+            "LatentConsistencyModelPipeline" if lcm else "StableDiffusionPipeline"),
             "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],

@@ -116,7 +116,8 @@ def check_scheduler_config(cfg: dict, where: str) -> None:
         raise UserError(f"{where}: {exc}") from None
 
 
-SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
+SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
+                "LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline")  # LCM: a guidance-input UNet
 # their ControlNet variants: the same parts, plus controlnet/ (controlnet_1/ ... for several) that
 # pipelines.load attaches
 CONTROLNET_PIPELINES = ("StableDiffusionControlNetPipeline", "StableDiffusionControlNetImg2ImgPipeline",

@@ -38,15 +38,30 @@ def timestep_embedding(
 
 
 class TimestepEmbedding(nn.Module):
-    """Linear -> SiLU -> Linear (`linear_1`, `linear_2`, as diffusers names them)."""
+    """Linear -> SiLU -> Linear (`linear_1`, `linear_2`, as diffusers names them); with `cond_proj_dim`
+    a condition (LCM's guidance features) is projected (`cond_proj`, no bias) and added to the input."""
 
-    def __init__(self, in_channels: int, time_embed_dim: int, out_dim: int | None = None):
+    def __init__(self, in_channels: int, time_embed_dim: int, out_dim: int | None = None,
+                 cond_proj_dim: int | None = None):
         super().__init__()
+        self.cond_proj = nn.Linear(cond_proj_dim, in_channels, bias=False) if cond_proj_dim else None
         self.linear_1 = nn.Linear(in_channels, time_embed_dim)
         self.linear_2 = nn.Linear(time_embed_dim, out_dim or time_embed_dim)
 
-    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, emb: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if condition is not None:
+            emb = emb + self.cond_proj(condition.to(emb.dtype))
         return self.linear_2(F.silu(self.linear_1(emb)))
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """[B] guidance weights -> [B, dim] sinusoids of 1000 w (sin half, then cos half; LCM's
+    `get_guidance_scale_embedding`, float32). LCM students read w = guidance scale - 1."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -(math.log(10000.0) / (half - 1)))
+    args = (w.float() * 1000.0)[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
 POSITION_FREQUENCIES = 3

@@ -6,6 +6,7 @@
     ldm train --out RUN --resume [CHECKPOINT]                            continue a run exactly (the newest checkpoint)
     ldm train --config RUN/config.json --out RUN2 --lr 5e-5             a run's settings, some changed
     ldm train-autoencoder --data DIR --out RUN [options]                 method "autoencoder"
+    ldm distill --teacher MODEL --data DIR --out RUN [--lora-rank R]     method "lcm" (a 1-8 step student)
     torchrun --nproc_per_node 4 -m ldmkit.cli train ...                  the same under DDP (--strategy fsdp)
 """
 from __future__ import annotations
@@ -78,6 +79,16 @@ def register(sub, argv: list[str] | None = None) -> None:
     _add_run_flags(p)
     add_flags(p, config_cls, "autoencoder settings")
     p.set_defaults(func=_train, config_cls=config_cls, method_cls=method_cls, method="autoencoder")
+
+    method_cls, config_cls = METHODS["lcm"]
+    p = sub.add_parser("distill", help="distil a pretrained model into a 1-8 step student (= ldm train --method "
+                       "lcm)", description="Latent consistency distillation: a teacher (--teacher MODEL) becomes a "
+                       "student that samples in 1-8 steps with --sampler lcm -- the whole UNet with a guidance input "
+                       "(a model folder), or a LoRA (--lora-rank R, LCM-LoRA). See docs/generation.md.")
+    p.add_argument("--method", choices=("lcm",), default="lcm", help="distillation method: lcm (latent consistency)")
+    _add_run_flags(p)
+    add_flags(p, config_cls, "lcm settings")
+    p.set_defaults(func=_train, config_cls=config_cls, method_cls=method_cls)
 
 
 def build_config(args) -> tuple[object, Path | None]:

@@ -69,6 +69,7 @@ class Method:
     outputs: tuple = ("model",)  # files / folders `export` writes into the run folder
     plotted: tuple | None = None  # logged values drawn in loss.png (None: all but lr, grad norms, skips)
     seconds_per_step: float | None = None  # set by the Trainer before `export` (this session's steps)
+    average = None  # the run's EMA (`common.EMA`) once the Trainer made it: a consistency target trains against it
 
     def build(self, run: Run) -> nn.Module:
         """The module trained (and EMA-averaged, checkpointed); its frozen parameters stay frozen."""
@@ -209,6 +210,7 @@ class Trainer:
         self.wrapped = distributed.wrap(self.model, self.ctx, c.strategy, per_block=not c.compile,
                                         find_unused=find_unused)
         self.ema = common.EMA(method.averaged(self.model), c.ema_decay, c.ema_warmup) if c.ema_decay > 0 else None
+        method.average = self.ema
         fused = self.device.type in ("cuda", "cpu") or None  # one kernel over all tensors
         self.optimizers = {k: torch.optim.AdamW(g, lr=g[0].get("lr", c.lr), betas=tuple(c.adam_betas), fused=fused)
                            for k, g in groups.items()}

@@ -3,6 +3,7 @@ loop (`training/loop.py`) does the rest. A new method is one module here and one
 from ldmkit.training.methods.autoencoder import AETrainConfig, AutoencoderMethod
 from ldmkit.training.methods.controlnet import ControlNetMethod, ControlTrainConfig
 from ldmkit.training.methods.finetune import FineTune, FineTuneConfig
+from ldmkit.training.methods.lcm import LCM, LCMConfig
 from ldmkit.training.methods.ldm import LDM, LDMConfig
 
 # name -> (method class, config class); `ldm train --method NAME` builds its flags from the config
@@ -11,6 +12,7 @@ METHODS = {
     "autoencoder": (AutoencoderMethod, AETrainConfig),
     "finetune": (FineTune, FineTuneConfig),
     "controlnet": (ControlNetMethod, ControlTrainConfig),
+    "lcm": (LCM, LCMConfig),  # `ldm distill`
 }
 
-__all__ = ["AETrainConfig", "AutoencoderMethod", "ControlNetMethod", "ControlTrainConfig", "FineTune", "FineTuneConfig", "LDM", "LDMConfig", "METHODS"]
+__all__ = ["AETrainConfig", "AutoencoderMethod", "ControlNetMethod", "ControlTrainConfig", "FineTune", "FineTuneConfig", "LCM", "LCMConfig", "LDM", "LDMConfig", "METHODS"]

@@ -436,7 +436,8 @@ class LDM(Method):
 
         c = self.config
         pipe = self.pipeline(model)
-        settings = dict(sampler=self.sampler, steps=c.sample_steps, guidance=c.guidance, progress=False)
+        guidance = self.defaults()["guidance"]
+        settings = dict(sampler=self.sampler, steps=c.sample_steps, guidance=guidance, progress=False)
         if self.spatial_kind is not None:
             images, prompts = parts.spatial_grid(self, pipe, settings)
         else:
@@ -448,7 +449,7 @@ class LDM(Method):
                                              **kw, **settings)]
         save_png(make_grid(images, nrow=max(1, len(prompts))), path,
                  {"step": step, "prompts": json.dumps([str(p) for p in prompts]),
-                  "seeds": json.dumps(list(c.sample_seeds)), "guidance": c.guidance, "sampler": self.sampler,
+                  "seeds": json.dumps(list(c.sample_seeds)), "guidance": guidance, "sampler": self.sampler,
                   "steps": c.sample_steps})
 
     def usage(self, result: Path) -> str:
