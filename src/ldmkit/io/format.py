@@ -72,6 +72,12 @@ def _flux(cfg: dict, folder: Path):
     return FluxModel(FluxConfig.from_dict(cfg))
 
 
+def _tiny_decoder(cfg: dict, folder: Path):
+    from ldmkit.autoencoder.tiny import TinyDecoder, TinyDecoderConfig
+
+    return TinyDecoder(config_from_dict(TinyDecoderConfig, cfg))
+
+
 def _conditioner(kind: str) -> Callable[[dict, Path], torch.nn.Module]:
     def build(cfg: dict, folder: Path):
         from ldmkit import conditioning as c
@@ -95,6 +101,7 @@ COMPONENT_TYPES: dict[str, Callable[[dict, Path], torch.nn.Module]] = {
     "dit": _dit,
     "mmdit": _mmdit,
     "flux": _flux,
+    "tiny-decoder": _tiny_decoder,
     **{k: _conditioner(k) for k in ("text-transformer", "text-bert", "text-clip", "text-sdxl", "text-sd3",
                                     "text-flux", "class", "spatial")},
 }

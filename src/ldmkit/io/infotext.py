@@ -24,6 +24,7 @@ LABELS = (("steps", "Steps"), ("sampler", "Sampler"), ("guidance", "CFG scale"),
           ("inpaint_mode", "Inpaint mode"), ("lora_hashes", "Lora hashes"), ("ti_hashes", "TI hashes"),
           ("controlnets", "ControlNets"), ("controlnet_hashes", "ControlNet hashes"), ("ip_adapter", "IP-Adapter"),
           ("ip_adapter_hash", "IP-Adapter hash"), ("cache_interval", "Cache interval"), ("cache_branch", "Cache branch"),
+          ("decoder", "Decoder"),
           ("version", "Version"))
 KARRAS, UNIFORM, AUTOMATIC = "Karras", "Uniform", "Automatic"
 AUTOMATIC_KARRAS = ("DPM++ 2M", "DPM++ SDE")  # A1111 samplers whose "Automatic" schedule is Karras'

@@ -71,6 +71,7 @@ class Settings:
     micro: dict = field(default_factory=dict)  # SDXL micro-conditioning (conditioning.sdxl.MICRO); {} = defaults
     cache_interval: int = 1  # UNet feature caching: the whole UNet every N-th evaluation (pipelines.feature_cache)
     cache_branch: int = 0  # where it cuts the UNet (denoisers.feature_cache)
+    fast_decode: bool = False  # decode with the pipeline's tiny decoder (pipelines.vae_decode.fast)
 
 
 def _slice_cond(cond: Any, lo: int, hi: int, batch: int) -> Any:
@@ -146,6 +147,7 @@ class PipelineCore:
         self.ip_adapter = None  # pipelines.image_prompt.Attached: an IP-Adapter with its image encoder
         self.refiner = None  # (PipelineCore, start fraction): SDXL's ensemble of experts (`Pipeline.load_refiner`)
         self.step_hook = None  # f(step, steps, x0) after every sampler step; an exception it raises stops sampling
+        self.tiny_decoder = None  # autoencoder.tiny.TinyDecoder: fast decoding and previews
         extra = getattr(denoiser, "latent_in_channels", cfg.in_channels) - self.latent_channels  # FLUX: unpacked
         want = {None: 0, "inpaint": self.latent_channels + 1, "upscale": None, "semantic": None}[concat]
         if concat is None and extra != 0:
@@ -223,7 +225,8 @@ class PipelineCore:
     # ------------------------------------------------------------------ settings
     def settings(self, *, sampler=None, steps=None, guidance=None, guidance_rescale=None, height=None,
                  width=None, batch_size=None, max_model_batch=None, decode_batch=1, vae_tile=None,
-                 progress=True, sampler_options=None, micro=None, cache_interval=None, cache_branch=None) -> Settings:
+                 progress=True, sampler_options=None, micro=None, cache_interval=None, cache_branch=None,
+                 fast_decode=False) -> Settings:
         """Fill unset values from model_index.json "defaults" (then built-in ones) and check them all."""
         d = self.defaults
         flow = getattr(self.schedule, "kind", "discrete") == "flow"
@@ -266,7 +269,8 @@ class PipelineCore:
             sampler_options = dict(d.get("sampler_options") or {}) if sampler == d.get("sampler") else {}
         return Settings(sampler, steps, guidance, rescale, height, width, batch_size, max_model_batch,
                         decode_batch, vae_tile, progress, dict(sampler_options), self._micro(micro),
-                        **feature_cache.check(self.denoiser, cache_interval, cache_branch))
+                        **feature_cache.check(self.denoiser, cache_interval, cache_branch),
+                        fast_decode=vae_decode.check_fast(self, fast_decode))
 
     def _micro(self, micro: dict | None) -> dict:
         """SDXL's micro-conditioning settings, checked (other models take none)."""
@@ -501,6 +505,8 @@ class PipelineCore:
         """Latents -> images in [-1, 1], sliced by `s.decode_batch` and tiled per `s.vae_tile`."""
         from ldmkit.io.precision import decode_checked
 
+        if s.fast_decode:
+            return vae_decode.fast(self.tiny_decoder, z, s.decode_batch)
         # decode_checked: a float16 decode that overflows (SD's VAE does) is redone in float32
         x = decode_checked(self.autoencoder, z, lambda ae, lat: vae_decode.decode(
             ae, lat, batch_size=s.decode_batch, tile_size=s.vae_tile))
@@ -531,7 +537,7 @@ class PipelineCore:
             if s.guidance_rescale:
                 meta["guidance_rescale"] = s.guidance_rescale
         meta["size"] = f"{s.width}x{s.height}"
-        meta.update(feature_cache.metadata(s))
+        meta.update(feature_cache.metadata(s), **({"decoder": "tiny"} if s.fast_decode else {}))
         meta.update({k: v for k, v in extra.items() if v is not None})
         meta["model_hash"] = self.model_hash
         loras = [a for a in self.adapters if a["kind"] == "lora"]

@@ -92,6 +92,9 @@ def _common(p, sizes: bool = True) -> None:
 
         sdxl_cli.add_flags(p)
         feature_cache.add_flags(p)
+    from ldmkit.pipelines import fast_decode
+
+    fast_decode.add_flags(p)
     _single_file_flags(p)
 
 
@@ -224,8 +227,11 @@ def adapter_specs(args) -> tuple[list[tuple[str, float]], list[tuple[str, str | 
 
 
 def _attach(pipe, args, loras, embeddings, controlnets) -> dict:
-    """Load the LoRAs, embeddings, ControlNets and IP-Adapter of the command line; the task's extra arguments."""
-    extra = {}
+    """Load the LoRAs, embeddings, ControlNets, IP-Adapter and tiny decoder of the command line; the task's
+    extra arguments."""
+    from ldmkit.pipelines import fast_decode
+
+    extra = fast_decode.attach(pipe, args)
     if getattr(args, "ip_adapter", None):
         adapter = pipe.load_ip_adapter(args.ip_adapter, args.ip_scale, args.image_encoder)
         print(f"ldm {args.command}: IP-Adapter {args.ip_adapter} ({adapter.kind}, {len(adapter.layers)} layers) at "

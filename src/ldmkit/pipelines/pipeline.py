@@ -45,6 +45,19 @@ class Pipeline(PipelineCore):
         return semantic2img(self, seg_map, prompt, **kw)
 
     # ---- adapters ---------------------------------------------------------------------------
+    def load_tiny_decoder(self, path) -> None:
+        """A tiny decoder for fast decoding and previews (`autoencoder.tiny.read_tiny_decoder`: ldmkit,
+        diffusers AutoencoderTiny, TAESD files); it must decode this model's latents."""
+        from ldmkit.io.tiny_decoder_files import read_tiny_decoder
+        from ldmkit.errors import UserError
+
+        tiny = read_tiny_decoder(path)
+        if (tiny.config.latent_channels, tiny.downsample_factor) != (self.latent_channels, self.factor):
+            raise UserError(f"--tiny-decoder {path}: it decodes {tiny.config.latent_channels}-channel latents "
+                            f"{tiny.downsample_factor}x; this model's are {self.latent_channels}-channel, "
+                            f"{self.factor}x")
+        self.tiny_decoder = tiny.to(self.device, self.dtype)
+
     def load_lora(self, path, scale: float = 1.0) -> int:
         """Merge a LoRA file (kohya / A1111, diffusers / peft; detected from its keys) into the weights
         at `scale` (repeat for several); returns the number of layers it changed."""
@@ -196,6 +209,7 @@ def load(path, device=None, dtype=None, **options) -> Pipeline:
                     defaults=index.get("defaults"), latent_size=how["latent_size"], model_hash=model_hash,
                     model_name=p.name, spatial=comps.get("spatial"))
     pipe.model_path = p  # an IP-Adapter's image encoder may sit in its image_encoder/
+    pipe.tiny_decoder = comps.get("tiny_decoder")  # fast decoding and previews (`ldm train-tiny-decoder`)
     for folder in controlnet_folders(p):  # a diffusers ControlNet pipeline brings its ControlNets
         pipe.load_controlnet(folder)
     return pipe

@@ -96,3 +96,20 @@ def decode(autoencoder, z: torch.Tensor, batch_size: int | None = None,
         parts.append(decode_tiled(autoencoder, chunk, tile, overlap) if use_tiles
                      else autoencoder.decode_latents(chunk))
     return torch.cat(parts, dim=0)
+
+
+def check_fast(pipe, fast_decode) -> bool:
+    """`fast_decode` as a bool; asking for it without a tiny decoder is an error naming the remedy."""
+    if fast_decode and getattr(pipe, "tiny_decoder", None) is None:
+        raise ValueError("fast_decode needs a tiny decoder: a model folder with a tiny_decoder/ component, or "
+                         "--tiny-decoder PATH (`ldm train-tiny-decoder`, a TAESD file, a diffusers AutoencoderTiny)")
+    return bool(fast_decode)
+
+
+@torch.no_grad()
+def fast(tiny, z: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """Latents -> images in [-1, 1] through a tiny decoder (`autoencoder.tiny`), `batch_size` at a time."""
+    p = next(tiny.parameters())
+    step = batch_size or z.shape[0]
+    out = [tiny(z[i:i + step].to(p.device, p.dtype)) for i in range(0, z.shape[0], step)]
+    return torch.cat(out).float().clamp(-1, 1)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ldmkit.pipelines.fast_decode import preview_decoder
 from ldmkit.serve.requests import ControlUnit, FieldError, Img2ImgRequest, Limits, Txt2ImgRequest, ignored_fields
 
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")  # <lora:name>, <lora:name:0.8>
@@ -181,14 +182,6 @@ def _call_args(req: Txt2ImgRequest, pipe, seed: int) -> dict:
     return kw
 
 
-def _preview_decoder(pipe):
-    from ldmkit.io.images import tensor_to_pil
-    from ldmkit.pipelines.base import Settings
-
-    plain = Settings("preview", 1, 1.0)
-    return lambda latent: tensor_to_pil(pipe.decode(latent, plain)[0])
-
-
 def run_request(job, req: Txt2ImgRequest, models, out: Path, limits: Limits, name: str | None = None) -> dict:
     """The worker's part of a request: generate with model `name` (None: the one the request names, else the
     current one), write the PNGs, return the response body."""
@@ -203,7 +196,7 @@ def run_request(job, req: Txt2ImgRequest, models, out: Path, limits: Limits, nam
         except KeyError as exc:
             raise FieldError("prompt", f"<lora:{lora}>: {exc.args[0]}") from None
     units = control_units(req, models, pipe, limits)
-    job.batches, job.decode = req.n_iter, _preview_decoder(pipe)
+    job.batches, job.decode = req.n_iter, preview_decoder(pipe)  # the tiny decoder when the model has one
     img2img = isinstance(req, Img2ImgRequest)
     if img2img:
         init = decode_image(req.init_images[0], "init_images", limits)

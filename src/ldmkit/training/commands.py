@@ -7,6 +7,7 @@
     ldm train --config RUN/config.json --out RUN2 --lr 5e-5             a run's settings, some changed
     ldm train-autoencoder --data DIR --out RUN [options]                 method "autoencoder"
     ldm distill --teacher MODEL --data DIR --out RUN [--lora-rank R]     method "lcm" (a 1-8 step student)
+    ldm train-tiny-decoder --autoencoder MODEL --data DIR --out RUN      method "tiny-decoder"
     torchrun --nproc_per_node 4 -m ldmkit.cli train ...                  the same under DDP (--strategy fsdp)
 """
 from __future__ import annotations
@@ -79,6 +80,16 @@ def register(sub, argv: list[str] | None = None) -> None:
     _add_run_flags(p)
     add_flags(p, config_cls, "autoencoder settings")
     p.set_defaults(func=_train, config_cls=config_cls, method_cls=method_cls, method="autoencoder")
+
+    method_cls, config_cls = METHODS["tiny-decoder"]
+    p = sub.add_parser("train-tiny-decoder", help="distil a model's decoder into a tiny one for fast decoding and "
+                       "previews (= ldm train --method tiny-decoder)", description="Train a TAESD-style tiny decoder "
+                       "to imitate an autoencoder's full decoder. Writes tiny_decoder/ and summary.json (its PSNR "
+                       "against the full decoder, decode times) under --out. Use it with `ldm sample --tiny-decoder "
+                       "RUN/tiny_decoder --fast-decode`. See docs/generation.md.")
+    _add_run_flags(p)
+    add_flags(p, config_cls, "tiny-decoder settings")
+    p.set_defaults(func=_train, config_cls=config_cls, method_cls=method_cls, method="tiny-decoder")
 
     method_cls, config_cls = METHODS["lcm"]
     p = sub.add_parser("distill", help="distil a pretrained model into a 1-8 step student (= ldm train --method "
