@@ -80,11 +80,27 @@ def test_train_a_tiny_decoder_and_sample_with_it(tmp_path, one_thread, capsys):
     image = Image.open([p for p in png if p.name != "preview.png"][0])
     assert parse_infotext(image.text["parameters"])["Decoder"] == "tiny"
     capsys.readouterr()
-    # no tiny decoder: a one-line error naming the remedy, exit 2
+    # the bundled model brings its own tiny decoder; a copy without it refuses --fast-decode in one line
     assert main(["sample", "--model", "demo-shapes", "--prompt", "a red circle", "--steps", "2", "--no-progress",
+                 "--out", str(tmp_path / "own"), "--fast-decode"]) == 0
+    plain = _without_tiny_decoder(tmp_path / "plain")
+    capsys.readouterr()
+    assert main(["sample", "--model", str(plain), "--prompt", "a red circle", "--steps", "2", "--no-progress",
                  "--out", str(tmp_path / "x"), "--fast-decode"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "fast_decode needs a tiny decoder" in err[0]
+
+
+def _without_tiny_decoder(folder):
+    import shutil
+
+    from ldmkit.io import resolve_model_path
+
+    shutil.copytree(resolve_model_path("demo-shapes"), folder, ignore=shutil.ignore_patterns("tiny_decoder"))
+    index = json.loads((folder / "model_index.json").read_text())
+    index["components"].remove("tiny_decoder")
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
 
 
 def test_a_tiny_decoder_for_other_latents_is_refused(taesd, tmp_path, capsys):
