@@ -187,3 +187,31 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     assert rc == 2 and "threads=0" in capsys.readouterr().err
     rc = main(["eval-autoencoder", "--model", str(tmp_path), "--data", "shapes"])
     assert rc == 2 and "no autoencoder component" in capsys.readouterr().err
+
+
+def test_a_perceptual_term_from_a_network_trained_here(photo_folder, tmp_path, capsys):
+    """--perceptual-net CLASSIFIER: the loss compares the classifier's stage activations (LPIPS's recipe without
+    its heads); the distance is 0 for equal images, grows with distortion and passes gradients; the run says
+    what it trains with and the perceptual term is logged."""
+    from ldmkit.autoencoder.losses import FeaturePerceptual
+    from ldmkit.metrics.classifier import PRESETS, FeatureClassifier, save_classifier
+    from ldmkit.training import Trainer
+
+    torch.manual_seed(0)
+    net = FeatureClassifier(PRESETS["shapes"]).eval()
+    folder = save_classifier(net, tmp_path / "clf", "shapes", 0.5)
+    d = FeaturePerceptual(net)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    small, big = (x + 0.05 * torch.randn_like(x)).clamp(-1, 1), (x + 0.5 * torch.randn_like(x)).clamp(-1, 1)
+    assert float(d(x, x).max()) == 0.0
+    assert 0 < float(d(x, small).mean()) < float(d(x, big).mean())
+    y = small.clone().requires_grad_(True)
+    d(x, y).sum().backward()
+    assert y.grad.abs().sum() > 0 and all(p.grad is None for p in net.parameters())
+
+    trainer = Trainer(_method(photo_folder, tmp_path / "run", 2, perceptual_weight=0.5, perceptual_net=str(folder),
+                              disc_weight=0.0))
+    assert "perceptual term: the features of classifier" in capsys.readouterr().err
+    trainer.run()
+    logged = (tmp_path / "run" / "loss.csv").read_text().splitlines()[0].split(",")
+    assert "lpips" in logged

@@ -109,6 +109,12 @@ def test_fashion_mnist_reader():
     assert it["label"] == 9 and it["caption"] == "Ankle boot"  # first t10k item is an ankle boot
     raw = fm.FashionMNIST("train", pad_to_32=False, limit=4)
     assert raw[0]["image"].shape == (1, 28, 28)
+    # `ldm cache-latents --data fashion-mnist` gives the autoencoder the channels it was trained on
+    from ldmkit.data.commands import dataset_for_cache
+
+    for channels in (1, 3):
+        ds, names = dataset_for_cache("fashion-mnist", 32, 0, 0, False, channels=channels)
+        assert ds[0]["image"].shape == (channels, 32, 32) and names[1] == "Trouser"
 
 
 def test_fashion_mnist_absent_message(tmp_path):

@@ -261,7 +261,8 @@ def test_a_full_student_trains_resumes_exactly_and_runs_in_diffusers(teacher, tm
 
     ours = load(path, device="cpu", dtype=torch.float32)
     assert ours.denoiser.guidance_mode == "distilled"
-    assert ours.defaults == {"sampler": "lcm", "steps": 2, "guidance": 5.5}
+    assert ours.defaults == {"sampler": "lcm", "steps": 2, "guidance": 5.5,
+                             "sampler_options": {"original_inference_steps": 50}}
     assert main(["convert", "--from", str(path), "--to", str(tmp_path / "hf"), "--format", "diffusers"]) == 0
     ref = LatentConsistencyModelPipeline.from_pretrained(tmp_path / "hf", safety_checker=None)
     ref.set_progress_bar_config(disable=True)

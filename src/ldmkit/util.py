@@ -37,7 +37,7 @@ def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
     for name, t in sorted(state.items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d too (BN counters)
     return h.hexdigest()
 
 

@@ -155,14 +155,18 @@ class LPIPS(nn.Module):
             getattr(self, f"lin{i}").model[1].weight.data.copy_(heads[f"lin{i}.model.1.weight"])
 
     @classmethod
-    def from_pretrained(cls, vgg_weights: str | os.PathLike | None = None, device="cpu") -> "LPIPS | None":
-        """Pretrained LPIPS, or None with a one-time warning when the VGG16 file is absent."""
+    def from_pretrained(cls, vgg_weights: str | os.PathLike | None = None, device="cpu",
+                        quiet: bool = False) -> "LPIPS | None":
+        """Pretrained LPIPS, or None with a one-time warning (unless `quiet`) when the VGG16 file is absent."""
         path = find_vgg16_weights(vgg_weights)
         if path is None:
-            _warn_once(
-                f"VGG16 weights ({VGG16_FILE}) not found in {Path(torch.hub.get_dir()) / 'checkpoints'} "
-                "and no path given (--vgg-weights or $LDMKIT_VGG16_WEIGHTS): LPIPS is unavailable, "
-                "so the perceptual loss is disabled and LPIPS is not reported.")
+            if not quiet:
+                _warn_once(
+                    f"VGG16 weights ({VGG16_FILE}) not found in {Path(torch.hub.get_dir()) / 'checkpoints'} "
+                    "and no path given (--vgg-weights or $LDMKIT_VGG16_WEIGHTS): LPIPS is unavailable, so this "
+                    "run trains without a perceptual term (L1 / L2 only) and LPIPS is not reported; "
+                    "--perceptual-net CLASSIFIER gives a perceptual term from a network trained here "
+                    "(`ldm train-classifier`).")
             return None
         from ldmkit.io.files import read_torch_weights
 
@@ -185,6 +189,40 @@ class LPIPS(nn.Module):
             fy = fy / (fy.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
             d = getattr(self, f"lin{i}")((fx - fy).pow(2))
             total = total + d.mean((2, 3), keepdim=True)
+        return total
+
+
+class FeaturePerceptual(nn.Module):
+    """A perceptual distance from a network the project trains itself on the data (`ldm train-classifier`),
+    for when VGG16's weights are not at hand: LPIPS's recipe without its calibrated heads (its "baseline"
+    variant) -- each conv stage's activations (before pooling) unit-normalised over channels, squared
+    differences summed over channels, averaged over positions, the stages weighted equally.
+    `forward(x, y)` (in [-1, 1]) -> [B, 1, 1, 1]. Frozen, like LPIPS; gradients flow to the inputs."""
+
+    def __init__(self, classifier: nn.Module, name: str = ""):
+        super().__init__()
+        self.net, self.name = classifier, name  # a metrics.classifier.FeatureClassifier: `_prepare`, `body`
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # BatchNorm keeps its running statistics
+
+    def taps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out, h = [], self.net._prepare(x)
+        layers = list(self.net.body)
+        for i, layer in enumerate(layers):
+            h = layer(h)
+            if isinstance(layer, nn.ReLU) and (i + 1 == len(layers) or isinstance(layers[i + 1], nn.MaxPool2d)):
+                out.append(h)
+        return out
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        total = 0.0
+        for fx, fy in zip(self.taps(x), self.taps(y)):
+            fx = fx / (fx.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            fy = fy / (fy.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            total = total + (fx - fy).pow(2).sum(1, keepdim=True).mean((2, 3), keepdim=True)
         return total
 
 
@@ -277,7 +315,7 @@ class AutoencoderLoss(nn.Module):
     `lpips=None` disables the perceptual term whatever perceptual_weight says.
     """
 
-    def __init__(self, config: LossConfig, in_channels: int = 3, lpips: LPIPS | None = None):
+    def __init__(self, config: LossConfig, in_channels: int = 3, lpips: nn.Module | None = None):
         super().__init__()
         self.config = config
         self.lpips = lpips if config.perceptual_weight > 0 else None
@@ -288,6 +326,8 @@ class AutoencoderLoss(nn.Module):
         return self.discriminator is not None and step >= self.config.disc_start
 
     def _lpips_input(self, x):
+        if not isinstance(self.lpips, LPIPS):  # a FeaturePerceptual reads the images as its classifier does
+            return x
         return x if x.shape[1] == 3 else x.mean(1, keepdim=True).expand(-1, 3, -1, -1)
 
     def generator_loss(self, x: torch.Tensor, x_rec: torch.Tensor, aux: dict, step: int,

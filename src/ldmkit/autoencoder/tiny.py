@@ -8,7 +8,7 @@ full decoder's time: fast decoding (`ldm sample --fast-decode`) and live preview
 Layer names and numerics are diffusers' `AutoencoderTiny` decoder (`decoder.layers.N`), so its folders and
 the original TAESD decoder files (`taesd_decoder.safetensors` / `.pth`: the same layers, numbered from 1)
 load here (`io/tiny_decoder_files.py`): TAESD for SD 1/2, TAESDXL, TAESD3, TAEF1 decode the latents those
-pipelines sample.
+pipelines sample (their configs' scaling / shift factors are kept).
 """
 from __future__ import annotations
 
@@ -25,6 +25,10 @@ class TinyDecoderConfig:
     out_channels: int = 3
     channels: int = 64  # every level's width (diffusers' decoder_block_out_channels, all equal)
     num_blocks: tuple = (3, 3, 3, 1)  # blocks per level; an upsampling x2 between levels
+    # the decoder reads z / scaling_factor + shift_factor of the sampler's latents z, as diffusers' pipelines hand
+    # latents to AutoencoderTiny: 1 / 0 for TAESD (SD's scaled latents) and ldmkit's own, SD3's / FLUX's for theirs
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
 
     def __post_init__(self):
         from ldmkit.errors import check_int
@@ -36,6 +40,10 @@ class TinyDecoderConfig:
         check_int("latent_channels", self.latent_channels, 1, 4096)
         check_int("out_channels", self.out_channels, 1, 64)
         check_int("channels", self.channels, 1, 4096)
+        from ldmkit.errors import check_number
+
+        check_number("scaling_factor", self.scaling_factor, 0.0, lo_open=True)
+        check_number("shift_factor", self.shift_factor)
         for n in self.num_blocks:
             check_int("num_blocks entry", n, 0, 64)
 
@@ -90,6 +98,9 @@ class TinyDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         # z: [B, latent_channels, h, w] (the sampler's scaled latents) -> [B, out_channels, f h, f w] in [-1, 1]
+        c = self.config
+        if c.scaling_factor != 1.0 or c.shift_factor != 0.0:
+            z = z / c.scaling_factor + c.shift_factor
         x = torch.tanh(z / 3) * 3  # soft clamp of out-of-range latents
         return self.decoder.layers(x).mul(2).sub(1)
 

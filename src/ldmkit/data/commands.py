@@ -9,8 +9,9 @@ MAX_LENGTH = 10_000_000  # images drawn from the shapes set
 
 
 def dataset_for_cache(data: str, size: int, length: int, seed: int, class_folders: bool,
-                      segmentation: bool = False, maps: str | None = None):
-    """The training images to cache, unaugmented: shapes (train split), Fashion-MNIST (train) or a folder.
+                      segmentation: bool = False, maps: str | None = None, channels: int = 3):
+    """The training images to cache, unaugmented: shapes (train split), Fashion-MNIST (train; grey, or repeated
+    to `channels` = 3) or a folder.
     With ``segmentation`` the items also carry a per-pixel class map (shapes), with ``maps`` an image
     folder's items carry the label maps of that folder (same tree, PNG)."""
     if segmentation and data != "shapes":
@@ -28,7 +29,7 @@ def dataset_for_cache(data: str, size: int, length: int, seed: int, class_folder
 
         if size not in (28, 32):
             raise ValueError(f"--size {size}: Fashion-MNIST images are 28x28 (32 when padded); use 28 or 32")
-        ds = FashionMNIST("train", pad_to_32=size == 32, channels=3)
+        ds = FashionMNIST("train", pad_to_32=size == 32, channels=1 if channels == 1 else 3)
         return ds, list(ds.classes)
     from ldmkit.data.images import ImageFolder
 
@@ -83,7 +84,8 @@ def _cache(args) -> int:
     if size % f:
         raise ValueError(f"--size {size} is not a multiple of the autoencoder's downsampling factor {f}")
     dataset, class_names = dataset_for_cache(args.data, size, args.length, args.seed, args.class_folders,
-                                             segmentation=args.segmentation, maps=args.maps)
+                                             segmentation=args.segmentation, maps=args.maps,
+                                             channels=autoencoder.config.in_channels)
     if args.map_classes and not args.maps:
         raise ValueError("--map-classes names the classes of --maps label maps; give --maps DIR too")
     seg_classes = None

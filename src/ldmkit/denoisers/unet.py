@@ -159,7 +159,7 @@ class UNetConfig:
             raise ValueError(f"only_cross_attention={v!r} must be true/false or one per level")
         check_int("num_class_embeds", self.num_class_embeds, 1, 1 << 24, optional=True)
         check_int("addition_time_embed_dim", self.addition_time_embed_dim, 2, big, optional=True)
-        check_int("time_cond_proj_dim", self.time_cond_proj_dim, 2, big, optional=True)
+        check_int("time_cond_proj_dim", self.time_cond_proj_dim, 4, big, optional=True)  # sinusoids need 2 per half
         check_int("projection_class_embeddings_input_dim", self.projection_class_embeddings_input_dim, 1, 1 << 20,
                   optional=True)
         check_int("freq_shift", self.freq_shift, 0, 1 << 16)

@@ -52,12 +52,16 @@ class Denoiser:
         if clip is not None and not clip > 0:
             raise ValueError(f"clip_x0={clip} must be > 0")
         self.plan, self.clip = plan, clip
-        # the plan's levels -> its timesteps: the common call (one plan level for the batch) costs no tensor ops
-        self._plan_t = {} if plan is None else dict(zip(plan.sigmas[:-1].tolist(), plan.timesteps.double().tolist()))
+        # a discrete plan's levels -> its timesteps (the first, as `_timestep` picks): the common call, one plan
+        # level for the whole batch, then costs no tensor ops
+        self._plan_t = {}
+        if plan is not None and not self.flow:
+            for level, t in zip(plan.sigmas[:-1].tolist(), plan.timesteps.double().tolist()):
+                self._plan_t.setdefault(level, t)
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """Network timestep [B] (float64) for noise levels sigma [B]."""
-        first = float(sigma[0])
+        first = float(sigma[0]) if sigma.numel() else None
         if first in self._plan_t and (sigma.shape[0] == 1 or bool((sigma == first).all())):
             return torch.full(sigma.shape, self._plan_t[first], dtype=torch.float64)
         levels, where = torch.unique(sigma, return_inverse=True)  # one level per call in sampling

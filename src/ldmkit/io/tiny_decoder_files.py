@@ -28,8 +28,8 @@ def read_tiny_decoder(path: str | Path) -> TinyDecoder:
             raise UserError(f"--tiny-decoder {p}: not a tiny decoder (an ldmkit tiny-decoder folder, a diffusers "
                             "AutoencoderTiny folder or a TAESD decoder file)")
         fixed = {"act_fn": "relu", "upsample_fn": "nearest", "upsampling_scaling_factor": 2, "latent_magnitude": 3,
-                 "latent_shift": 0.5, "force_upcast": False}
-        bad = {k: cfg[k] for k, v in fixed.items() if k in cfg and cfg[k] != v and k != "force_upcast"}
+                 "latent_shift": 0.5}
+        bad = {k: cfg[k] for k, v in fixed.items() if k in cfg and cfg[k] != v}
         if bad:
             raise UserError(f"--tiny-decoder {p}: {bad} differ from the TAESD decoder ldmkit implements ({fixed})")
         from ldmkit.io.diffusers_format import _read_weights
@@ -39,7 +39,8 @@ def read_tiny_decoder(path: str | Path) -> TinyDecoder:
         if len(widths) != 1:
             raise UserError(f"--tiny-decoder {p}: decoder_block_out_channels must be one width, got {sorted(widths)}")
         config = TinyDecoderConfig(cfg.get("latent_channels", 4), cfg.get("out_channels", 3), widths.pop(),
-                                   tuple(cfg.get("num_decoder_blocks", (3, 3, 3, 1))))
+                                   tuple(cfg.get("num_decoder_blocks", (3, 3, 3, 1))),
+                                   float(cfg.get("scaling_factor", 1.0)), float(cfg.get("shift_factor") or 0.0))
     elif p.is_file():
         raw = read_tensors(p, "--tiny-decoder")[0]
         if not isinstance(raw, dict) or not raw:
@@ -55,7 +56,12 @@ def read_tiny_decoder(path: str | Path) -> TinyDecoder:
     else:
         raise UserError(f"--tiny-decoder {p}: no such file or folder")
     module = TinyDecoder(config)
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError:  # shapes that do not fit
+        from ldmkit.errors import one_line
+
+        missing, unexpected = ["(tensor shapes differ)"], [one_line(k, 60) for k in list(state)[:1]]
     if missing or unexpected:
         raise UserError(f"--tiny-decoder {p}: its tensors do not fit a TAESD decoder (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]})")

@@ -28,10 +28,11 @@ def register(sub, argv: list[str] | None = None) -> None:
                    help="real images: fashion-mnist, shapes or a folder (default: --dataset)")
     p.add_argument("--reference-split", default="test", help="split of a reference data set (default test)")
     p.add_argument("--num-reference", type=int, default=2000, help="reference images used (default 2000)")
-    p.add_argument("--features", required=True, metavar="SPEC",
+    p.add_argument("--features", default=None, metavar="SPEC",
                    help="feature network: a classifier folder from `ldm train-classifier` (offline), "
                         "'inception' (pytorch-fid weights in the torch hub cache) or 'inception:PATH'. "
-                        "ldmkit cannot download Inception weights.")
+                        "ldmkit cannot download Inception weights. Default with --model: the model's own "
+                        "eval_classifier/ (the bundled fashion-mnist model has one)")
     p.add_argument("--classifier", metavar="DIR", default=None,
                    help="classifier for class accuracy when --features is Inception")
     p.add_argument("--num", type=int, default=1000, help="images to sample with --model (default 1000)")
@@ -91,6 +92,17 @@ def _positive(name, value, most: int = 10 ** 7):
         raise ValueError(f"{name}={value} is too large; at most {most}")
 
 
+def _own_classifier(args) -> str:
+    """The model's eval_classifier/ (the feature network its published numbers were measured with)."""
+    from ldmkit.io import resolve_model_path
+
+    own = resolve_model_path(args.model) / "eval_classifier" if args.model else None
+    if own is None or not own.is_dir():
+        raise ValueError("--features is required: a classifier folder from `ldm train-classifier`, or 'inception' "
+                         "(only a model with an eval_classifier/ folder brings its own)")
+    return str(own)
+
+
 def _eval(args) -> int:
     from ldmkit.metrics import evaluate as ev
     from ldmkit.metrics.features import load_feature_network
@@ -105,7 +117,7 @@ def _eval(args) -> int:
     if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1] - args.num:
         raise ValueError(f"--seed={args.seed} is outside the allowed range [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
     device = _device(args.device)
-    network = load_feature_network(args.features, device=device)
+    network = load_feature_network(args.features or _own_classifier(args), device=device)
     classifier = load_feature_network(args.classifier, device=device) if args.classifier else None
     reference = args.reference or args.dataset
     if reference is None:

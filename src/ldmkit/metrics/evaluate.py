@@ -229,6 +229,16 @@ def evaluate(fake: torch.Tensor, real: torch.Tensor, network, labels: list | Non
     return report
 
 
+def real_floor(network, dataset: str = "fashion-mnist", n: int = 1000, num_classes: int = 10) -> dict:
+    """`evaluate` of n class-balanced real training images against the first n test images: the floor a
+    model's n samples are measured against (FID is biased upwards at small n, so it is never 0)."""
+    train = reference_images(dataset, "train", limit=(n // num_classes) * num_classes * 4)
+    labels = torch.tensor(train.labels)
+    idx = torch.cat([torch.nonzero(labels == c).flatten()[: n // num_classes] for c in range(num_classes)])
+    real = reference_images(dataset, "test", limit=n)
+    return evaluate(train.images[idx], real.images, network, labels=[int(v) for v in labels[idx]], kid_subset_size=n)
+
+
 def adherence(images: torch.Tensor, prompts: list) -> dict:
     """Shapes-set prompt adherence rates from ``ldmkit.metrics.shapes_analysis`` (per-sample details dropped);
     skipped, saying why, when the prompts are not in the shapes set's grammar."""

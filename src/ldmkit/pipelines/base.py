@@ -209,7 +209,7 @@ class PipelineCore:
 
     def to(self, device=None, dtype=None) -> "PipelineCore":
         for m in (self.autoencoder, self.denoiser, self.conditioner, *(u.net for u in self.controlnets),
-                  self.ip_adapter):
+                  self.ip_adapter, self.tiny_decoder):
             if m is not None:
                 m.to(device=device, dtype=dtype)
         return self

@@ -56,6 +56,10 @@ class Pipeline(PipelineCore):
             raise UserError(f"--tiny-decoder {path}: it decodes {tiny.config.latent_channels}-channel latents "
                             f"{tiny.downsample_factor}x; this model's are {self.latent_channels}-channel, "
                             f"{self.factor}x")
+        out = getattr(self.autoencoder.config, "out_channels", tiny.config.out_channels)
+        if tiny.config.out_channels != out:
+            raise UserError(f"--tiny-decoder {path}: it makes {tiny.config.out_channels}-channel images; this model's "
+                            f"autoencoder makes {out}-channel ones")
         self.tiny_decoder = tiny.to(self.device, self.dtype)
 
     def load_lora(self, path, scale: float = 1.0) -> int:

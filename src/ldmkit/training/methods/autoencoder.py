@@ -54,6 +54,9 @@ class AETrainConfig(TrainConfig):
     stats_samples: int = option(256, "images the latent scaling factor is measured on", lo=1)
     eval_images: int = option(256, "held-out images scored at the end (summary.json)", lo=1)
     num_workers: int = option(0, "data-loading worker processes", lo=0, hi=64, resume=True)
+    perceptual_net: str | None = option(None, "a classifier folder from `ldm train-classifier`: the perceptual term "
+                                        "compares its features instead of LPIPS-VGG16's (for when VGG16's weights "
+                                        "are not at hand; a network trained here on the data)")
     vgg_weights: str | None = option(None, "VGG16 weights for LPIPS (torchvision's vgg16-397923af.pth; default: "
                                      "$LDMKIT_VGG16_WEIGHTS or the torch hub cache)")
     rec_loss: str = option("l1", "pixel reconstruction loss", choices=("l1", "l2"))
@@ -124,9 +127,9 @@ class AutoencoderMethod(Method):
         model_cfg = c.model_config()
         self.train_data, self.heldout = build_datasets(c.data, model_cfg.sample_size, model_cfg.in_channels,
                                                        c.holdout, c.seed)
-        self.lpips = LPIPS.from_pretrained(c.vgg_weights, device=self.device) if c.perceptual_weight > 0 else None
+        self.lpips, self.perceptual = perceptual_term(c, self.device, self.ctx.is_main)
         model = AutoencoderTraining(Autoencoder(model_cfg), AutoencoderLoss(c.loss_config(), model_cfg.out_channels,
-                                                                            self.lpips))
+                                                                            self.perceptual))
         if run.init:
             from ldmkit.training.methods.ldm_parts import load_weights
 
@@ -169,9 +172,17 @@ class AutoencoderMethod(Method):
         return loss, logs
 
     def state(self) -> dict:
-        return {"data": {"train": len(self.train_data), "heldout": len(self.heldout)}}
+        out = {"data": {"train": len(self.train_data), "heldout": len(self.heldout)}}
+        if self.config.perceptual_net and self.perceptual is not None:
+            from ldmkit.util import weights_sha256
+
+            out["perceptual_net_sha256"] = weights_sha256(self.perceptual.net)
+        return out
 
     def load_state(self, state: dict) -> None:
+        if state.get("perceptual_net_sha256", "") != self.state().get("perceptual_net_sha256", ""):
+            raise UserError(f"--perceptual-net {self.config.perceptual_net}: another network than the run started "
+                            "with; resume with that classifier")
         want = {"train": len(self.train_data), "heldout": len(self.heldout)}
         if state.get("data") and state["data"] != want:
             raise UserError(f"the training data changed since the run started ({state['data']} images then, "
@@ -213,6 +224,30 @@ class AutoencoderMethod(Method):
 
     def usage(self, result: Path) -> str:
         return f"autoencoder written to {result} (summary in {Path(self.config.out) / 'summary.json'})"
+
+
+def perceptual_term(c: AETrainConfig, device, say: bool) -> tuple:
+    """(LPIPS or None, the perceptual module the loss uses or None): --perceptual-net's classifier features when
+    given, else LPIPS-VGG16 when its weights are found; one line says what the run trains with."""
+    import sys
+
+    if c.perceptual_weight <= 0:
+        return None, None
+    if c.perceptual_net:
+        from ldmkit.autoencoder.losses import FeaturePerceptual
+        from ldmkit.metrics.classifier import load_classifier
+
+        net, meta = load_classifier(c.perceptual_net, device=device)
+        if say:
+            print(f"train-autoencoder: perceptual term: the features of classifier {c.perceptual_net} (`ldm "
+                  f"train-classifier` on {meta.get('dataset', '?')}, test accuracy {meta.get('accuracy', '?')}), not "
+                  f"LPIPS; weight {c.perceptual_weight}", file=sys.stderr)
+        lpips = LPIPS.from_pretrained(c.vgg_weights, device=device, quiet=True)  # still reported when present
+        return lpips, FeaturePerceptual(net, str(c.perceptual_net)).to(device)
+    lpips = LPIPS.from_pretrained(c.vgg_weights, device=device)  # warns when VGG16 is missing: no perceptual term
+    if lpips is not None and say:
+        print(f"train-autoencoder: perceptual term: LPIPS-VGG16, weight {c.perceptual_weight}", file=sys.stderr)
+    return lpips, lpips
 
 
 def _init_state(init: dict) -> dict:

@@ -15,9 +15,10 @@ UNet that reads the guidance scale, or a LoRA of the teacher (LCM-LoRA, Luo et a
   w ~ U(--distill-guidance) per sample; sampling reads the scale the user asks for, one UNet call per step
   (diffusers' LatentConsistencyModelPipeline runs the exported folder). The target network is the run's EMA
   of the student (--ema-decay 0.95, without warm-up; it is also what is exported).
-* LoRA students (--lora-rank R): the teacher is the same network with its LoRA layers switched off, the
-  target the student itself without gradients (no EMA by default), as diffusers' LCM-LoRA script; the LoRA
-  loads into diffusers (`load_lora_weights`) and AUTOMATIC1111 / ComfyUI (--lora-format kohya).
+* LoRA students (--lora-rank R): the teacher is the same network with its LoRA layers switched off; with
+  --ema-decay 0 the target is the student itself without gradients, as in diffusers' LCM-LoRA script. The
+  LoRA loads into diffusers (`load_lora_weights`) and AUTOMATIC1111 / ComfyUI (--lora-format kohya).
+* Unconditional teachers have no guidance: the student gets no guidance input and the teacher no CFG.
 """
 from __future__ import annotations
 
@@ -63,10 +64,11 @@ class LCMConfig(LDMConfig):
     guidance: float | None = option(None, "guidance of the grids and the student's default (default: the middle of "
                                     "--distill-guidance for a student with a guidance input, else 1: no CFG)",
                                     lo=0, hi=100, resume=True)
-    distill_guidance: tuple[float, float] = option((4.0, 16.0), "range of the teacher's guidance scale, drawn per "
-                                                   "sample (diffusers' w = 3 ... 15 is scale 4 ... 16)", lo=0, hi=100)
+    distill_guidance: tuple[float, float] = option((4.0, 16.0), "range of the teacher's guidance scale, drawn "
+                                                   "uniformly per sample (the LCM paper's w is scale - 1)", lo=0,
+                                                   hi=100)
     guidance_input: int = option(256, "full students: width of the guidance input (diffusers' time_cond_proj_dim; "
-                                 "0: none, the student learns the range's mix)", lo=0, hi=4096)
+                                 "0: none, the student learns the range's mix; else at least 4)", lo=0, hi=4096)
     num_ddim_timesteps: int = option(50, "steps of the teacher's DDIM grid (the skipping-step solver's jump is "
                                      "T / this)", lo=1, hi=1000)
     timestep_scaling: float = option(10.0, "timestep factor of the boundary scalings c_skip, c_out", lo=0,
@@ -94,6 +96,15 @@ class LCMConfig(LDMConfig):
             raise UserError(f"--distill-guidance {lo} {hi}: the low end is above the high end")
         if self.train_text_encoder:
             raise UserError("lcm keeps the text encoder frozen; drop --train-text-encoder")
+        if 0 < self.guidance_input < 4:
+            raise UserError(f"--guidance-input {self.guidance_input}: 0 (none) or at least 4 (sinusoid pairs)")
+        if self.strategy == "fsdp":
+            raise UserError("lcm runs its teacher and target outside the wrapped student; use --strategy ddp")
+        from ldmkit.adapters.lora import target_suffixes
+
+        if self.lora_rank and target_suffixes(self.lora_targets)["text_encoder"]:
+            raise UserError(f"--lora-targets {' '.join(self.lora_targets)}: lcm keeps the text encoder frozen; "
+                            "give the denoiser's groups only (attn, ff, proj, conv, module names)")
 
 
 class LCMStage(Stage2):
@@ -139,11 +150,14 @@ class LCM(LDM):
         self.grid = torch.arange(1, c.num_ddim_timesteps + 1) * self.skip - 1  # 19, 39, ..., 999
         model.requires_grad_(False)
         self.teacher = None
+        if getattr(model.denoiser, "guidance_mode", "cfg") != "cfg":
+            raise UserError(f"--teacher {c.init_from} is already guidance-distilled (it reads the guidance scale); "
+                            "distil a model that runs with classifier-free guidance")
         if c.lora_rank:
             self.lora_paths = attach_lora(model, c)  # the LoRA switched off is the teacher
         else:
             self.teacher = copy.deepcopy(model.denoiser).eval().to(self.device)
-            if c.guidance_input:
+            if c.guidance_input and model.conditioner is not None:  # an unconditional teacher has no guidance
                 add_guidance_input(model.denoiser, c.guidance_input, c.init_from)
             model.denoiser.requires_grad_(True)
         student = LCMStage(model.denoiser, model.conditioner)
@@ -163,10 +177,14 @@ class LCM(LDM):
             yield self.model.denoiser
 
     def defaults(self) -> dict:
+        """The student's sampling defaults: LCM on the distillation grid, the middle of the guidance range."""
         c = self.config
         guided = getattr(self.model.denoiser, "guidance_mode", "cfg") == "distilled"
         guidance = c.guidance if c.guidance is not None else (sum(c.distill_guidance) / 2 if guided else 1.0)
-        return {"sampler": self.sampler, "steps": c.sample_steps, "guidance": guidance}
+        out = {"sampler": self.sampler, "steps": c.sample_steps, "guidance": guidance}
+        if self.sampler == "lcm":
+            out["sampler_options"] = {"original_inference_steps": c.num_ddim_timesteps}
+        return out
 
     # ---- batches ----------------------------------------------------------------------------
     def draw(self, step: int) -> dict:
@@ -174,7 +192,7 @@ class LCM(LDM):
         c = self.config
         g = torch.Generator().manual_seed((c.seed * 1_000_037 + step * 15485863 + 7) % (2**63 - 1))
         out["index"] = torch.randint(0, c.num_ddim_timesteps, (c.batch_size,), generator=g)
-        lo, hi = c.distill_guidance
+        lo, hi = c.distill_guidance if self.model.conditioner is not None else (1.0, 1.0)
         out["guidance"] = lo + (hi - lo) * torch.rand(c.batch_size, generator=g)
         return out
 
@@ -193,6 +211,13 @@ class LCM(LDM):
         x0 = to_x0(self.schedule, self.objective, out, x, t)
         c_skip, c_out = boundary(t, self.config.timestep_scaling, x)
         return c_skip * x + c_out * x0
+
+    def null_condition(self, n: int, time_ids=None):
+        """The teacher's unconditional branch: the conditioner's null condition (no caption is encoded)."""
+        from ldmkit.conditioning.base import trim_padding
+
+        null = trim_padding(self.model.conditioner.null(n))[0]
+        return null if time_ids is None else null.replace(time_ids=time_ids.to(null.pooled))
 
     @torch.no_grad()
     def solver_step(self, x, t, t_prev, cond, null, guidance) -> torch.Tensor:
@@ -221,8 +246,7 @@ class LCM(LDM):
         g, conditions, time_ids = batch["guidance"], batch["conditions"], batch.get("time_ids")
         with torch.no_grad():  # the target first: the EMA swap may not touch weights a graph has saved
             cond = self.model.condition(conditions, None, time_ids=time_ids)
-            null = None if self.model.conditioner is None else self.model.condition(
-                conditions, torch.ones(x.shape[0], dtype=torch.bool), time_ids=time_ids)
+            null = None if self.model.conditioner is None else self.null_condition(x.shape[0], time_ids)
             x_prev = self.solver_step(x, t, t_prev, cond, null, g)
             with (self.average.swapped() if self.average is not None else contextlib.nullcontext()):
                 target = self.consistency(self.model, x_prev, t_prev, cond, g)
@@ -279,8 +303,6 @@ def add_guidance_input(denoiser: nn.Module, dim: int, teacher: str) -> None:
     if not isinstance(unet, UNet):
         raise UserError(f"--teacher {teacher}: a guidance input is a UNet's; this denoiser is a "
                         f"{type(denoiser).__name__} (distil it with --guidance-input 0 or as a LoRA, --lora-rank)")
-    if unet.config.time_cond_proj_dim:
-        return  # already a student: go on distilling it
     unet.add_guidance_input(dim)
     if unet is not denoiser:  # an extended UNet records its UNet's config
         denoiser.config = replace(denoiser.config, unet=unet.config)
