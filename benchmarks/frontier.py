@@ -80,11 +80,12 @@ def settings(teacher, student, tiny, key: str = "prompt", guidance: float = GUID
             **{key: conds}, num=len(conds), seed=seed, sampler=sampler, steps=steps, guidance=guidance,
             batch_size=len(conds), progress=False, **kw)]
 
-    out = {f"diffusers DPM++ 2M {n}": ((lambda n: lambda c, s: diffusers_loop(teacher, c, s, n, guidance))(n), 2 * n)
-           for n in (10, 20, 25, 50)}
-    out.update({f"ldmkit DPM++ 2M {n}": (ours(teacher, "dpmpp_2m", n), 2 * n) for n in (10, 20, 25)})
-    out["ldmkit UniPC 10"] = (ours(teacher, "unipc", 10), 20)
-    out["ldmkit DPM++ 2M 20, cache 3"] = (ours(teacher, "dpmpp_2m", 20, cache_interval=3), 2 * 20)
+    pair = 1 if guidance == 1.0 else 2  # network evaluations per step: CFG's pair, one without guidance
+    out = {f"diffusers DPM++ 2M {n}": ((lambda n: lambda c, s: diffusers_loop(teacher, c, s, n, guidance))(n),
+                                       pair * n) for n in (10, 20, 25, 50)}
+    out.update({f"ldmkit DPM++ 2M {n}": (ours(teacher, "dpmpp_2m", n), pair * n) for n in (10, 20, 25)})
+    out["ldmkit UniPC 10"] = (ours(teacher, "unipc", 10), pair * 10)
+    out["ldmkit DPM++ 2M 20, cache 3"] = (ours(teacher, "dpmpp_2m", 20, cache_interval=3), pair * 20)
     if student is not None:
         out.update({f"ldmkit LCM {n}": (ours(student, "lcm", n), n) for n in (1, 2, 4, 8)})
         if tiny is not None:

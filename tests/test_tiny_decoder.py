@@ -118,3 +118,21 @@ def test_a_tiny_decoder_for_other_latents_is_refused(taesd, tmp_path, capsys):
                  "--out", str(tmp_path / "y"), "--tiny-decoder", str(bad)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
+
+
+def test_a_taesd3_style_folder_keeps_its_scaling_and_shift(tmp_path, one_thread):
+    """TAESD3 / TAEF1 folders say scaling_factor / shift_factor: diffusers' pipelines decode
+    latents / scaling + shift, and so does the tiny decoder read from the folder."""
+    from ldmkit.io.tiny_decoder_files import read_tiny_decoder
+
+    torch.manual_seed(1)
+    vae = diffusers.AutoencoderTiny(latent_channels=16, decoder_block_out_channels=(8, 8, 8, 8),
+                                    encoder_block_out_channels=(8, 8, 8, 8), scaling_factor=1.5305,
+                                    shift_factor=0.0609).eval()
+    vae.save_pretrained(tmp_path / "taesd3")
+    tiny = read_tiny_decoder(tmp_path / "taesd3")
+    assert (tiny.config.scaling_factor, tiny.config.shift_factor) == (1.5305, 0.0609)
+    z = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = vae.decode(z / vae.config.scaling_factor + vae.config.shift_factor).sample
+        assert torch.allclose(tiny(z), want, atol=1e-6, rtol=0)

@@ -491,5 +491,5 @@ def check_cache_matches(data: LatentData, autoencoder: torch.nn.Module, where: s
     """Refuse a cache encoded with other autoencoder weights than the ones samples are decoded with."""
     want = ((data.index or {}).get("autoencoder") or {}).get("weights_sha256")
     if want and want != weights_sha256(autoencoder):
-        raise ValueError(f"the latent cache {where} was encoded with other autoencoder weights than "
+        raise ValueError(f"{where} was encoded with other autoencoder weights than "
                          f"{autoencoder_path}; rebuild the cache or pass the autoencoder it was made with")
