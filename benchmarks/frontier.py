@@ -300,8 +300,10 @@ def plot_class(result: dict, path: Path) -> None:
         ax.axhline(result["floor_fid"], color="green", lw=0.8, ls=":", label="real-vs-real floor")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    for axis, ticks in ((ax.xaxis, [10, 15, 25, 40, 60, 80]), (ax.yaxis, [0.3, 0.5, 1, 2, 4])):
+        axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        axis.set_ticks(ticks)
     ax.set_xlabel("wall time per image (ms, CPU, log scale)")
     ax.set_ylabel("FID, own features (1,000 vs 1,000; lower is better)")
     ax.set_title(f"{result['model']}: speed vs quality (guidance {result['guidance']:g})")
