@@ -46,6 +46,19 @@ def make_tokenizer(folder: Path, style: str):
 
 
 # ----------------------------------------------------------------------------- models
+def captioned_images(folder: Path, n: int = 6) -> Path:
+    """`n` random 20x24 images with alternating captions ("the red cat" / "a cat on the street") in .txt files."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray((rng.random((20, 24, 3)) * 255).astype("uint8")).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text("the red cat" if i % 2 else "a cat on the street")
+    return folder
+
+
 def build_pipeline(style: str, scheduler: str = "ddim", seed: int = 0, workdir: Path | None = None):
     from diffusers import (AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline,
                            UNet2DConditionModel)

@@ -27,7 +27,6 @@ SETTINGS = dict(height=16, width=16, num_inference_steps=4, guidance_scale=5.0)
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, one_thread):
     """A diffusers SD folder, the same weights as a single file, and a folder of 6 captioned 20x24 images."""
-    from PIL import Image
     from safetensors.torch import save_file
 
     root = tmp_path_factory.mktemp("finetune")
@@ -35,12 +34,7 @@ def base(tmp_path_factory, one_thread):
     pipe.save_pretrained(root / "sd1")
     save_file({k: v.contiguous() for k, v in im.to_original_checkpoint(pipe, "sd1").items()},
               str(root / "sd1.safetensors"))
-    data = root / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        Image.fromarray((rng.random((20, 24, 3)) * 255).astype("uint8")).save(data / f"img{i}.png")
-        (data / f"img{i}.txt").write_text("the red cat" if i % 2 else "a cat on the street")
+    im.captioned_images(root / "data")
     return root
 
 

@@ -120,18 +120,10 @@ def test_an_lcm_lora_written_by_diffusers_runs_as_in_diffusers(tmp_path, one_thr
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory, one_thread):
     """A diffusers SD folder (the teacher) and a folder of 6 captioned 20x24 images."""
-    import numpy as np
-    from PIL import Image
-
     root = tmp_path_factory.mktemp("distill")
     pipe = im.build_pipeline("sd1", workdir=root)
     pipe.save_pretrained(root / "sd1")
-    data = root / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        Image.fromarray((rng.random((20, 24, 3)) * 255).astype("uint8")).save(data / f"img{i}.png")
-        (data / f"img{i}.txt").write_text("the red cat" if i % 2 else "a cat on the street")
+    im.captioned_images(root / "data")
     return root
 
 

@@ -72,34 +72,33 @@ def register(sub, argv: list[str] | None = None) -> None:
     add_flags(p, config_cls, f"{name} settings")
     p.set_defaults(func=_train, config_cls=config_cls, method_cls=method_cls)
 
-    method_cls, config_cls = METHODS["autoencoder"]
-    p = sub.add_parser("train-autoencoder", help="train a stage-1 KL or VQ autoencoder (= ldm train --method "
-                       "autoencoder)", description="Train a perceptual autoencoder (L1 + LPIPS + PatchGAN; KL or VQ "
-                       "bottleneck). Writes checkpoints/, samples/, loss.png, autoencoder/ (with its latent "
-                       "scaling factor) and summary.json under --out. See docs/autoencoder.md.")
-    _add_run_flags(p)
-    add_flags(p, config_cls, "autoencoder settings")
-    p.set_defaults(func=_train, config_cls=config_cls, method_cls=method_cls, method="autoencoder")
-
-    method_cls, config_cls = METHODS["tiny-decoder"]
-    p = sub.add_parser("train-tiny-decoder", help="distil a model's decoder into a tiny one for fast decoding and "
-                       "previews (= ldm train --method tiny-decoder)", description="Train a TAESD-style tiny decoder "
-                       "to imitate an autoencoder's full decoder. Writes tiny_decoder/ and summary.json (its PSNR "
-                       "against the full decoder, decode times) under --out. Use it with `ldm sample --tiny-decoder "
-                       "RUN/tiny_decoder --fast-decode`. See docs/generation.md.")
-    _add_run_flags(p)
-    add_flags(p, config_cls, "tiny-decoder settings")
-    p.set_defaults(func=_train, config_cls=config_cls, method_cls=method_cls, method="tiny-decoder")
-
-    method_cls, config_cls = METHODS["lcm"]
-    p = sub.add_parser("distill", help="distil a pretrained model into a 1-8 step student (= ldm train --method "
-                       "lcm)", description="Latent consistency distillation: a teacher (--teacher MODEL) becomes a "
-                       "student that samples in 1-8 steps with --sampler lcm -- the whole UNet with a guidance input "
-                       "(a model folder), or a LoRA (--lora-rank R, LCM-LoRA). See docs/generation.md.")
+    _method_command(sub, "train-autoencoder", "autoencoder", "train a stage-1 KL or VQ autoencoder (= ldm train "
+                    "--method autoencoder)", "Train a perceptual autoencoder (L1 + LPIPS + PatchGAN; KL or VQ "
+                    "bottleneck). Writes checkpoints/, samples/, loss.png, autoencoder/ (with its latent scaling "
+                    "factor) and summary.json under --out. See docs/autoencoder.md.")
+    _method_command(sub, "train-tiny-decoder", "tiny-decoder", "distil a model's decoder into a tiny one for fast "
+                    "decoding and previews (= ldm train --method tiny-decoder)", "Train a TAESD-style tiny decoder "
+                    "to imitate an autoencoder's full decoder. Writes tiny_decoder/ and summary.json (its PSNR "
+                    "against the full decoder, decode times) under --out. Use it with `ldm sample --tiny-decoder "
+                    "RUN/tiny_decoder --fast-decode`. See docs/generation.md.")
+    p = _method_command(sub, "distill", "lcm", "distil a pretrained model into a 1-8 step student (= ldm train "
+                        "--method lcm)", "Latent consistency distillation: a teacher (--teacher MODEL) becomes a "
+                        "student that samples in 1-8 steps with --sampler lcm -- the whole UNet with a guidance "
+                        "input (a model folder), or a LoRA (--lora-rank R, LCM-LoRA). See docs/finetuning.md.")
     p.add_argument("--method", choices=("lcm",), default="lcm", help="distillation method: lcm (latent consistency)")
+
+
+def _method_command(sub, command: str, method: str, help: str, description: str):
+    """`ldm COMMAND`: one method's run, its flags from its config."""
+    from ldmkit.training.config import add_flags
+    from ldmkit.training.methods import METHODS
+
+    method_cls, config_cls = METHODS[method]
+    p = sub.add_parser(command, help=help, description=description)
     _add_run_flags(p)
-    add_flags(p, config_cls, "lcm settings")
-    p.set_defaults(func=_train, config_cls=config_cls, method_cls=method_cls)
+    add_flags(p, config_cls, f"{method} settings")
+    p.set_defaults(func=_train, config_cls=config_cls, method_cls=method_cls, method=method)
+    return p
 
 
 def build_config(args) -> tuple[object, Path | None]:
