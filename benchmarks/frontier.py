@@ -18,7 +18,8 @@
 Writes benchmarks/results/frontier.json and docs/images/frontier.png. CPU, all threads of the machine.
 
     python benchmarks/frontier.py [--student outputs/lcm/run/model] [--tiny outputs/tiny/tiny_decoder] [--n 200]
-    python benchmarks/frontier.py --model fashion-mnist [--student outputs/fmnist-lcm/model]   # -> frontier_fmnist.*
+    python benchmarks/frontier.py --model fashion-mnist [--student outputs/fmnist-lcm/model] [--tiny DIR]
+        [--only "LCM 4" "25"]                                                                  # -> frontier_fmnist.*
 
 3. The same for the bundled Fashion-MNIST class model (`--model fashion-mnist`) and its LCM student
    (examples/fashion_mnist/lcm_distill.py): 1,000 class-balanced samples per setting at the model's default
@@ -162,7 +163,13 @@ def class_frontier(args) -> dict:
     real = reference_images("fashion-mnist", "test", limit=args.num)
     f_real = extract_features(network, real.images)
     labels = [i % 10 for i in range(args.num)]
-    runs = settings(teacher, student, None, key="class_label", guidance=guidance)
+    tiny = None
+    if student is not None and args.tiny and Path(args.tiny).is_dir():
+        student.load_tiny_decoder(args.tiny)
+        tiny = student.tiny_decoder
+    runs = settings(teacher, student, tiny, key="class_label", guidance=guidance)
+    if args.only:  # a subset of the settings (names containing one of the given strings)
+        runs = {k: v for k, v in runs.items() if any(o in k for o in args.only)}
     images, best = timed(runs, labels, args.passes, 100)
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -180,6 +187,7 @@ def class_frontier(args) -> dict:
         print(f"{name:30s} {rows[-1]['ms_per_image']:7.2f} ms/image  FID {fid:6.3f} (± {rows[-1]['fid_bootstrap_std']:.3f})  "
               f"accuracy {100 * acc:5.1f} %  P {precision:.3f} R {recall:.3f}", flush=True)
     return {"model": args.model, "student": args.student if student is not None else None, "guidance": guidance,
+            "tiny_decoder": args.tiny if tiny is not None else None,
             "num": args.num, "seed": SEED, "batch": 100, "passes": args.passes, "rows": rows,
             "feature_network": network.describe()}
 
@@ -320,7 +328,10 @@ def main(argv=None) -> int:
                    "model with an eval_classifier/ (FID, class accuracy), e.g. fashion-mnist")
     p.add_argument("--student", default=None, help="the LCM student (default: outputs/lcm/run/model for demo-shapes, "
                    "outputs/fmnist-lcm/model otherwise)")
-    p.add_argument("--tiny", default="outputs/tiny/tiny_decoder", help="a tiny decoder for demo-shapes")
+    p.add_argument("--tiny", default=None, help="a tiny decoder for the student (default for demo-shapes: "
+                   "outputs/tiny/tiny_decoder)")
+    p.add_argument("--only", nargs="+", default=None, help="class model: only the settings whose names contain one "
+                   "of these strings")
     p.add_argument("--n", type=int, default=200, help="demo-shapes: prompts per set (training, held-out)")
     p.add_argument("--num", type=int, default=1000, help="class model: samples per setting")
     p.add_argument("--passes", type=int, default=2)
@@ -333,6 +344,7 @@ def main(argv=None) -> int:
     args.out = args.out or str(ROOT / "benchmarks" / "results" / f"{stem}.json")
     args.plot = args.plot or str(ROOT / "docs" / "images" / f"{stem}.png")
     args.student = args.student or ("outputs/lcm/run/model" if shapes else "outputs/fmnist-lcm/model")
+    args.tiny = args.tiny or ("outputs/tiny/tiny_decoder" if shapes else None)
     draw = plot if shapes else plot_class
     if args.plot_only:
         import json
