@@ -80,12 +80,8 @@ def test_interval_one_is_bit_identical(unet):
     for step in range(3):
         x, t, ctx = _inputs(step)
         plain = unet(x, t, ctx)
-        cache.next_call()
-        unet.feature_cache = cache
-        try:
+        with cache.evaluation(unet):
             cached = unet(x, t, ctx)
-        finally:
-            unet.feature_cache = None
         assert torch.equal(plain, cached)
     assert (cache.full_runs, cache.partial_runs) == (3, 0)
 
@@ -134,21 +130,13 @@ def test_chunks_keep_their_own_features(unet):
     outs = {}
     for call in range(2):
         x, t, ctx = _inputs(call, batch=4)
-        cache.next_call()
-        unet.feature_cache = cache
-        try:
+        with cache.evaluation(unet):
             outs[call] = torch.cat([unet(x[:2], t[:2], ctx[:2]), unet(x[2:], t[2:], ctx[2:])])
-        finally:
-            unet.feature_cache = None
     whole = FeatureCache(2, 1)
     for call in range(2):
         x, t, ctx = _inputs(call, batch=4)
-        whole.next_call()
-        unet.feature_cache = whole
-        try:
+        with whole.evaluation(unet):
             out = unet(x, t, ctx)
-        finally:
-            unet.feature_cache = None
         torch.testing.assert_close(outs[call], out, rtol=1e-5, atol=1e-6)
     assert (cache.full_runs, cache.partial_runs) == (2, 2)
 

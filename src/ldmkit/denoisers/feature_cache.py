@@ -8,11 +8,9 @@ evaluation in `interval` (a *full* step) and keep the features entering the up l
 features: the mid block and every deeper layer are skipped.
 
     cache = FeatureCache(interval=3, branch=0)
-    unet.feature_cache = cache               # UNet.forward asks the cache what to run
     for each network evaluation:
-        cache.next_call()                    # evaluation 1, 1 + interval, ... run in full
-        out = unet(x, t, context)            # one forward per chunk of rows (CFG batch chunking)
-    unet.feature_cache = None
+        with cache.evaluation(unet):         # evaluation 1, 1 + interval, ... run in full; UNet.forward asks
+            out = unet(x, t, context)        # the cache what to run, one forward per chunk of rows
 
 Branches count down layers: branch 0 (the default, DeepCache's too) cuts after the first down resnet, so
 a partial step recomputes two skips (conv_in's output and that resnet's) and runs the last two up resnets;
@@ -26,6 +24,8 @@ residuals reach a partial step only through the shallow skips it recomputes; the
 block's residuals act through the cached features of the last full step.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -65,6 +65,16 @@ class FeatureCache:
         """A new network evaluation begins (its forwards are chunks 0, 1, ... of its rows)."""
         self.calls += 1
         self._slot = 0
+
+    @contextlib.contextmanager
+    def evaluation(self, unet):
+        """One network evaluation: `unet` consults this cache inside the block (the plain UNet outside it)."""
+        self.next_call()
+        unet.feature_cache = self
+        try:
+            yield
+        finally:
+            unet.feature_cache = None
 
     def begin(self, x: torch.Tensor) -> bool:
         """Called by `UNet.forward`: True when this forward takes the shortcut. A chunk with no features kept

@@ -30,16 +30,11 @@ def load_flux(path, device=None, dtype: torch.dtype | None = None, variant: str 
               max_sequence_length: int = 512, **unused):
     """(index, components) of a diffusers FLUX.1 folder (see the module docstring)."""
     from ldmkit.denoisers.flux import FluxConfig
-    from ldmkit.errors import UserError
     from ldmkit.io.diffusers_format import UNET_WEIGHTS
-    from ldmkit.io.sd3_format import _weights, check_folder
+    from ldmkit.io.sd3_format import _weights, transformer_config
 
     root = Path(path)
-    check_folder(root, "FLUX")
-    try:
-        cfg = FluxConfig.from_dict(read_json(root / "transformer" / "config.json"))
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"{root}: {exc}") from None
+    cfg = transformer_config(root, "FLUX", FluxConfig)
     parts = flux_base_parts(root, variant, dtype)
     kind = "distilled guidance" if cfg.guidance_embeds else "no guidance"
     notes = [f"{root.name}: diffusers FluxPipeline folder ({kind})"]

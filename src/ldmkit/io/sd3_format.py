@@ -149,15 +149,10 @@ def load_sd3(path, device=None, dtype: torch.dtype | None = None, variant: str |
              max_sequence_length: int = 256, clip_skip: int = 0, **unused):
     """(index, components) of a diffusers SD3 folder (see the module docstring)."""
     from ldmkit.denoisers.mmdit import MMDiTConfig
-    from ldmkit.errors import UserError
     from ldmkit.io.diffusers_format import UNET_WEIGHTS
 
     root = Path(path)
-    check_folder(root, "SD3")
-    try:
-        cfg = MMDiTConfig.from_dict(read_json(root / "transformer" / "config.json"))
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"{root}: {exc}") from None
+    cfg = transformer_config(root, "SD3", MMDiTConfig)
     ae = build_autoencoder(*read_vae(root, variant), str(root / "vae"), dtype or torch.float32)
     clips, t5 = sd3_text_encoders(root, variant, without_t5)
     schedule, sampler = flow_schedule_from_diffusers(read_json(root / "scheduler" / "scheduler_config.json"),
@@ -171,6 +166,17 @@ def check_folder(root: Path, family: str, subs=("transformer", "vae", "text_enco
     for sub in subs:
         if not (root / sub).is_dir():
             raise FileNotFoundError(f"{root} is not a complete diffusers {family} folder: {sub}/ is missing")
+
+
+def transformer_config(root: Path, family: str, config_cls):
+    """The transformer's config of a complete diffusers SD3 / FLUX folder; a bad config is a one-line error."""
+    from ldmkit.errors import UserError
+
+    check_folder(root, family)
+    try:
+        return config_cls.from_dict(read_json(root / "transformer" / "config.json"))
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{root}: {exc}") from None
 
 
 def sd3_text_encoders(root: Path, variant: str | None, without_t5: bool = False):

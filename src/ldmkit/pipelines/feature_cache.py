@@ -79,12 +79,8 @@ def wrap(denoiser, s, fn: Callable) -> Callable:
     unet, cache = unet_of(denoiser), FeatureCache(s.cache_interval, s.cache_branch)
 
     def cached(x, t, cond):
-        cache.next_call()
-        unet.feature_cache = cache
-        try:
+        with cache.evaluation(unet):
             return fn(x, t, cond)
-        finally:
-            unet.feature_cache = None
 
     return cached
 
