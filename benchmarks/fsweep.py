@@ -1,8 +1,12 @@
 """The LDM paper's f-sweep (its Fig. 6) on Fashion-MNIST, at a size this CPU can run.
 
     python benchmarks/fsweep.py                          # CPU default (~20-25 min on 2 busy cores)
+    python benchmarks/fsweep.py --long --reuse           # the recipe-sized CPU protocol: 3 seeds, hours
     python benchmarks/fsweep.py --full --device cuda     # the same protocol scaled up for a GPU
     python benchmarks/fsweep.py --factors 4 8 --budget-gflop 200   # a quick partial run
+
+Each (f, seed) run is stored in OUT/runs/ as it finishes; with --reuse a rerun keeps the finished runs whose
+settings match and trains the rest, so a long sweep can be run in parts (one --seeds or --factors at a time).
 
 Question: for the same training compute, which compression factor f gives the
 best class-conditional samples?  LDM-1 is diffusion in pixel space; LDM-f
@@ -12,36 +16,45 @@ downsamples 32x32 images by f.
 Protocol (what is equal, what is measured):
 1. Data: Fashion-MNIST train split (zero-padded to 32x32, first `--train-images`),
    reference set = the test split (first `--reference-images`).
-2. Stage 1, trained once per f with the library's autoencoder method (what
+2. Stage 1, trained once per f (seed 0, shared by every stage-2 seed) by the library's autoencoder method (what
    `ldm train-autoencoder` runs) on the full train split and then frozen: a KL
-   autoencoder with L1 + 1e-6 KL loss (no LPIPS: the VGG weights cannot be downloaded
-   here; no GAN at this size).  Latents are the posterior means, shifted and scaled to
+   autoencoder with L1 + 1e-6 KL loss and, with `--ae-perceptual W` (on in --long and --full), the
+   perceptual term in a classifier's features (what `ldm train-autoencoder --perceptual-net` does; LPIPS-VGG
+   cannot be downloaded here): `--perceptual-net`, by default the feature classifier -- give another one
+   (same recipe, another seed) so that the judge is not the network stage 1 was trained to please, which
+   would favour the latent models over pixel-space LDM-1; no GAN at this size.  Latents are the posterior means, shifted and scaled to
    unit variance by the factors the trainer stores.  f = 1 uses the pixels.
    Autoencoder training and latent caching are *not* counted in the compute (as in the
    paper: stage 1 is trained once and shared).
 3. Stage 2: the same class-conditional UNet (`ldmkit.denoisers.UNet`, class embedding
    with a null class for classifier-free guidance, 10% condition dropout), eps
-   objective on the DDPM linear schedule, AdamW + EMA.  **Equal FLOPs**: the
-   forward+backward FLOPs of one training sample are measured with
+   objective on the DDPM linear schedule (--long and --full: v on the cosine schedule, as the recipe),
+   AdamW + EMA.
+   **Equal FLOPs**: the forward+backward FLOPs of one training sample are measured with
    `torch.utils.flop_counter.FlopCounterMode`; every model runs the same number of
    optimiser steps with a batch sized so that one step costs the same FLOPs as LDM-1's
    step at `--pixel-batch` (small latents get bigger batches, capped at the data size).
    Wall-clock seconds are recorded too, but they are not what is equalised.
    The loop is written out in `train_ldm` below with the library's schedule, objective
    (`ldmkit.diffusion.training_loss`), EMA and samplers rather than `ldm train`'s
-   the ldm method: LDM-1 has no autoencoder (the trainer needs a frozen one and a latent
+   ldm method: LDM-1 has no autoencoder (the trainer needs a frozen one and a latent
    cache), and evaluating at exact FLOP budgets needs the loop in hand; all four runs share it.
 4. At `--eval-points` evenly spaced points of the budget, the EMA model draws
-   `--num-eval` class-balanced samples (DDIM, `--eval-steps` steps, CFG scale
+   `--num-eval` class-balanced samples (`--eval-sampler`, `--eval-steps` steps, CFG scale
    `--guidance`); they are scored by FID / KID against the reference set in the
    feature space of ldmkit's own Fashion-MNIST classifier (`ldm train-classifier`),
    and by class accuracy under that classifier.
-5. Sampler quality vs NFE on one trained model (`--nfe-model`, default LDM-4): DDIM,
+5. Every (f, seed) run is repeated for each of `--seeds`; each compute point is reported as the mean and
+   its 95 % t-interval over the seeds, and the verdict (_fsweep_report.verdict) says whether a mild latent
+   space beats pixels and f = 8 trails it, "clearly" only where the intervals separate.
+6. Sampler quality vs NFE on one trained model (`--nfe-model`, default LDM-4, first seed): DDIM,
    DPM++ 2M and Euler at 5 / 10 / 20 / 50 steps, same seeds and guidance.
 
-Writes `OUT/fsweep.json`, `OUT/fsweep.png` (quality vs training compute),
-`OUT/fsweep_nfe.png`, `OUT/samples-f{f}.png`, and copies the JSON to
-`benchmarks/results/fsweep.json`.  docs/fsweep.md reports a run.
+Writes `OUT/fsweep.json`, `OUT/fsweep.md` (the tables and the verdict), `OUT/fsweep.png` (quality vs training
+compute, with the intervals), `OUT/fsweep_nfe.png`, per run `OUT/runs/f{f}-seed{s}.json`,
+`OUT/samples-f{f}-seed{s}.png` and the model folder `OUT/ldm-f{f}-seed{s}/` (f > 1), the NFE table
+`OUT/nfe-f{f}.json`, and copies the JSON to `benchmarks/results/fsweep.json` (`fsweep_cpu-long.json`,
+`fsweep_full.json` for --long, --full).  docs/fsweep.md reports the runs.
 """
 from __future__ import annotations
 
@@ -56,18 +69,30 @@ import torch
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # _fsweep_report
 
 DEFAULTS = dict(  # CPU default: about 20-25 minutes on the 2 shared cores here
     train_images=6000, reference_images=1000, classifier_steps=400,
     ae_channels=8, ae_steps=200, ae_batch=32, ae_lr=2e-3,
     unet_channels=(16, 32), pixel_batch=16, steps=180, lr=1e-3, ema=0.99,
     eval_points=3, num_eval=100, eval_steps=10, guidance=3.0, nfe_steps=(5, 10, 20, 50),
+    ae_perceptual=0.0, ae_schedule="constant", ae_ema=0.99, objective="eps", schedule="linear", eval_sampler="ddim",
+)
+LONG = dict(  # the Fashion-MNIST recipe's sizes on this CPU (examples/fashion_mnist/recipe.py): ~15 min per model
+    train_images=60000, reference_images=1000, classifier_steps=1900,
+    ae_channels=32, ae_steps=1200, ae_batch=32, ae_lr=2e-3,
+    unet_channels=(32, 64, 64), pixel_batch=16, steps=5800, lr=1e-3, ema=0.999,
+    eval_points=3, num_eval=500, eval_steps=10, guidance=2.0, nfe_steps=(5, 10, 20, 50),
+    ae_perceptual=1.0, ae_schedule="cosine", ae_ema=0.995, objective="v", schedule="cosine",
+    eval_sampler="dpmpp_2m",
 )
 FULL = dict(  # one GPU: the same protocol with real sizes
     train_images=60000, reference_images=10000, classifier_steps=3000,
     ae_channels=64, ae_steps=6000, ae_batch=64, ae_lr=5e-4,
     unet_channels=(64, 128, 128), pixel_batch=64, steps=20000, lr=2e-4, ema=0.999,
     eval_points=8, num_eval=2000, eval_steps=50, guidance=3.0, nfe_steps=(5, 10, 20, 50),
+    ae_perceptual=1.0, ae_schedule="cosine", ae_ema=0.999, objective="v", schedule="cosine",
+    eval_sampler="dpmpp_2m",
 )
 LATENT_CHANNELS = {2: 1, 4: 2, 8: 4}  # f -> c: 4x, 8x and 16x fewer numbers than the 32x32 image
 NULL_CLASS = 10
@@ -115,26 +140,44 @@ def autoencoder_overrides(f: int, channels: int) -> dict:
             "latent_channels": LATENT_CHANNELS[f], "norm_groups": 8, "mid_attention": False}
 
 
+AE_KEYS = ("ae_channels", "ae_steps", "ae_batch", "ae_lr", "ae_perceptual", "ae_schedule", "ae_ema")
+
+
 def train_autoencoder(f: int, p, device, folder: Path) -> tuple[object, dict]:
-    """Stage 1 with the library's method (`ldm train-autoencoder`):
-    L1 + 1e-6 KL on Fashion-MNIST 32x32; no LPIPS (VGG16 weights cannot be downloaded here) and no GAN
-    at this size. The trainer stores the latent scaling/shift factors in the component's config."""
+    """Stage 1 with the library's method (`ldm train-autoencoder`), seed 0 whatever the stage-2 seeds: L1 + 1e-6 KL
+    on Fashion-MNIST 32x32, plus the perceptual term in the feature classifier's features when --ae-perceptual > 0
+    (what `ldm train-autoencoder --perceptual-net` does); no GAN at this size. The trainer stores the latent
+    scaling/shift factors in the component's config. Reused (--reuse) only when trained with the same settings."""
     from ldmkit.io.format import load_component
-    from ldmkit.io.files import read_json
+    from ldmkit.io.files import read_json, write_json
     from ldmkit.training import AETrainConfig, AutoencoderMethod, Trainer
 
-    summary_path = folder / "summary.json"
-    if p.reuse and summary_path.is_file() and (folder / "autoencoder" / "config.json").is_file():
+    summary_path, settings_path = folder / "summary.json", folder / "fsweep_ae.json"
+    net = p.perceptual_net or p.classifier_dir
+    want = {k: getattr(p, k) for k in AE_KEYS} | {"f": f}
+    if p.ae_perceptual > 0:
+        from ldmkit.metrics.classifier import file_sha256
+
+        want["perceptual_net_sha256"] = file_sha256(Path(net) / "model.safetensors")
+    want = json.loads(json.dumps(want))
+    if (p.reuse and summary_path.is_file() and (folder / "autoencoder" / "config.json").is_file()
+            and settings_path.is_file() and read_json(settings_path) == want):
         log(f"LDM-{f}: reusing autoencoder {folder}")
     else:
+        perceptual = {"perceptual_weight": p.ae_perceptual}
+        if p.ae_perceptual > 0:
+            perceptual["perceptual_net"] = str(net)
         cfg = AETrainConfig(data="fashion-mnist", out=str(folder), preset="tiny-kl-f4", steps=p.ae_steps,
-                            batch_size=p.ae_batch, lr=p.ae_lr, adam_betas=(0.9, 0.99), size=32, ema_decay=0.99,
+                            batch_size=p.ae_batch, lr=p.ae_lr, adam_betas=(0.9, 0.99), size=32,
+                            lr_schedule=p.ae_schedule, ema_decay=p.ae_ema,
+                            warmup_steps=0 if p.ae_schedule == "constant" else min(100, p.ae_steps // 10),
                             checkpoint_every=p.ae_steps, sample_every=p.ae_steps, log_every=10, stats_samples=512,
-                            seed=p.seed, device=str(device), perceptual_weight=0.0, disc_weight=0.0, kl_weight=1e-6,
+                            seed=0, device=str(device), disc_weight=0.0, kl_weight=1e-6, **perceptual,
                             **autoencoder_overrides(f, p.ae_channels))
         t0 = time.perf_counter()
         trainer = Trainer(AutoencoderMethod(cfg), overwrite=True)
         trainer.run()
+        write_json(settings_path, want)
         log(f"LDM-{f}: autoencoder trained in {time.perf_counter() - t0:.0f} s")
     summary = read_json(summary_path)
     ae = load_component(folder / "autoencoder", device=device)
@@ -176,8 +219,8 @@ def build_unet(channels_in: int, widths: tuple[int, ...]):
     return UNet(cfg)
 
 
-def sample(model, schedule, shape, labels: torch.Tensor, sampler: str, steps: int, guidance: float, seed: int,
-           device, batch: int = 250) -> torch.Tensor:
+def sample(model, schedule, objective: str, shape, labels: torch.Tensor, sampler: str, steps: int, guidance: float,
+           seed: int, device, batch: int = 250) -> torch.Tensor:
     """Class-conditional samples with CFG (null class = NULL_CLASS); seeds fixed per image index."""
     from ldmkit.diffusion import cfg, sample as run_sampler
 
@@ -188,7 +231,7 @@ def sample(model, schedule, shape, labels: torch.Tensor, sampler: str, steps: in
         x_T = torch.randn((len(y), *shape), generator=g).to(device)
         model_fn = lambda x, t, c: model(x, t, class_labels=c)  # noqa: E731
         network = cfg(model_fn, y, torch.full_like(y, NULL_CLASS), guidance)
-        out.append(run_sampler(sampler, network, x_T, schedule, "eps", steps,
+        out.append(run_sampler(sampler, network, x_T, schedule, objective, steps,
                                generator=[torch.Generator().manual_seed(seed + lo + k) for k in range(len(y))]).cpu())
     return torch.cat(out)
 
@@ -206,17 +249,17 @@ def real_baseline(x_train, y_train, ref_images, classifier, p) -> dict:
     """The same scores for `--num-eval` real training images (class-balanced): the floor the
     models are measured against at this sample count (FID is biased upwards for small N)."""
     idx = torch.cat([torch.nonzero(y_train == c).flatten()[: (p.num_eval + 9 - c) // 10] for c in range(10)])
-    return score(x_train[idx], y_train[idx], ref_images, classifier, p.seed)
+    return score(x_train[idx], y_train[idx], ref_images, classifier, 0)
 
 
-def train_ldm(f: int, ae, latents: torch.Tensor, labels: torch.Tensor, ref_images, classifier, p, device,
-              step_flops_target: float | None) -> dict:
+def train_ldm(f: int, seed: int, ae, latents: torch.Tensor, labels: torch.Tensor, ref_images, classifier, p, device,
+              step_flops_target: float) -> dict:
     from ldmkit.diffusion import make_schedule, q_sample, sample_timesteps, training_loss
     from ldmkit.training.common import EMA
 
-    schedule = make_schedule("linear")
+    schedule = make_schedule(p.schedule)
     shape = tuple(latents.shape[1:])
-    torch.manual_seed(p.seed)
+    torch.manual_seed(seed)
     model = build_unet(shape[0], p.unet_channels).to(device)
     # FLOPs of one training sample (forward + backward), measured on a batch of 4
     probe = latents[:4].to(device)
@@ -227,11 +270,10 @@ def train_ldm(f: int, ae, latents: torch.Tensor, labels: torch.Tensor, ref_image
 
     per_sample = train_flops(probe_step) / 4
     model.zero_grad(set_to_none=True)
-    target = step_flops_target if step_flops_target is not None else per_sample * p.pixel_batch
-    batch = int(max(2, min(len(latents), round(target / per_sample))))
+    batch = int(max(2, min(len(latents), round(step_flops_target / per_sample))))
     ema = EMA(model, decay=p.ema, warmup=True)
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(p.seed + 1)
+    g = torch.Generator().manual_seed(seed + 1)
     it = batches(len(latents), batch, g)
     eval_at = sorted({max(1, round(p.steps * k / p.eval_points)) for k in range(1, p.eval_points + 1)})
     n_eval = p.num_eval
@@ -239,7 +281,7 @@ def train_ldm(f: int, ae, latents: torch.Tensor, labels: torch.Tensor, ref_image
     points, seconds = [], 0.0
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(1, p.steps + 1), desc=f"LDM-{f} (batch {batch})", leave=False)
+    bar = tqdm(range(1, p.steps + 1), desc=f"LDM-{f} seed {seed} (batch {batch})", leave=False)
     for step in bar:
         t0 = time.perf_counter()
         idx = next(it)
@@ -249,7 +291,7 @@ def train_ldm(f: int, ae, latents: torch.Tensor, labels: torch.Tensor, ref_image
         t = sample_timesteps(schedule, len(y), generator=g, device=device)
         noise = torch.randn(z0.shape, generator=g).to(device)
         out = model(q_sample(schedule, z0, noise, t), t, class_labels=y.to(device))
-        loss = training_loss(schedule, "eps", out, z0, noise, t).mean()
+        loss = training_loss(schedule, p.objective, out, z0, noise, t).mean()
         lr = p.lr * min(1.0, step / 20)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -262,17 +304,17 @@ def train_ldm(f: int, ae, latents: torch.Tensor, labels: torch.Tensor, ref_image
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step in eval_at:
             with ema.swapped():
-                z = sample(model, schedule, shape, eval_labels, "ddim", p.eval_steps, p.guidance, p.seed + 999,
-                           device)
+                z = sample(model, schedule, p.objective, shape, eval_labels, p.eval_sampler, p.eval_steps, p.guidance,
+                           seed + 999, device)
             images = decode_all(ae, z, device)
-            s = score(images, eval_labels, ref_images, classifier, p.seed)
+            s = score(images, eval_labels, ref_images, classifier, seed)
             s.update(step=step, train_gflop=step * batch * per_sample / 1e9, train_seconds=round(seconds, 1),
                      loss=loss.item())
             points.append(s)
-            log(f"LDM-{f} step {step}/{p.steps}: FID {s['fid']:.2f}  KID {s['kid']:.4f}  "
+            log(f"LDM-{f} seed {seed} step {step}/{p.steps}: FID {s['fid']:.2f}  KID {s['kid']:.4f}  "
                 f"acc {s['class_accuracy']:.3f}  ({s['train_gflop']:.0f} GFLOP, {seconds:.0f} s)")
             last_images = images
-    return {"f": f, "latent_shape": list(shape), "batch": batch, "steps": p.steps,
+    return {"f": f, "seed": seed, "latent_shape": list(shape), "batch": batch, "steps": p.steps,
             "train_flops_per_sample": per_sample, "train_flops_per_step": per_sample * batch,
             "params": sum(q.numel() for q in model.parameters()), "points": points,
             "_model": averaged_copy(model, ema), "_schedule": schedule, "_images": last_images}
@@ -292,9 +334,9 @@ def export_model(run: dict, ae, p, folder: Path) -> Path:
     from ldmkit.io.format import save_model
 
     conditioner = ClassConditioner(ClassConfig(num_classes=10, class_names=tuple(CLASSES)))
-    index = {"schedule": run["_schedule"].to_dict(), "objective": "eps", "conditioning": "class", "concat": None,
+    index = {"schedule": run["_schedule"].to_dict(), "objective": p.objective, "conditioning": "class", "concat": None,
              "latent_size": run["latent_shape"][1:],
-             "defaults": {"sampler": "ddim", "steps": p.eval_steps, "guidance": p.guidance}}
+             "defaults": {"sampler": p.eval_sampler, "steps": p.eval_steps, "guidance": p.guidance}}
     return save_model(folder, {"autoencoder": ae, "denoiser": run["_model"], "conditioner": conditioner}, index)
 
 
@@ -304,9 +346,9 @@ def nfe_sweep(run: dict, ae, ref_images, classifier, p, device) -> list[dict]:
     for sampler in ("ddim", "dpmpp_2m", "euler"):
         for steps in p.nfe_steps:
             t0 = time.perf_counter()
-            z = sample(run["_model"], run["_schedule"], tuple(run["latent_shape"]), labels, sampler, steps,
-                       p.guidance, p.seed + 999, device)
-            s = score(decode_all(ae, z, device), labels, ref_images, classifier, p.seed)
+            z = sample(run["_model"], run["_schedule"], p.objective, tuple(run["latent_shape"]), labels, sampler,
+                       steps, p.guidance, run["seed"] + 999, device)
+            s = score(decode_all(ae, z, device), labels, ref_images, classifier, run["seed"])
             s.update(sampler=sampler, steps=steps, nfe=steps, seconds=round(time.perf_counter() - t0, 1))
             rows.append(s)
             log(f"NFE LDM-{run['f']} {sampler:9s} {steps:3d} steps: FID {s['fid']:.2f}  KID {s['kid']:.4f}  "
@@ -314,58 +356,7 @@ def nfe_sweep(run: dict, ae, ref_images, classifier, p, device) -> list[dict]:
     return rows
 
 
-# ----------------------------------------------------------------------------- plots
-
-
-def plot(result: dict, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for run in result["runs"]:
-        xs = [pt["train_gflop"] for pt in run["points"]]
-        label = f"LDM-{run['f']}" + (" (pixels)" if run["f"] == 1 else "")
-        axes[0].plot(xs, [pt["fid"] for pt in run["points"]], "o-", label=label)
-        axes[1].plot(xs, [pt["kid"] for pt in run["points"]], "o-", label=label)
-        axes[2].plot(xs, [pt["class_accuracy"] for pt in run["points"]], "o-", label=label)
-    for ax, name in zip(axes, ("FID (own classifier features) - lower is better", "KID - lower is better",
-                               "class accuracy of samples - higher is better")):
-        ax.set_xlabel("denoiser training compute (GFLOP, forward+backward)")
-        ax.set_title(name, fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    prm = result["params"]
-    fig.suptitle(f"Fashion-MNIST 32x32 class-conditional, equal FLOPs per model ({result['mode']} sizes, "
-                 f"{prm['steps']} steps, {prm['num_eval']} samples per point)")
-    fig.tight_layout()
-    paths.append(out / "fsweep.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-    if result.get("nfe"):
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        styles = {"ddim": "o-", "dpmpp_2m": "s-", "euler": "x--"}  # euler == ddim here: dashed on top
-        steps = sorted({r["nfe"] for r in result["nfe"]["rows"]})
-        for sampler in ("ddim", "dpmpp_2m", "euler"):
-            rows = [r for r in result["nfe"]["rows"] if r["sampler"] == sampler]
-            axes[0].plot([r["nfe"] for r in rows], [r["fid"] for r in rows], styles[sampler], label=sampler)
-            axes[1].plot([r["nfe"] for r in rows], [r["class_accuracy"] for r in rows], styles[sampler],
-                         label=sampler)
-        for ax, name in zip(axes, ("FID (own features)", "class accuracy")):
-            ax.set_xscale("log")
-            ax.set_xticks(steps, [str(v) for v in steps])
-            ax.minorticks_off()
-            ax.set_xlabel("sampling steps (model evaluations per image, x2 with CFG)")
-            ax.set_title(f"{name}, LDM-{result['nfe']['f']}", fontsize=10)
-            ax.grid(alpha=0.3)
-        axes[0].legend()
-        fig.tight_layout()
-        paths.append(out / "fsweep_nfe.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
-    return paths
+# ----------------------------------------------------------------------------- outputs
 
 
 def save_grid(images: torch.Tensor, path: Path) -> None:
@@ -374,51 +365,29 @@ def save_grid(images: torch.Tensor, path: Path) -> None:
     make_grid(images[:min(len(images), 40)], nrow=10).save(path)
 
 
-def markdown_table(result: dict) -> str:
-    lines = []
-    if result.get("real_baseline"):
-        b = result["real_baseline"]
-        lines += [f"Real-data floor ({result['params']['num_eval']} real training images scored the same way): "
-                  f"FID {b['fid']:.2f}, KID {b['kid']:.4f}, precision {b['precision']:.2f}, "
-                  f"recall {b['recall']:.2f}, accuracy {b['class_accuracy']:.3f}", ""]
-    if result.get("stage1"):
-        lines += ["| autoencoder | latent | steps | held-out PSNR (dB) | held-out SSIM |", "|---|---|---|---|---|"]
-        for f, info in sorted(result["stage1"].items(), key=lambda kv: int(kv[0])):
-            lines.append(f"| f={f} | {'x'.join(map(str, info['latent_shape']))} | {info['steps']} | "
-                         f"{info['heldout_psnr']['mean']:.2f} | {info['heldout_ssim']['mean']:.3f} |")
-        lines.append("")
-    lines += ["| model | latent | batch | step | train GFLOP | train s | FID | KID | precision | recall | accuracy |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for run in result["runs"]:
-        for pt in run["points"]:
-            lines.append(f"| LDM-{run['f']} | {'x'.join(map(str, run['latent_shape']))} | {run['batch']} | "
-                         f"{pt['step']} | {pt['train_gflop']:.0f} | {pt['train_seconds']:.0f} | {pt['fid']:.2f} | "
-                         f"{pt['kid']:.4f} | {pt['precision']:.2f} | {pt['recall']:.2f} | "
-                         f"{pt['class_accuracy']:.3f} |")
-    if result.get("nfe"):
-        lines += ["", f"Sampler quality vs steps on LDM-{result['nfe']['f']} (guidance {result['params']['guidance']}):",
-                  "", "| sampler | steps | FID | KID | accuracy | seconds |", "|---|---|---|---|---|---|"]
-        for r in result["nfe"]["rows"]:
-            lines.append(f"| {r['sampler']} | {r['steps']} | {r['fid']:.2f} | {r['kid']:.4f} | "
-                         f"{r['class_accuracy']:.3f} | {r['seconds']} |")
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------- main
 
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description="LDM f-sweep on Fashion-MNIST (equal training FLOPs)")
-    ap.add_argument("--out", default="outputs/fsweep", help="work folder (default outputs/fsweep)")
+    ap.add_argument("--out", default=None, help="work folder (default outputs/fsweep, with --long outputs/fsweep-long, "
+                    "with --full outputs/fsweep-full)")
     ap.add_argument("--results", default=str(HERE / "results"), help="where fsweep.json is copied")
-    ap.add_argument("--full", action="store_true", help="GPU-sized run (see FULL in this file)")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--long", action="store_true", help="the recipe-sized CPU protocol (see LONG in this file)")
+    size.add_argument("--full", action="store_true", help="GPU-sized run (see FULL in this file)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4, 8], help="f values (1 = pixels)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="training seeds, one run per f and seed (default: 0; --long and --full: 0 1 2)")
     ap.add_argument("--classifier", default=None, help="feature classifier folder (default OUT/classifier; "
                     "trained there when missing)")
+    ap.add_argument("--perceptual-net", default=None,
+                    help="classifier folder whose features give the autoencoders' perceptual term (default: the "
+                    "feature classifier; another one keeps the judge independent of what stage 1 trained on)")
     ap.add_argument("--nfe-model", type=int, default=4, help="f of the model for the NFE table (0: skip)")
-    ap.add_argument("--reuse", action="store_true", help="reuse autoencoders already in OUT")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse autoencoders, and (f, seed) runs whose settings match, already in OUT")
     ap.add_argument("--budget-gflop", type=float, default=None,
                     help="denoiser training budget per model; sets --steps from LDM-1's step cost")
     for key, value in DEFAULTS.items():
@@ -428,12 +397,20 @@ def parse(argv=None):
         else:
             ap.add_argument(flag, type=type(value), default=None)
     args = ap.parse_args(argv)
-    base = FULL if args.full else DEFAULTS
+    base = FULL if args.full else LONG if args.long else DEFAULTS
     for key, value in base.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
         elif isinstance(value, tuple):
             setattr(args, key, tuple(getattr(args, key)))
+    if args.perceptual_net and not (Path(args.perceptual_net) / "config.json").is_file():
+        ap.error(f"--perceptual-net {args.perceptual_net}: not a classifier folder (no config.json)")
+    if args.out is None:
+        args.out = "outputs/fsweep" + ("-full" if args.full else "-long" if args.long else "")
+    if args.seeds is None:
+        args.seeds = [0, 1, 2] if (args.full or args.long) else [0]
+    if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        ap.error(f"--seeds {args.seeds}: must be distinct and >= 0")
     bad = [f for f in args.factors if f not in (1, 2, 4, 8)]
     if bad:
         ap.error(f"--factors {bad}: each must be one of 1, 2, 4, 8")
@@ -442,19 +419,14 @@ def parse(argv=None):
             ap.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if args.num_eval < 10:
         ap.error(f"--num-eval must be >= 10 (one per class), got {args.num_eval}")
+    for key, choices in (("objective", ("eps", "v")), ("schedule", ("linear", "cosine", "scaled_linear")),
+                         ("ae_schedule", ("constant", "cosine")), ("eval_sampler", ("ddim", "dpmpp_2m", "euler"))):
+        if getattr(args, key) not in choices:
+            ap.error(f"--{key.replace('_', '-')} {getattr(args, key)!r}: must be one of {', '.join(choices)}")
     return args
 
 
-def main(argv=None) -> int:
-    p = parse(argv)
-    device = torch.device(p.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out = Path(p.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    x_train, y_train = fashion_mnist("train", p.train_images)
-    x_ref, _ = fashion_mnist("test", p.reference_images)
-    log(f"data: {len(x_train)} train / {len(x_ref)} reference images, device {device}")
-
+def feature_classifier(p, out: Path, device):
     from ldmkit.metrics.classifier import PRESETS, labelled_dataset, save_classifier, train_classifier
     from ldmkit.metrics.features import ClassifierFeatures
 
@@ -465,59 +437,123 @@ def main(argv=None) -> int:
         log(f"training the feature classifier ({p.classifier_steps} steps) into {clf_dir}")
         res = train_classifier(labelled_dataset("fashion-mnist", "train"), labelled_dataset("fashion-mnist", "test"),
                                PRESETS["fashion-mnist"], epochs=100, max_steps=p.classifier_steps, device=device,
-                               seed=p.seed)
+                               seed=0)
         save_classifier(res.model, clf_dir, dataset="fashion-mnist", accuracy=res.accuracy,
                         steps=p.classifier_steps)
+    p.classifier_dir = clf_dir
     classifier = ClassifierFeatures.load(clf_dir, device=device)
     log(f"feature network: {classifier.describe()['name']} accuracy {classifier.meta['accuracy']:.4f}")
+    return classifier
 
+
+def pixel_step_flops(p, device) -> float:
+    """Equal FLOPs per step: what LDM-1's optimiser step costs at --pixel-batch, whichever factors this run
+    trains (so runs made in parts share one budget)."""
+    torch.manual_seed(0)
+    probe = build_unet(1, p.unet_channels).to(device)
+    x, y = torch.randn(4, 1, 32, 32, device=device), torch.arange(4, device=device)
+    per = train_flops(lambda: probe(x, torch.full((4,), 500, device=device), class_labels=y).square().mean().backward())
+    return per / 4 * p.pixel_batch
+
+
+def run_settings(p, classifier, step_target: float) -> dict:
+    """What a stored (f, seed) run must share with this invocation to be reused."""
+    skip = {"nfe_steps", "classifier_steps", *AE_KEYS}  # the classifier's and autoencoder's hashes stand for them
+    keep = {k: getattr(p, k) for k in DEFAULTS if k not in skip}
+    keep |= {"steps": p.steps, "step_flops": round(step_target), "classifier": classifier.describe()["weights_sha256"]}
+    return json.loads(json.dumps(keep))  # tuples as lists, as read back
+
+
+def nfe_table(f: int, run: dict, ae, out: Path, x_ref, classifier, p, device, settings: dict) -> dict | None:
+    """The NFE sweep on LDM-f's run of the first seed: read back from OUT when stored with the same settings,
+    else from the model in hand or (a reused run) its exported folder; pixel-space runs are not exported, so a
+    reused LDM-1 run gets no table."""
+    from ldmkit.io.files import read_json, write_json
+
+    path = out / f"nfe-f{f}.json"
+    key = settings | {"seed": run["seed"], "nfe_steps": list(p.nfe_steps)}
+    if p.reuse and path.is_file() and read_json(path).get("settings") == key:
+        return read_json(path)["table"]
+    if "_model" not in run:
+        folder = out / f"ldm-f{f}-seed{run['seed']}"
+        if not (folder / "denoiser").is_dir():
+            log(f"NFE sweep skipped: no LDM-{f} model in hand or in {folder}")
+            return None
+        from ldmkit.diffusion import make_schedule
+        from ldmkit.io.format import load_component
+
+        run = {**run, "_model": load_component(folder / "denoiser", device=device).eval(),
+               "_schedule": make_schedule(p.schedule)}
+    table = {"f": f, "rows": nfe_sweep(run, ae, x_ref, classifier, p, device)}
+    write_json(path, {"settings": key, "table": table})
+    return table
+
+
+def main(argv=None) -> int:
+    from _fsweep_report import aggregate, markdown_table, plot, verdict
+    from ldmkit.io.files import read_json, write_json
+    from ldmkit.metrics.classifier import file_sha256
+
+    p = parse(argv)
+    device = torch.device(p.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(p.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    x_train, y_train = fashion_mnist("train", p.train_images)
+    x_ref, _ = fashion_mnist("test", p.reference_images)
+    log(f"data: {len(x_train)} train / {len(x_ref)} reference images, device {device}, seeds {p.seeds}")
+    classifier = feature_classifier(p, out, device)
     baseline = real_baseline(x_train, y_train, x_ref, classifier, p)
     log(f"real-data floor ({p.num_eval} train images vs reference): FID {baseline['fid']:.2f}  "
         f"KID {baseline['kid']:.4f}  acc {baseline['class_accuracy']:.3f}")
-    stage1, runs = {}, []
-    step_target = None
+    step_target = pixel_step_flops(p, device)
+    if p.budget_gflop is not None:
+        p.steps = max(p.eval_points, int(p.budget_gflop * 1e9 / step_target))
+    log(f"budget: {p.steps} steps x {step_target / 1e9:.2f} GFLOP = {p.steps * step_target / 1e9:.0f} GFLOP per model")
+    settings = run_settings(p, classifier, step_target)
+    stage1, runs, aes, nfe_run = {}, [], {}, None
     for f in sorted(p.factors):
-        ae = None
+        ae, f_settings = None, dict(settings)
         if f > 1:
-            ae, info = train_autoencoder(f, p, device, out / f"autoencoder-f{f}")
-            stage1[f] = info
-        latents = encode_all(ae, x_train, device)
-        if step_target is None:
-            # equal FLOPs per step: the smallest f present sets the step cost at --pixel-batch
-            probe = build_unet(latents.shape[1], p.unet_channels).to(device)
-            y4 = y_train[:4].to(device)
-            per = train_flops(lambda: probe(latents[:4].to(device), torch.full((4,), 500, device=device),
-                                            class_labels=y4).square().mean().backward()) / 4
-            step_target = per * p.pixel_batch
-            if p.budget_gflop is not None:
-                p.steps = max(p.eval_points, int(p.budget_gflop * 1e9 / step_target))
-            log(f"budget: {p.steps} steps x {step_target / 1e9:.2f} GFLOP = "
-                f"{p.steps * step_target / 1e9:.0f} GFLOP per model")
-            del probe
-        run = train_ldm(f, ae, latents, y_train, x_ref, classifier, p, device, step_target)
-        run["_ae"] = ae
-        save_grid(run["_images"], out / f"samples-f{f}.png")
-        if ae is not None:
-            run["model_folder"] = str(export_model(run, ae, p, out / f"ldm-f{f}"))
-        runs.append(run)
+            folder = out / f"autoencoder-f{f}"
+            ae, stage1[f] = train_autoencoder(f, p, device, folder)
+            f_settings["autoencoder_sha256"] = file_sha256(folder / "autoencoder" / "model.safetensors")
+        aes[f], latents = ae, None
+        for seed in p.seeds:
+            path = out / "runs" / f"f{f}-seed{seed}.json"
+            if p.reuse and path.is_file() and read_json(path).get("settings") == f_settings:
+                log(f"LDM-{f} seed {seed}: reusing {path}")
+                run = read_json(path)["run"]
+            else:
+                latents = encode_all(ae, x_train, device) if latents is None else latents
+                run = train_ldm(f, seed, ae, latents, y_train, x_ref, classifier, p, device, step_target)
+                save_grid(run["_images"], out / f"samples-f{f}-seed{seed}.png")
+                if ae is not None:
+                    export_model(run, ae, p, out / f"ldm-f{f}-seed{seed}")
+                write_json(path, {"settings": f_settings,
+                                  "run": {k: v for k, v in run.items() if not k.startswith("_")}})
+            if f == p.nfe_model and seed == p.seeds[0]:
+                nfe_run, nfe_settings = run, f_settings
+            runs.append(run)
 
+    public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs]
+    summary = aggregate(public)
+    mode = "full" if p.full else "cpu-long" if p.long else "cpu-default"
     result = {
-        "benchmark": "fsweep", "mode": "full" if p.full else "cpu-default", "device": str(device),
+        "benchmark": "fsweep", "mode": mode, "device": str(device),
         "equalised": "FLOPs (forward+backward of the denoiser per optimiser step x steps)",
-        "feature_network": classifier.describe(),
-        "real_baseline": baseline,
-        "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(p).items()},
-        "stage1": {str(k): v for k, v in stage1.items()},
-        "runs": [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs],
+        "feature_network": classifier.describe(), "real_baseline": baseline,
+        "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(p).items() if k != "classifier_dir"},
+        "stage1": {str(k): v for k, v in stage1.items()}, "runs": public, "summary": summary,
+        "verdict": verdict(summary),
     }
-    nfe_run = next((r for r in runs if r["f"] == p.nfe_model), None)
-    if nfe_run is not None:
-        result["nfe"] = {"f": nfe_run["f"], "rows": nfe_sweep(nfe_run, nfe_run["_ae"], x_ref, classifier, p, device)}
+    if p.nfe_model in p.factors:
+        nfe = nfe_table(p.nfe_model, nfe_run, aes[p.nfe_model], out, x_ref, classifier, p, device, nfe_settings)
+        if nfe is not None:
+            result["nfe"] = nfe
     result["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    (out / "fsweep.json").write_text(json.dumps(result, indent=2))
-    results_dir = Path(p.results)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "fsweep.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "fsweep.json", result)
+    write_json(Path(p.results) / ("fsweep.json" if mode == "cpu-default" else f"fsweep_{mode}.json"), result)
     plots = plot(result, out)
     (out / "fsweep.md").write_text(markdown_table(result) + "\n")
     log(f"done in {result['total_seconds']:.0f} s: {out / 'fsweep.json'}, {', '.join(map(str, plots))}")
