@@ -22,8 +22,8 @@ Protocol (what is equal, what is measured):
    perceptual term in a classifier's features (what `ldm train-autoencoder --perceptual-net` does; LPIPS-VGG
    cannot be downloaded here): `--perceptual-net`, by default the feature classifier -- give another one
    (same recipe, another seed) so that the judge is not the network stage 1 was trained to please, which
-   would favour the latent models over pixel-space LDM-1; no GAN at this size.  Latents are the posterior means, shifted and scaled to
-   unit variance by the factors the trainer stores.  f = 1 uses the pixels.
+   would favour the latent models over pixel-space LDM-1; no GAN at this size.  Latents are the posterior
+   means, shifted and scaled to unit variance by the factors the trainer stores.  f = 1 uses the pixels.
    Autoencoder training and latent caching are *not* counted in the compute (as in the
    paper: stage 1 is trained once and shared).
 3. Stage 2: the same class-conditional UNet (`ldmkit.denoisers.UNet`, class embedding
@@ -145,9 +145,10 @@ AE_KEYS = ("ae_channels", "ae_steps", "ae_batch", "ae_lr", "ae_perceptual", "ae_
 
 def train_autoencoder(f: int, p, device, folder: Path) -> tuple[object, dict]:
     """Stage 1 with the library's method (`ldm train-autoencoder`), seed 0 whatever the stage-2 seeds: L1 + 1e-6 KL
-    on Fashion-MNIST 32x32, plus the perceptual term in the feature classifier's features when --ae-perceptual > 0
-    (what `ldm train-autoencoder --perceptual-net` does); no GAN at this size. The trainer stores the latent
-    scaling/shift factors in the component's config. Reused (--reuse) only when trained with the same settings."""
+    on Fashion-MNIST 32x32, plus the perceptual term in --perceptual-net's features (default: the feature
+    classifier's) when --ae-perceptual > 0 (what `ldm train-autoencoder --perceptual-net` does); no GAN. The
+    trainer stores the latent scaling/shift factors in the component's config. Reused (--reuse) only when
+    trained with the same settings."""
     from ldmkit.io.format import load_component
     from ldmkit.io.files import read_json, write_json
     from ldmkit.training import AETrainConfig, AutoencoderMethod, Trainer
