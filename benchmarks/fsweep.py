@@ -220,6 +220,7 @@ def build_unet(channels_in: int, widths: tuple[int, ...]):
     return UNet(cfg)
 
 
+@torch.no_grad()  # no graph through the sampling steps (LDM-1 at 500 samples would need >24 GB for one)
 def sample(model, schedule, objective: str, shape, labels: torch.Tensor, sampler: str, steps: int, guidance: float,
            seed: int, device, batch: int = 250) -> torch.Tensor:
     """Class-conditional samples with CFG (null class = NULL_CLASS); seeds fixed per image index."""
