@@ -63,12 +63,14 @@ def verdict(rows: list[dict]) -> dict:
             best = min(mild, key=lambda f: at[f]["fid"]["mean"])
             ratio = at[1]["fid"]["mean"] / at[best]["fid"]["mean"]
             entry["latent_beats_pixels"] = {"f": best, "fid_ratio_pixels_over_latent": ratio, "holds": ratio > 1,
-                                            "clearly": ratio > 1 and _apart(at[1]["fid"], at[best]["fid"])}
+                                            "clearly": ratio > 1 and _apart(at[1]["fid"], at[best]["fid"]),
+                                            "intervals": at[1]["fid"]["ci95"] is not None}
         if 8 in at and mild:
             best = min(mild, key=lambda f: at[f]["fid"]["mean"])
             ratio = at[8]["fid"]["mean"] / at[best]["fid"]["mean"]
             entry["f8_capped"] = {"vs_f": best, "fid_ratio_f8_over_mild": ratio, "holds": ratio > 1,
-                                  "clearly": ratio > 1 and _apart(at[8]["fid"], at[best]["fid"])}
+                                  "clearly": ratio > 1 and _apart(at[8]["fid"], at[best]["fid"]),
+                                  "intervals": at[8]["fid"]["ci95"] is not None}
         out.append(entry)
     return {"points": out, "summary": summary_line(out[-1]) if out else "no runs"}
 
@@ -82,7 +84,12 @@ def summary_line(last: dict) -> str:
         if v is None:
             continue
         ratio = v.get("fid_ratio_pixels_over_latent", v.get("fid_ratio_f8_over_mild"))
-        how = "clearly (95 % intervals apart)" if v["clearly"] else ("within the intervals" if v["holds"] else "NOT")
+        if not v["holds"]:
+            how = "NOT"
+        elif v["clearly"]:
+            how = "clearly (95 % intervals apart)"
+        else:
+            how = "within the intervals" if v["intervals"] else "yes, on one seed (no interval)"
         parts.append(text.format(**v) + f": {how}, FID ratio {ratio:.2f}")
     return "; ".join(parts)
 
