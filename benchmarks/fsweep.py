@@ -545,7 +545,8 @@ def main(argv=None) -> int:
         "benchmark": "fsweep", "mode": mode, "device": str(device),
         "equalised": "FLOPs (forward+backward of the denoiser per optimiser step x steps)",
         "feature_network": classifier.describe(), "real_baseline": baseline,
-        "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(p).items() if k != "classifier_dir"},
+        "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(p).items()
+                   if k not in ("classifier_dir", "results")},
         "stage1": {str(k): v for k, v in stage1.items()}, "runs": public, "summary": summary,
         "verdict": verdict(summary),
     }

@@ -179,7 +179,8 @@ def bundle(out: Path, model: Path, classifier: Path, guidance: float, report: di
     bundled = out / "eval-bundled.json"
     ldm(["eval", "--model", str(dest), "--dataset", "fashion-mnist", "--num-reference", "1000", "--out", str(bundled)])
     g = report["guidance"][str(guidance)]
-    keep = {"floor": report["floor"], "at_best_guidance": json.loads(bundled.read_text()), "best_guidance": guidance,
+    evaluated = json.loads(bundled.read_text().replace(str(ROOT) + "/", ""))  # paths in the repository, not this disk
+    keep = {"floor": report["floor"], "at_best_guidance": evaluated, "best_guidance": guidance,
             "float32_run_at_best_guidance": {k: g[k] for k in ("fid", "precision", "recall")}
             | {"class_accuracy": g["class_accuracy"]["accuracy"]},
             "guidance_sweep": {k: {"fid": r["fid"], "precision": r["precision"], "recall": r["recall"],
