@@ -189,9 +189,9 @@ def bundle(out: Path, model: Path, classifier: Path, guidance: float, report: di
             "autoencoder_heldout": report["autoencoder"], "recipe": report["recipe"],
             "tiny_decoder": {k: v for k, v in tiny_summary.items() if k != "tiny_decoder"},  # not a local path
             "times": report["times"],
-            "note": "weights stored as float16 (the tiny decoder as float32); at_best_guidance is `ldm eval --model fashion-mnist --dataset "
-                    "fashion-mnist --num-reference 1000` on these files, float32_run_at_best_guidance the recipe's "
-                    "float32 model under the same protocol"}
+            "note": "weights stored as float16 (the tiny decoder as float32); at_best_guidance is `ldm eval --model "
+                    "fashion-mnist --dataset fashion-mnist --num-reference 1000` on these files, "
+                    "float32_run_at_best_guidance the recipe's float32 model under the same protocol"}
     (dest / "evaluation.json").write_text(json.dumps(keep, indent=1) + "\n")
     print(f"bundled as {dest}")
 
