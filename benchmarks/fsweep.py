@@ -122,12 +122,29 @@ def batches(n: int, batch: int, g: torch.Generator):
             yield perm[i:i + batch]
 
 
-def train_flops(fn) -> int:
+def flops_per_sample(model, x: torch.Tensor, labels: torch.Tensor) -> float:
+    """Forward + backward FLOPs of one training sample, measured on the batch `x` (gradients left cleared)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        fn()
-    return int(counter.get_total_flops())
+        model(x, torch.full((len(x),), 500, device=x.device), class_labels=labels).square().mean().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / len(x)
+
+
+def as_stored(obj):
+    """`obj` as it reads back from JSON (tuples as lists), so settings compare equal to stored ones."""
+    return json.loads(json.dumps(obj))
+
+
+def stored(path: Path, settings: dict, reuse: bool) -> dict | None:
+    """The JSON at `path` when --reuse is on and it was written under exactly `settings`, else None."""
+    from ldmkit.io.files import read_json
+
+    if not (reuse and path.is_file()):
+        return None
+    data = read_json(path)
+    return data if data.get("settings") == settings else None
 
 
 # ----------------------------------------------------------------------------- stage 1
@@ -160,7 +177,7 @@ def train_autoencoder(f: int, p, device, folder: Path) -> tuple[object, dict]:
         from ldmkit.metrics.classifier import file_sha256
 
         want["perceptual_net_sha256"] = file_sha256(Path(net) / "model.safetensors")
-    want = json.loads(json.dumps(want))
+    want = as_stored(want)
     if (p.reuse and summary_path.is_file() and (folder / "autoencoder" / "config.json").is_file()
             and settings_path.is_file() and read_json(settings_path) == want):
         log(f"LDM-{f}: reusing autoencoder {folder}")
@@ -263,15 +280,7 @@ def train_ldm(f: int, seed: int, ae, latents: torch.Tensor, labels: torch.Tensor
     shape = tuple(latents.shape[1:])
     torch.manual_seed(seed)
     model = build_unet(shape[0], p.unet_channels).to(device)
-    # FLOPs of one training sample (forward + backward), measured on a batch of 4
-    probe = latents[:4].to(device)
-
-    def probe_step():
-        out = model(probe, torch.full((4,), 500, device=device), class_labels=labels[:4].to(device))
-        out.square().mean().backward()
-
-    per_sample = train_flops(probe_step) / 4
-    model.zero_grad(set_to_none=True)
+    per_sample = flops_per_sample(model, latents[:4].to(device), labels[:4].to(device))
     batch = int(max(2, min(len(latents), round(step_flops_target / per_sample))))
     ema = EMA(model, decay=p.ema, warmup=True)
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=0.0)
@@ -454,8 +463,7 @@ def pixel_step_flops(p, device) -> float:
     torch.manual_seed(0)
     probe = build_unet(1, p.unet_channels).to(device)
     x, y = torch.randn(4, 1, 32, 32, device=device), torch.arange(4, device=device)
-    per = train_flops(lambda: probe(x, torch.full((4,), 500, device=device), class_labels=y).square().mean().backward())
-    return per / 4 * p.pixel_batch
+    return flops_per_sample(probe, x, y) * p.pixel_batch
 
 
 def run_settings(p, classifier, step_target: float) -> dict:
@@ -463,19 +471,19 @@ def run_settings(p, classifier, step_target: float) -> dict:
     skip = {"nfe_steps", "classifier_steps", *AE_KEYS}  # the classifier's and autoencoder's hashes stand for them
     keep = {k: getattr(p, k) for k in DEFAULTS if k not in skip}
     keep |= {"steps": p.steps, "step_flops": round(step_target), "classifier": classifier.describe()["weights_sha256"]}
-    return json.loads(json.dumps(keep))  # tuples as lists, as read back
+    return as_stored(keep)
 
 
 def nfe_table(f: int, run: dict, ae, out: Path, x_ref, classifier, p, device, settings: dict) -> dict | None:
     """The NFE sweep on LDM-f's run of the first seed: read back from OUT when stored with the same settings,
     else from the model in hand or (a reused run) its exported folder; pixel-space runs are not exported, so a
     reused LDM-1 run gets no table."""
-    from ldmkit.io.files import read_json, write_json
+    from ldmkit.io.files import write_json
 
     path = out / f"nfe-f{f}.json"
     key = settings | {"seed": run["seed"], "nfe_steps": list(p.nfe_steps)}
-    if p.reuse and path.is_file() and read_json(path).get("settings") == key:
-        return read_json(path)["table"]
+    if (done := stored(path, key, p.reuse)) is not None:
+        return done["table"]
     if "_model" not in run:
         folder = out / f"ldm-f{f}-seed{run['seed']}"
         if not (folder / "denoiser").is_dir():
@@ -493,7 +501,7 @@ def nfe_table(f: int, run: dict, ae, out: Path, x_ref, classifier, p, device, se
 
 def main(argv=None) -> int:
     from _fsweep_report import aggregate, markdown_table, plot, verdict
-    from ldmkit.io.files import read_json, write_json
+    from ldmkit.io.files import write_json
     from ldmkit.metrics.classifier import file_sha256
 
     p = parse(argv)
@@ -523,9 +531,9 @@ def main(argv=None) -> int:
         aes[f], latents = ae, None
         for seed in p.seeds:
             path = out / "runs" / f"f{f}-seed{seed}.json"
-            if p.reuse and path.is_file() and read_json(path).get("settings") == f_settings:
+            if (done := stored(path, f_settings, p.reuse)) is not None:
                 log(f"LDM-{f} seed {seed}: reusing {path}")
-                run = read_json(path)["run"]
+                run = done["run"]
             else:
                 latents = encode_all(ae, x_train, device) if latents is None else latents
                 run = train_ldm(f, seed, ae, latents, y_train, x_ref, classifier, p, device, step_target)
