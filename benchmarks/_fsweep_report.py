@@ -116,10 +116,11 @@ def plot(result: dict, out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     axes[0].legend()
     prm = result["params"]
-    seeds = len(prm["seeds"])
+    counts = sorted({len(r["seeds"]) for r in rows})
+    seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
     fig.suptitle(f"Fashion-MNIST 32x32 class-conditional, equal FLOPs per model ({result['mode']} sizes, "
                  f"{prm['steps']} steps, {prm['num_eval']} samples per point, "
-                 + (f"mean and 95 % interval over {seeds} seeds)" if seeds > 1 else "one seed)"))
+                 + (f"mean and 95 % interval over {seeds} seeds)" if counts[-1] > 1 else "one seed)"))
     fig.tight_layout()
     paths.append(out / "fsweep.png")
     fig.savefig(paths[-1], dpi=110)
@@ -166,16 +167,17 @@ def markdown_table(result: dict) -> str:
             lines.append(f"| f={f} | {'x'.join(map(str, info['latent_shape']))} | {info['steps']} | "
                          f"{info['heldout_psnr']['mean']:.2f} | {info['heldout_ssim']['mean']:.3f} |")
         lines.append("")
-    seeds = len(result["params"]["seeds"])
-    note = f"mean ± 95 % interval over {seeds} seeds" if seeds > 1 else "one seed"
-    lines += [f"| model | latent | batch | step | train GFLOP | train s | FID ({note}) | KID | precision | recall | "
-              "accuracy |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| model | latent | batch | step | train GFLOP | train s | seeds | FID (mean ± 95 % interval) | KID | "
+              "precision | recall | accuracy |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["summary"]:
         lines.append(f"| LDM-{r['f']} | {'x'.join(map(str, r['latent_shape']))} | {r['batch']} | {r['step']} | "
-                     f"{r['train_gflop']:.0f} | {r['train_seconds']:.0f} | {_fmt(r['fid'], 2)} | {_fmt(r['kid'], 4)} | "
+                     f"{r['train_gflop']:.0f} | {r['train_seconds']:.0f} | {len(r['seeds'])} | "
+                     f"{_fmt(r['fid'], 2)} | {_fmt(r['kid'], 4)} | "
                      f"{_fmt(r['precision'], 2)} | {_fmt(r['recall'], 2)} | {_fmt(r['class_accuracy'], 3)} |")
     if result.get("verdict"):
         lines += ["", "Verdict: " + result["verdict"]["summary"] + "."]
+    if result.get("missing"):
+        lines += ["", "Not run yet (not in the table): " + ", ".join(result["missing"]) + "."]
     if result.get("nfe"):
         lines += ["", f"Sampler quality vs steps on LDM-{result['nfe']['f']} "
                   f"(guidance {result['params']['guidance']}):",

@@ -160,6 +160,24 @@ def autoencoder_overrides(f: int, channels: int) -> dict:
 AE_KEYS = ("ae_channels", "ae_steps", "ae_batch", "ae_lr", "ae_perceptual", "ae_schedule", "ae_ema")
 
 
+def autoencoder_settings(f: int, p) -> dict:
+    """What a stored autoencoder must have been trained under to be reused."""
+    want = {k: getattr(p, k) for k in AE_KEYS} | {"f": f}
+    if p.ae_perceptual > 0:
+        from ldmkit.metrics.classifier import file_sha256
+
+        want["perceptual_net_sha256"] = file_sha256(Path(p.perceptual_net or p.classifier_dir) / "model.safetensors")
+    return as_stored(want)
+
+
+def autoencoder_stored(folder: Path, want: dict, reuse: bool) -> bool:
+    from ldmkit.io.files import read_json
+
+    settings_path = folder / "fsweep_ae.json"
+    return (reuse and (folder / "summary.json").is_file() and (folder / "autoencoder" / "config.json").is_file()
+            and settings_path.is_file() and read_json(settings_path) == want)
+
+
 def train_autoencoder(f: int, p, device, folder: Path) -> tuple[object, dict]:
     """Stage 1 with the library's method (`ldm train-autoencoder`), seed 0 whatever the stage-2 seeds: L1 + 1e-6 KL
     on Fashion-MNIST 32x32, plus the perceptual term in --perceptual-net's features (default: the feature
@@ -172,14 +190,8 @@ def train_autoencoder(f: int, p, device, folder: Path) -> tuple[object, dict]:
 
     summary_path, settings_path = folder / "summary.json", folder / "fsweep_ae.json"
     net = p.perceptual_net or p.classifier_dir
-    want = {k: getattr(p, k) for k in AE_KEYS} | {"f": f}
-    if p.ae_perceptual > 0:
-        from ldmkit.metrics.classifier import file_sha256
-
-        want["perceptual_net_sha256"] = file_sha256(Path(net) / "model.safetensors")
-    want = as_stored(want)
-    if (p.reuse and summary_path.is_file() and (folder / "autoencoder" / "config.json").is_file()
-            and settings_path.is_file() and read_json(settings_path) == want):
+    want = autoencoder_settings(f, p)
+    if autoencoder_stored(folder, want, p.reuse):
         log(f"LDM-{f}: reusing autoencoder {folder}")
     else:
         perceptual = {"perceptual_weight": p.ae_perceptual}
@@ -399,6 +411,8 @@ def parse(argv=None):
     ap.add_argument("--nfe-model", type=int, default=4, help="f of the model for the NFE table (0: skip)")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse autoencoders, and (f, seed) runs whose settings match, already in OUT")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: report the (f, seed) runs stored in OUT (implies --reuse) and list the rest")
     ap.add_argument("--budget-gflop", type=float, default=None,
                     help="denoiser training budget per model; sets --steps from LDM-1's step cost")
     for key, value in DEFAULTS.items():
@@ -418,6 +432,7 @@ def parse(argv=None):
         ap.error(f"--perceptual-net {args.perceptual_net}: not a classifier folder (no config.json)")
     if args.out is None:
         args.out = "outputs/fsweep" + ("-full" if args.full else "-long" if args.long else "")
+    args.reuse = args.reuse or args.report_only
     if args.seeds is None:
         args.seeds = [0, 1, 2] if (args.full or args.long) else [0]
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
@@ -484,6 +499,8 @@ def nfe_table(f: int, run: dict, ae, out: Path, x_ref, classifier, p, device, se
     key = settings | {"seed": run["seed"], "nfe_steps": list(p.nfe_steps)}
     if (done := stored(path, key, p.reuse)) is not None:
         return done["table"]
+    if p.report_only:
+        return None
     if "_model" not in run:
         folder = out / f"ldm-f{f}-seed{run['seed']}"
         if not (folder / "denoiser").is_dir():
@@ -521,11 +538,14 @@ def main(argv=None) -> int:
         p.steps = max(p.eval_points, int(p.budget_gflop * 1e9 / step_target))
     log(f"budget: {p.steps} steps x {step_target / 1e9:.2f} GFLOP = {p.steps * step_target / 1e9:.0f} GFLOP per model")
     settings = run_settings(p, classifier, step_target)
-    stage1, runs, aes, nfe_run = {}, [], {}, None
+    stage1, runs, aes, nfe_run, missing = {}, [], {}, None, []
     for f in sorted(p.factors):
         ae, f_settings = None, dict(settings)
         if f > 1:
             folder = out / f"autoencoder-f{f}"
+            if p.report_only and not autoencoder_stored(folder, autoencoder_settings(f, p), True):
+                missing += [f"f{f}-seed{seed}" for seed in p.seeds]
+                continue
             ae, stage1[f] = train_autoencoder(f, p, device, folder)
             f_settings["autoencoder_sha256"] = file_sha256(folder / "autoencoder" / "model.safetensors")
         aes[f], latents = ae, None
@@ -534,6 +554,9 @@ def main(argv=None) -> int:
             if (done := stored(path, f_settings, p.reuse)) is not None:
                 log(f"LDM-{f} seed {seed}: reusing {path}")
                 run = done["run"]
+            elif p.report_only:
+                missing.append(f"f{f}-seed{seed}")
+                continue
             else:
                 latents = encode_all(ae, x_train, device) if latents is None else latents
                 run = train_ldm(f, seed, ae, latents, y_train, x_ref, classifier, p, device, step_target)
@@ -546,6 +569,11 @@ def main(argv=None) -> int:
                 nfe_run, nfe_settings = run, f_settings
             runs.append(run)
 
+    if missing:
+        log(f"not in {out / 'runs'} under these settings (not reported): {', '.join(missing)}")
+    if not runs:
+        log("no runs to report")
+        return 2
     public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs]
     summary = aggregate(public)
     mode = "full" if p.full else "cpu-long" if p.long else "cpu-default"
@@ -555,10 +583,10 @@ def main(argv=None) -> int:
         "feature_network": classifier.describe(), "real_baseline": baseline,
         "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(p).items()
                    if k not in ("classifier_dir", "results")},
-        "stage1": {str(k): v for k, v in stage1.items()}, "runs": public, "summary": summary,
+        "stage1": {str(k): v for k, v in stage1.items()}, "runs": public, "missing": missing, "summary": summary,
         "verdict": verdict(summary),
     }
-    if p.nfe_model in p.factors:
+    if nfe_run is not None:
         nfe = nfe_table(p.nfe_model, nfe_run, aes[p.nfe_model], out, x_ref, classifier, p, device, nfe_settings)
         if nfe is not None:
             result["nfe"] = nfe

@@ -1,6 +1,7 @@
 """benchmarks/fsweep.py end to end at a toy size (needs the Debian Fashion-MNIST files)."""
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -96,6 +97,17 @@ def test_tiny_sweep_equal_flops_seeds_and_reuse(tmp_path, capsys):
     assert r2["runs"][0] == r["runs"][0] and [run["seed"] for run in r2["runs"]] == [0, 1, 0, 1]
     assert r2["nfe"] == r["nfe"]
     assert all(row["fid"]["ci95"] is not None for row in r2["summary"])
+
+    # --report-only trains nothing: what is stored is reported, the rest listed (LDM-4 has no autoencoder)
+    assert fs.main(args + ["--factors", "1", "2", "4", "--seeds", "0", "1", "2", "--report-only"]) == 0
+    log = capsys.readouterr().out
+    assert not re.search(r"seed \d step", log) and "autoencoder trained" not in log and "reusing autoencoder" in log
+    r3 = json.loads((out / "fsweep.json").read_text())
+    assert r3["summary"] == r2["summary"] and r3["nfe"] == r2["nfe"]
+    assert r3["missing"] == ["f1-seed2", "f2-seed2", "f4-seed0", "f4-seed1", "f4-seed2"]
+    assert "Not run yet (not in the table): f1-seed2" in (out / "fsweep.md").read_text()
+    assert fs.main(args + ["--factors", "8", "--report-only"]) == 2  # nothing stored: nothing to report
+    capsys.readouterr()
 
     # changed settings are not reused: the stage-2 learning rate; the autoencoder's perceptual term (a new
     # autoencoder, so the LDM-2 run on it is retrained too)
