@@ -6,49 +6,45 @@
     python benchmarks/fsweep.py --factors 4 8 --budget-gflop 200   # a quick partial run
 
 Each (f, seed) run is stored in OUT/runs/ as it finishes; with --reuse a rerun keeps the finished runs whose
-settings match and trains the rest, so a long sweep can be run in parts (one --seeds or --factors at a time).
+settings match and trains the rest, so a long sweep can be run in parts (one --seeds or --factors at a time);
+--report-only trains nothing and reports what is stored.
 
-Question: for the same training compute, which compression factor f gives the
-best class-conditional samples?  LDM-1 is diffusion in pixel space; LDM-f
-(f = 2, 4, 8) diffuses in the latent space of a KL autoencoder that
+Question: for the same training compute, which compression factor f gives the best class-conditional samples?
+LDM-1 is diffusion in pixel space; LDM-f (f = 2, 4, 8) diffuses in the latent space of a KL autoencoder that
 downsamples 32x32 images by f.
 
 Protocol (what is equal, what is measured):
 1. Data: Fashion-MNIST train split (zero-padded to 32x32, first `--train-images`),
    reference set = the test split (first `--reference-images`).
 2. Stage 1, trained once per f (seed 0, shared by every stage-2 seed) by the library's autoencoder method (what
-   `ldm train-autoencoder` runs) on the full train split and then frozen: a KL
-   autoencoder with L1 + 1e-6 KL loss and, with `--ae-perceptual W` (on in --long and --full), the
-   perceptual term in a classifier's features (what `ldm train-autoencoder --perceptual-net` does; LPIPS-VGG
-   cannot be downloaded here): `--perceptual-net`, by default the feature classifier -- give another one
-   (same recipe, another seed) so that the judge is not the network stage 1 was trained to please, which
-   would favour the latent models over pixel-space LDM-1; no GAN at this size.  Latents are the posterior
-   means, shifted and scaled to unit variance by the factors the trainer stores.  f = 1 uses the pixels.
-   Autoencoder training and latent caching are *not* counted in the compute (as in the
-   paper: stage 1 is trained once and shared).
-3. Stage 2: the same class-conditional UNet (`ldmkit.denoisers.UNet`, class embedding
-   with a null class for classifier-free guidance, 10% condition dropout), eps
-   objective on the DDPM linear schedule (--long and --full: v on the cosine schedule, as the recipe),
-   AdamW + EMA.
+   `ldm train-autoencoder` runs) on the full train split and then frozen: a KL autoencoder with L1 + 1e-6 KL
+   loss and, with `--ae-perceptual W` (on in --long and --full), the perceptual term in a classifier's features
+   (what `ldm train-autoencoder --perceptual-net` does; LPIPS-VGG cannot be downloaded here):
+   `--perceptual-net`, by default the feature classifier -- give another one (same recipe, another seed) so
+   that the judge is not the network stage 1 was trained to please, which would favour the latent models over
+   pixel-space LDM-1; no GAN at this size.  Latents are the posterior means, shifted and scaled to unit variance
+   by the factors the trainer stores.  f = 1 uses the pixels.  Autoencoder training and latent caching are
+   *not* counted in the compute (as in the paper: stage 1 is trained once and shared).
+3. Stage 2: the same class-conditional UNet (`ldmkit.denoisers.UNet`, class embedding with a null class for
+   classifier-free guidance, 10% condition dropout), eps objective on the DDPM linear schedule (--long and
+   --full: v on the cosine schedule, as the recipe), AdamW + EMA.
    **Equal FLOPs**: the forward+backward FLOPs of one training sample are measured with
-   `torch.utils.flop_counter.FlopCounterMode`; every model runs the same number of
-   optimiser steps with a batch sized so that one step costs the same FLOPs as LDM-1's
-   step at `--pixel-batch` (small latents get bigger batches, capped at the data size).
-   Wall-clock seconds are recorded too, but they are not what is equalised.
+   `torch.utils.flop_counter.FlopCounterMode`; every model runs the same number of optimiser steps with a batch
+   sized so that one step costs the same FLOPs as LDM-1's step at `--pixel-batch` (small latents get bigger
+   batches, capped at the data size).  Wall-clock seconds are recorded too, but they are not what is equalised.
    The loop is written out in `train_ldm` below with the library's schedule, objective
-   (`ldmkit.diffusion.training_loss`), EMA and samplers rather than `ldm train`'s
-   ldm method: LDM-1 has no autoencoder (the trainer needs a frozen one and a latent
-   cache), and evaluating at exact FLOP budgets needs the loop in hand; all four runs share it.
-4. At `--eval-points` evenly spaced points of the budget, the EMA model draws
-   `--num-eval` class-balanced samples (`--eval-sampler`, `--eval-steps` steps, CFG scale
-   `--guidance`); they are scored by FID / KID against the reference set in the
-   feature space of ldmkit's own Fashion-MNIST classifier (`ldm train-classifier`),
-   and by class accuracy under that classifier.
-5. Every (f, seed) run is repeated for each of `--seeds`; each compute point is reported as the mean and
-   its 95 % t-interval over the seeds, and the verdict (_fsweep_report.verdict) says whether a mild latent
-   space beats pixels and f = 8 trails it, "clearly" only where the intervals separate.
-6. Sampler quality vs NFE on one trained model (`--nfe-model`, default LDM-4, first seed): DDIM,
-   DPM++ 2M and Euler at 5 / 10 / 20 / 50 steps, same seeds and guidance.
+   (`ldmkit.diffusion.training_loss`), EMA and samplers rather than `ldm train`'s ldm method: LDM-1 has no
+   autoencoder (the trainer needs a frozen one and a latent cache), and evaluating at exact FLOP budgets needs
+   the loop in hand; all four runs share it.
+4. At `--eval-points` evenly spaced points of the budget, the EMA model draws `--num-eval` class-balanced
+   samples (`--eval-sampler`, `--eval-steps` steps, CFG scale `--guidance`); they are scored by FID / KID
+   against the reference set in the feature space of ldmkit's own Fashion-MNIST classifier (`ldm
+   train-classifier`), and by class accuracy under that classifier.
+5. Every (f, seed) run is repeated for each of `--seeds`; each compute point is reported as the mean and its
+   95 % t-interval over the seeds, and the verdict (_fsweep_report.verdict) says whether a mild latent space
+   beats pixels and f = 8 trails it, "clearly" only where the intervals separate.
+6. Sampler quality vs NFE on one trained model (`--nfe-model`, default LDM-4, first seed): DDIM, DPM++ 2M and
+   Euler at 5 / 10 / 20 / 50 steps, same seeds and guidance.
 
 Writes `OUT/fsweep.json`, `OUT/fsweep.md` (the tables and the verdict), `OUT/fsweep.png` (quality vs training
 compute, with the intervals), `OUT/fsweep_nfe.png`, per run `OUT/runs/f{f}-seed{s}.json`,
