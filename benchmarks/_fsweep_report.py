@@ -66,7 +66,7 @@ def verdict(rows: list[dict]) -> dict:
                     ratio = at[other]["fid"]["mean"] / at[best]["fid"]["mean"]
                     entry[key] = {"mild_f": best, "fid_ratio": ratio, "holds": ratio > 1,
                                   "clearly": ratio > 1 and _apart(at[other]["fid"], at[best]["fid"]),
-                                  "intervals": at[other]["fid"]["ci95"] is not None}
+                                  "intervals": None not in (at[other]["fid"]["ci95"], at[best]["fid"]["ci95"])}
         out.append(entry)
     return {"points": out, "summary": summary_line(out[-1]) if out else "no runs"}
 
@@ -84,7 +84,7 @@ def summary_line(last: dict) -> str:
         elif v["clearly"]:
             how = "clearly (95 % intervals apart)"
         else:
-            how = "within the intervals" if v["intervals"] else "yes, on one seed (no interval)"
+            how = "within the intervals" if v["intervals"] else "yes, but one side has one seed (no interval)"
         parts.append(text.format(**v) + f": {how}, FID ratio {v['fid_ratio']:.2f}")
     return "; ".join(parts)
 

@@ -61,6 +61,10 @@ def test_intervals_and_verdict():
     assert not last["f8_capped"]["clearly"]  # 11 +- 2.5 vs 15.5 +- 7.5: intervals overlap
     assert v["points"][0]["ranked_by_fid"] == [8, 4, 1] and not v["points"][0]["f8_capped"]["holds"]
     assert "LDM-4 < LDM-8 < LDM-1" in v["summary"]
+    # pixels with three seeds, LDM-4 with one (a sweep reported in parts): no interval comparison claimed
+    part = rep.verdict(rep.aggregate(runs[:4]))
+    assert not part["points"][-1]["latent_beats_pixels"]["intervals"]
+    assert "beats pixels: yes, but one side has one seed" in part["summary"]
 
 
 @pytest.mark.slow
