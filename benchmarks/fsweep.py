@@ -156,39 +156,29 @@ def autoencoder_overrides(f: int, channels: int) -> dict:
 AE_KEYS = ("ae_channels", "ae_steps", "ae_batch", "ae_lr", "ae_perceptual", "ae_schedule", "ae_ema")
 
 
-def autoencoder_settings(f: int, p) -> dict:
-    """What a stored autoencoder must have been trained under to be reused."""
-    want = {k: getattr(p, k) for k in AE_KEYS} | {"f": f}
-    if p.ae_perceptual > 0:
-        from ldmkit.metrics.classifier import file_sha256
-
-        want["perceptual_net_sha256"] = file_sha256(Path(p.perceptual_net or p.classifier_dir) / "model.safetensors")
-    return as_stored(want)
-
-
-def autoencoder_stored(folder: Path, want: dict, reuse: bool) -> bool:
-    from ldmkit.io.files import read_json
-
-    settings_path = folder / "fsweep_ae.json"
-    return (reuse and (folder / "summary.json").is_file() and (folder / "autoencoder" / "config.json").is_file()
-            and settings_path.is_file() and read_json(settings_path) == want)
-
-
-def train_autoencoder(f: int, p, device, folder: Path) -> tuple[object, dict]:
+def train_autoencoder(f: int, p, device, folder: Path) -> tuple[object, dict | None]:
     """Stage 1 with the library's method (`ldm train-autoencoder`), seed 0 whatever the stage-2 seeds: L1 + 1e-6 KL
     on Fashion-MNIST 32x32, plus the perceptual term in --perceptual-net's features (default: the feature
     classifier's) when --ae-perceptual > 0 (what `ldm train-autoencoder --perceptual-net` does); no GAN. The
     trainer stores the latent scaling/shift factors in the component's config. Reused (--reuse) only when
-    trained with the same settings."""
+    trained with the same settings; with --report-only, (None, None) instead of training."""
     from ldmkit.io.format import load_component
     from ldmkit.io.files import read_json, write_json
     from ldmkit.training import AETrainConfig, AutoencoderMethod, Trainer
 
     summary_path, settings_path = folder / "summary.json", folder / "fsweep_ae.json"
     net = p.perceptual_net or p.classifier_dir
-    want = autoencoder_settings(f, p)
-    if autoencoder_stored(folder, want, p.reuse):
+    want = {k: getattr(p, k) for k in AE_KEYS} | {"f": f}
+    if p.ae_perceptual > 0:
+        from ldmkit.metrics.classifier import file_sha256
+
+        want["perceptual_net_sha256"] = file_sha256(Path(net) / "model.safetensors")
+    want = as_stored(want)
+    if (p.reuse and summary_path.is_file() and (folder / "autoencoder" / "config.json").is_file()
+            and settings_path.is_file() and read_json(settings_path) == want):
         log(f"LDM-{f}: reusing autoencoder {folder}")
+    elif p.report_only:
+        return None, None
     else:
         perceptual = {"perceptual_weight": p.ae_perceptual}
         if p.ae_perceptual > 0:
@@ -539,10 +529,11 @@ def main(argv=None) -> int:
         ae, f_settings = None, dict(settings)
         if f > 1:
             folder = out / f"autoencoder-f{f}"
-            if p.report_only and not autoencoder_stored(folder, autoencoder_settings(f, p), True):
+            ae, info = train_autoencoder(f, p, device, folder)
+            if ae is None:  # --report-only without a stored autoencoder: no run of this factor can be reused
                 missing += [f"f{f}-seed{seed}" for seed in p.seeds]
                 continue
-            ae, stage1[f] = train_autoencoder(f, p, device, folder)
+            stage1[f] = info
             f_settings["autoencoder_sha256"] = file_sha256(folder / "autoencoder" / "model.safetensors")
         aes[f], latents = ae, None
         for seed in p.seeds:
