@@ -42,9 +42,7 @@ def aggregate(runs: list[dict]) -> list[dict]:
 
 
 def _apart(a: dict, b: dict) -> bool:
-    """True when the two 95 % intervals do not overlap (False with a single seed: no interval to compare)."""
-    if a["ci95"] is None or b["ci95"] is None:
-        return False
+    """True when the two 95 % intervals (both present) do not overlap."""
     return abs(a["mean"] - b["mean"]) > a["ci95"] + b["ci95"]
 
 
@@ -63,10 +61,11 @@ def verdict(rows: list[dict]) -> dict:
             best = min(mild, key=lambda f: at[f]["fid"]["mean"])
             for other, key in ((1, "latent_beats_pixels"), (8, "f8_capped")):
                 if other in at:  # `other` behind the best mild factor: FID ratio > 1
-                    ratio = at[other]["fid"]["mean"] / at[best]["fid"]["mean"]
-                    entry[key] = {"mild_f": best, "fid_ratio": ratio, "holds": ratio > 1,
-                                  "clearly": ratio > 1 and _apart(at[other]["fid"], at[best]["fid"]),
-                                  "intervals": None not in (at[other]["fid"]["ci95"], at[best]["fid"]["ci95"])}
+                    a, b = at[other]["fid"], at[best]["fid"]
+                    ratio = a["mean"] / b["mean"]
+                    intervals = None not in (a["ci95"], b["ci95"])  # a single seed has none
+                    entry[key] = {"mild_f": best, "fid_ratio": ratio, "holds": ratio > 1, "intervals": intervals,
+                                  "clearly": ratio > 1 and intervals and _apart(a, b)}
         out.append(entry)
     return {"points": out, "summary": summary_line(out[-1]) if out else "no runs"}
 
